@@ -1,0 +1,432 @@
+//! The lab: the real datapath on one host, no cluster.
+//!
+//! A node network namespace holds a bridge (no route anywhere else: nothing leaks off the
+//! machine); each Pod gets a namespace and a veth to the bridge, and listeners on its declared
+//! container ports (TCP: accept, reply, close; UDP: echo). The agent's datapath attaches to the
+//! host-side veths inside the node namespace and enforces exactly as on a node.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use ipnet::{IpNet, Ipv4Net};
+use serde::Serialize;
+
+use crate::{
+    compiler,
+    datapath::{Datapath, DatapathError, SyncStats},
+    manifests::Loaded,
+    model::{ObjectRef, Pod, Protocol, State},
+    netns::{self, Netns, NetnsError},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct LabOptions {
+    /// Prefix of every namespace and pin directory this lab creates.
+    pub tag: String,
+    pub pod_cidr: Ipv4Net,
+    pub pin_root: PathBuf,
+    pub legacy_default_deny: bool,
+    /// How long a probe waits before calling a connection blocked.
+    pub probe_timeout: Duration,
+}
+
+impl LabOptions {
+    pub fn new(tag: &str) -> Self {
+        Self {
+            tag: tag.to_string(),
+            pod_cidr: "10.244.0.0/16".parse().expect("valid literal"),
+            pin_root: PathBuf::from(format!("/sys/fs/bpf/npc-lab-{tag}")),
+            legacy_default_deny: false,
+            probe_timeout: Duration::from_millis(1500),
+        }
+    }
+}
+
+struct LabPod {
+    ns: Netns,
+    veth: String,
+    ifindex: u32,
+}
+
+/// Listener threads of one pod; stopped and joined on drop.
+struct Listeners {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Listeners {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+pub struct Lab {
+    opts: LabOptions,
+    // Field order is drop order: listeners before the namespaces they live in.
+    listeners: BTreeMap<ObjectRef, Listeners>,
+    pods: BTreeMap<ObjectRef, LabPod>,
+    datapath: Datapath,
+    node: Netns,
+    state: State,
+    next_host: u32,
+    node_addr: IpAddr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Probe {
+    pub from: String,
+    pub to: String,
+    pub port: u16,
+    pub protocol: String,
+    pub result: String,
+}
+
+impl Lab {
+    /// Builds the node, the pods and their listeners, loads the datapath and applies `loaded`.
+    pub fn up(opts: LabOptions, loaded: &Loaded) -> Result<Self, LabError> {
+        let node = Netns::create(&format!("{}-node", opts.tag))?;
+        netns::ip(&["-n", node.name(), "link", "add", "br0", "type", "bridge"])?;
+        let node_addr = IpAddr::V4(host_addr(opts.pod_cidr, 1));
+        let node_cidr = format!("{node_addr}/{}", opts.pod_cidr.prefix_len());
+        netns::ip(&["-n", node.name(), "addr", "add", &node_cidr, "dev", "br0"])?;
+        netns::ip(&["-n", node.name(), "link", "set", "br0", "up"])?;
+        let _ = std::fs::remove_dir_all(&opts.pin_root);
+        let datapath = Datapath::load(&opts.pin_root)?;
+        let state = State {
+            node_addrs: vec![node_addr],
+            legacy_default_deny: opts.legacy_default_deny,
+            ..State::default()
+        };
+        let mut lab = Self {
+            opts,
+            listeners: BTreeMap::new(),
+            pods: BTreeMap::new(),
+            datapath,
+            node,
+            state,
+            next_host: 2,
+            node_addr,
+        };
+        lab.apply(loaded)?;
+        Ok(lab)
+    }
+
+    pub fn node_addr(&self) -> IpAddr {
+        self.node_addr
+    }
+
+    pub fn datapath(&self) -> &Datapath {
+        &self.datapath
+    }
+
+    pub fn datapath_mut(&mut self) -> &mut Datapath {
+        &mut self.datapath
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    pub fn pod(&self, id: &ObjectRef) -> Option<&Pod> {
+        self.state.pods.get(id)
+    }
+
+    /// Makes the lab match `loaded`: new pods are wired up, gone pods torn down, label and policy
+    /// changes compiled and synced into the running datapath (nothing restarts).
+    pub fn apply(&mut self, loaded: &Loaded) -> Result<SyncStats, LabError> {
+        let mut state = State {
+            node_addrs: self.state.node_addrs.clone(),
+            legacy_default_deny: self.state.legacy_default_deny,
+            ..State::default()
+        };
+        for ns in &loaded.namespaces {
+            state.namespaces.insert(ns.name.clone(), ns.clone());
+        }
+        for policy in &loaded.policies {
+            state.policies.insert(policy.id.clone(), policy.clone());
+        }
+        let wanted: BTreeSet<ObjectRef> = loaded.pods.iter().map(Pod::object_ref).collect();
+        let gone: Vec<ObjectRef> = self.pods.keys().filter(|p| !wanted.contains(*p)).cloned().collect();
+        for id in gone {
+            self.listeners.remove(&id);
+            if let Some(pod) = self.pods.remove(&id) {
+                let _ = self.datapath.detach(pod.ifindex);
+            }
+        }
+        for pod in &loaded.pods {
+            let id = pod.object_ref();
+            let mut pod = pod.clone();
+            // Keep the address a pod already has; otherwise its pinned one; otherwise the next free.
+            pod.ips = match self.state.pods.get(&id) {
+                Some(existing) if self.pods.contains_key(&id) => existing.ips.clone(),
+                _ if !pod.ips.is_empty() => pod.ips.clone(),
+                _ => vec![self.allocate(&state)],
+            };
+            if !self.pods.contains_key(&id) {
+                self.wire(&pod)?;
+            }
+            state.pods.insert(id, pod);
+        }
+        self.state = state;
+        let compiled = compiler::compile(&self.state);
+        let ifindexes: BTreeMap<ObjectRef, u32> = self.pods.iter().map(|(k, p)| (k.clone(), p.ifindex)).collect();
+        Ok(self.datapath.sync(&compiled.maps, |pod| ifindexes.get(pod).copied())?)
+    }
+
+    fn allocate(&mut self, state: &State) -> IpAddr {
+        loop {
+            let candidate = IpAddr::V4(host_addr(self.opts.pod_cidr, self.next_host));
+            self.next_host += 1;
+            let taken = state.pods.values().chain(self.state.pods.values()).any(|p| p.ips.contains(&candidate));
+            if !taken {
+                return candidate;
+            }
+        }
+    }
+
+    /// A namespace, a veth into the bridge, addresses, listeners, and our programs on the veth.
+    fn wire(&mut self, pod: &Pod) -> Result<(), LabError> {
+        let index = self.pods.len() + self.listeners.len() + self.next_host as usize;
+        let ns = Netns::create(&format!("{}-{}-{}", self.opts.tag, pod.namespace, pod.name))?;
+        let veth = format!("lxc{:08x}", fxhash(&format!("{}/{}/{index}", pod.namespace, pod.name)));
+        let node = self.node.name().to_string();
+        netns::ip(&["-n", &node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", ns.name()])?;
+        netns::ip(&["-n", &node, "link", "set", &veth, "master", "br0", "up"])?;
+        for addr in &pod.ips {
+            let cidr = match addr {
+                IpAddr::V4(_) => format!("{addr}/{}", self.opts.pod_cidr.prefix_len()),
+                IpAddr::V6(_) => format!("{addr}/64"),
+            };
+            netns::ip(&["-n", ns.name(), "addr", "add", &cidr, "dev", "eth0", "nodad"])?;
+        }
+        netns::ip(&["-n", ns.name(), "link", "set", "eth0", "up"])?;
+        let datapath = &mut self.datapath;
+        let ifindex = self.node.run(|| datapath.attach(&veth))??;
+        let listeners = start_listeners(ns.name(), pod)?;
+        self.listeners.insert(pod.object_ref(), listeners);
+        self.pods.insert(pod.object_ref(), LabPod { ns, veth, ifindex });
+        Ok(())
+    }
+
+    /// The host-side interface of a pod.
+    pub fn veth(&self, id: &ObjectRef) -> Option<(&str, u32)> {
+        self.pods.get(id).map(|p| (p.veth.as_str(), p.ifindex))
+    }
+
+    /// Network namespace name of a pod.
+    pub fn pod_netns(&self, id: &ObjectRef) -> Option<&str> {
+        self.pods.get(id).map(|p| p.ns.name())
+    }
+
+    pub fn node_netns(&self) -> &str {
+        self.node.name()
+    }
+
+    /// One probe: a TCP connection that gets the listener's reply, or a UDP echo, within the
+    /// probe timeout.
+    pub fn probe(&self, from: &ObjectRef, to: &ObjectRef, port: u16, protocol: Protocol) -> Result<bool, LabError> {
+        let src = self.pods.get(from).ok_or_else(|| LabError::Setup(format!("no pod {from}")))?;
+        let dst = self.state.pods.get(to).ok_or_else(|| LabError::Setup(format!("no pod {to}")))?;
+        let addr = *dst.ips.first().ok_or_else(|| LabError::Setup(format!("pod {to} has no address")))?;
+        let timeout = self.opts.probe_timeout;
+        Ok(src.ns.run(|| connect(SocketAddr::new(addr, port), protocol, timeout))?)
+    }
+
+    /// Every ordered pair of distinct pods, on every port/protocol the destination declares;
+    /// run concurrently.
+    pub fn probe_all(&self) -> Result<Vec<Probe>, LabError> {
+        let mut plan = Vec::new();
+        for (to, dst) in &self.state.pods {
+            for port in &dst.ports {
+                if port.protocol == Protocol::Sctp {
+                    continue; // no SCTP sockets on these kernels; the datapath tests cover SCTP
+                }
+                for from in self.state.pods.keys().filter(|f| *f != to) {
+                    plan.push((from.clone(), to.clone(), port.port, port.protocol));
+                }
+            }
+        }
+        let results: Vec<Result<bool, LabError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = plan
+                .iter()
+                .map(|(from, to, port, protocol)| s.spawn(move || self.probe(from, to, *port, *protocol)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(LabError::Setup("a probe thread panicked".into()))))
+                .collect()
+        });
+        plan.into_iter()
+            .zip(results)
+            .map(|((from, to, port, protocol), ok)| {
+                Ok(Probe {
+                    from: from.to_string(),
+                    to: to.to_string(),
+                    port,
+                    protocol: protocol.to_string(),
+                    result: if ok? { "allowed" } else { "blocked" }.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    pub fn pin_root(&self) -> &Path {
+        &self.opts.pin_root
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.listeners.clear();
+        let ifindexes: Vec<u32> = self.pods.values().map(|p| p.ifindex).collect();
+        for i in ifindexes {
+            let _ = self.datapath.detach(i);
+        }
+        self.pods.clear();
+        let _ = std::fs::remove_dir_all(&self.opts.pin_root);
+    }
+}
+
+fn host_addr(net: Ipv4Net, host: u32) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(u32::from(net.network()) + host)
+}
+
+/// A short stable hash for interface names (15-byte limit).
+fn fxhash(s: &str) -> u32 {
+    s.bytes().fold(0x811c9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x01000193))
+}
+
+/// Waits up to `ms` for `fd` to become readable.
+fn readable(fd: i32, ms: i32) -> bool {
+    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
+}
+
+fn start_listeners(ns: &str, pod: &Pod) -> Result<Listeners, LabError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    let reply = format!("{}/{}\n", pod.namespace, pod.name).into_bytes();
+    for port in &pod.ports {
+        let (ns, stop, reply, number, protocol) = (ns.to_string(), stop.clone(), reply.clone(), port.port, port.protocol);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        threads.push(std::thread::spawn(move || {
+            let bound = netns::enter(&ns).map_err(|e| e.to_string()).and_then(|()| match protocol {
+                Protocol::Tcp => TcpListener::bind(("::", number))
+                    .or_else(|_| TcpListener::bind(("0.0.0.0", number)))
+                    .map(Either::Tcp)
+                    .map_err(|e| e.to_string()),
+                Protocol::Udp => UdpSocket::bind(("::", number))
+                    .or_else(|_| UdpSocket::bind(("0.0.0.0", number)))
+                    .map(Either::Udp)
+                    .map_err(|e| e.to_string()),
+                Protocol::Sctp => Err("skipped".into()),
+            });
+            let socket = match bound {
+                Ok(s) => {
+                    let _ = ready_tx.send(Ok(()));
+                    s
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(if e == "skipped" { Ok(()) } else { Err(e) });
+                    return;
+                }
+            };
+            serve(socket, &stop, &reply);
+        }));
+        match ready_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(LabError::Setup(format!("listener {}:{number}/{protocol}: {e}", pod.name))),
+            Err(_) => return Err(LabError::Setup(format!("listener {}:{number}/{protocol} did not start", pod.name))),
+        }
+    }
+    Ok(Listeners { stop, threads })
+}
+
+enum Either {
+    Tcp(TcpListener),
+    Udp(UdpSocket),
+}
+
+fn serve(socket: Either, stop: &AtomicBool, reply: &[u8]) {
+    match socket {
+        Either::Tcp(listener) => {
+            let fd = listener.as_raw_fd();
+            while !stop.load(Ordering::Relaxed) {
+                if !readable(fd, 100) {
+                    continue;
+                }
+                if let Ok((mut conn, _)) = listener.accept() {
+                    let _ = conn.write_all(reply);
+                }
+            }
+        }
+        Either::Udp(sock) => {
+            let fd = sock.as_raw_fd();
+            let mut buf = [0u8; 512];
+            while !stop.load(Ordering::Relaxed) {
+                if !readable(fd, 100) {
+                    continue;
+                }
+                if let Ok((n, peer)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(&buf[..n], peer);
+                }
+            }
+        }
+    }
+}
+
+/// Connects (TCP: and reads the reply; UDP: and waits for the echo) within `timeout`.
+pub fn connect(addr: SocketAddr, protocol: Protocol, timeout: Duration) -> bool {
+    match protocol {
+        Protocol::Tcp => {
+            let Ok(mut stream) = TcpStream::connect_timeout(&addr, timeout) else { return false };
+            let _ = stream.set_read_timeout(Some(timeout));
+            let mut buf = [0u8; 256];
+            matches!(stream.read(&mut buf), Ok(n) if n > 0)
+        }
+        Protocol::Udp => {
+            let bind = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+            let Ok(sock) = UdpSocket::bind(bind) else { return false };
+            let _ = sock.set_read_timeout(Some(timeout));
+            if sock.send_to(b"npc-probe", addr).is_err() {
+                return false;
+            }
+            let mut buf = [0u8; 64];
+            matches!(sock.recv_from(&mut buf), Ok((n, from)) if from == addr && &buf[..n] == b"npc-probe")
+        }
+        Protocol::Sctp => false,
+    }
+}
+
+/// Pod CIDR helper for callers that take a string.
+pub fn parse_pod_cidr(s: &str) -> Result<Ipv4Net, String> {
+    match s.parse::<IpNet>() {
+        Ok(IpNet::V4(n)) => Ok(n.trunc()),
+        Ok(IpNet::V6(_)) => Err(format!("--pod-cidr {s}: the lab allocates IPv4 addresses; pin IPv6 ones in status.podIPs")),
+        Err(_) => Err(format!("--pod-cidr {s:?} is not a CIDR")),
+    }
+}

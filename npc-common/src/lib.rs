@@ -1,0 +1,353 @@
+//! Map keys, values and constants shared by the npc eBPF programs (`npc-ebpf`) and the agent.
+//!
+//! Every type here is `#[repr(C)]`, spells its padding out as `_pad` fields (so the kernel never
+//! hashes uninitialised bytes), holds no `bool`, enum or `Option`, and carries a compile-time size
+//! assertion. The `user` feature adds `aya::Pod` impls for the agent.
+//!
+//! Addresses are always 16 bytes: IPv6 as is, IPv4 mapped into IPv6 (`::ffff:a.b.c.d`), so one
+//! map serves both families.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Map names (at most 15 bytes: the kernel cuts longer names). Pinned under the pin root
+/// (`/sys/fs/bpf/npc/` by default) by these names.
+pub mod map_names {
+    pub const ENDPOINTS: &str = "NPC_ENDPOINTS";
+    pub const IDENTITIES: &str = "NPC_IDENTITIES";
+    pub const CIDRS: &str = "NPC_CIDRS";
+    pub const POLICY: &str = "NPC_POLICY";
+    pub const PORT_RANGES: &str = "NPC_PORT_RANGES";
+    pub const CONNTRACK: &str = "NPC_CONNTRACK";
+    pub const DROPS: &str = "NPC_DROPS";
+    pub const EVENTS: &str = "NPC_EVENTS";
+    pub const CONFIG: &str = "NPC_CONFIG";
+    pub const ALL: [&str; 9] = [
+        ENDPOINTS,
+        IDENTITIES,
+        CIDRS,
+        POLICY,
+        PORT_RANGES,
+        CONNTRACK,
+        DROPS,
+        EVENTS,
+        CONFIG,
+    ];
+}
+
+/// Program names, as the agent looks them up in the object.
+pub mod program_names {
+    /// On the tc ingress hook of the host-side veth: packets leaving the pod (its egress policy).
+    pub const FROM_POD: &str = "npc_from_pod";
+    /// On the tc egress hook of the host-side veth: packets entering the pod (its ingress policy).
+    pub const TO_POD: &str = "npc_to_pod";
+}
+
+/// Map capacities. Sized for a large node; the agent reports pressure as a metric.
+pub mod capacity {
+    pub const ENDPOINTS: u32 = 4096;
+    pub const IDENTITIES: u32 = 262_144;
+    pub const CIDRS: u32 = 65_536;
+    pub const POLICY: u32 = 524_288;
+    pub const PORT_RANGES: u32 = 65_536;
+    pub const CONNTRACK: u32 = 262_144;
+    pub const DROPS: u32 = 16_384;
+    pub const EVENTS_BYTES: u32 = 256 * 1024;
+}
+
+/// Policy direction, from the local pod's point of view.
+pub const DIR_INGRESS: u8 = 1;
+pub const DIR_EGRESS: u8 = 2;
+
+pub const PROTO_ANY: u8 = 0;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+pub const PROTO_SCTP: u8 = 132;
+
+/// Port value meaning "every port of the protocol" in a [`PolicyKey`]. Port 0 cannot appear in a
+/// NetworkPolicy, so it is free for this.
+pub const PORT_ANY: u16 = 0;
+
+/// Reserved peer ids. Pod identities are numbered from [`FIRST_POD_IDENTITY`]; ipBlock classes
+/// from [`CIDR_CLASS_BASE`], so one `u32` peer field names either without ambiguity.
+pub mod peer {
+    /// Any address at all: a rule with no `from`/`to`.
+    pub const ANY: u32 = 0;
+    /// The local node's own addresses (and so hostNetwork pods on it). Always allowed in to a pod.
+    pub const HOST: u32 = 1;
+    /// An address that is neither a known pod nor the node (events only, never in policy keys).
+    pub const WORLD: u32 = 2;
+}
+pub const FIRST_POD_IDENTITY: u32 = 256;
+pub const CIDR_CLASS_BASE: u32 = 0x8000_0000;
+
+/// Endpoint flags.
+pub mod endpoint_flags {
+    /// Some policy selecting the pod has policyType Ingress.
+    pub const INGRESS_ISOLATED: u32 = 1 << 0;
+    /// Some policy selecting the pod has policyType Egress.
+    pub const EGRESS_ISOLATED: u32 = 1 << 1;
+    /// The pod's identity has port-range (`endPort`) entries for ingress: consult `NPC_PORT_RANGES`.
+    pub const INGRESS_RANGES: u32 = 1 << 2;
+    pub const EGRESS_RANGES: u32 = 1 << 3;
+}
+
+/// `NPC_ENDPOINTS`: host-side interface index → the pod behind it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointInfo {
+    pub identity: u32,
+    pub flags: u32,
+    /// The pod's primary address (for events and `inspect`).
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<EndpointInfo>() == 24);
+
+/// `NPC_POLICY` key: is traffic between a local identity and a peer, in a direction, on a
+/// protocol and port, allowed? Lookups try the exact port, then [`PORT_ANY`] with the protocol,
+/// then [`PROTO_ANY`] with [`PORT_ANY`] (a rule with no `ports`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub identity: u32,
+    pub peer: u32,
+    /// Host byte order.
+    pub port: u16,
+    pub protocol: u8,
+    pub direction: u8,
+}
+const _: () = assert!(size_of::<PolicyKey>() == 12);
+
+/// `NPC_POLICY` value: which rule allowed it (the agent's rule table index; for audit and explain).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PolicyValue {
+    pub rule: u32,
+}
+const _: () = assert!(size_of::<PolicyValue>() == 4);
+
+/// `NPC_PORT_RANGES` LPM key data (the LPM trie's `prefixlen` comes before it): an `endPort`
+/// range split into aligned power-of-two blocks, each one prefix. Identity, peer, direction and
+/// protocol are always matched in full ([`PORT_RANGE_FIXED_BITS`]); the port is big-endian so
+/// that its high bits form the prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortRangeKey {
+    pub identity: u32,
+    pub peer: u32,
+    pub direction: u8,
+    pub protocol: u8,
+    /// Network byte order.
+    pub port_be: [u8; 2],
+}
+const _: () = assert!(size_of::<PortRangeKey>() == 12);
+pub const PORT_RANGE_FIXED_BITS: u32 = 80;
+
+/// `NPC_CONNTRACK` key: the tuple of the packet that opened the connection, in one scope (the
+/// host-side interface: each enforcement point tracks its own connections, so the egress check at
+/// one pod never stands in for the ingress check at another). A reply is found by looking the
+/// reversed tuple up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConntrackKey {
+    pub ifindex: u32,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Host byte order.
+    pub sport: u16,
+    pub dport: u16,
+}
+const _: () = assert!(size_of::<ConntrackKey>() == 44);
+
+/// Connection states kept in [`ConntrackValue::state`].
+pub mod ct_state {
+    /// UDP, SCTP, ICMP and other protocols without a tracked handshake.
+    pub const OPEN: u8 = 0;
+    pub const TCP_SYN_SENT: u8 = 1;
+    pub const TCP_ESTABLISHED: u8 = 2;
+    /// FIN seen in either direction.
+    pub const TCP_CLOSING: u8 = 3;
+    /// RST seen.
+    pub const TCP_CLOSED: u8 = 4;
+}
+
+/// Idle timeouts per state (nanoseconds), as Cilium's defaults: an entry idle longer than its
+/// state's timeout counts as gone, and the next packet is judged as a new connection.
+pub mod ct_timeout {
+    const SEC: u64 = 1_000_000_000;
+    pub const TCP_SYN: u64 = 60 * SEC;
+    pub const TCP_ESTABLISHED: u64 = 6 * 3600 * SEC;
+    pub const TCP_CLOSING: u64 = 10 * SEC;
+    pub const TCP_CLOSED: u64 = 10 * SEC;
+    pub const OTHER: u64 = 60 * SEC;
+}
+
+/// Which way the connection was opened, from the local pod's view: [`DIR_INGRESS`] (the peer
+/// opened it) or [`DIR_EGRESS`] (the pod did). Re-checks after a policy change use it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConntrackValue {
+    pub last_seen_ns: u64,
+    /// The policy epoch ([`Config::epoch`]) the connection was last judged under.
+    pub epoch: u32,
+    pub state: u8,
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<ConntrackValue>() == 16);
+
+/// `NPC_DROPS` key (per-CPU counters; the agent sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DropKey {
+    pub direction: u8,
+    pub protocol: u8,
+    /// Host byte order; 0 for protocols without ports and for packets that could not be parsed.
+    pub dport: u16,
+}
+const _: () = assert!(size_of::<DropKey>() == 4);
+
+/// Why a packet was dropped (or, in audit mode, would have been).
+pub mod drop_reason {
+    pub const POLICY: u8 = 1;
+    pub const UNPARSEABLE: u8 = 2;
+    /// An established connection that a policy change no longer allows.
+    pub const POLICY_CHANGED: u8 = 3;
+}
+
+/// Event kinds in `NPC_EVENTS`.
+pub mod event_kind {
+    pub const DROP: u8 = 1;
+    pub const AUDIT: u8 = 2;
+}
+
+/// `NPC_EVENTS` ring buffer record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VerdictEvent {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub ifindex: u32,
+    pub local_identity: u32,
+    pub peer_identity: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    pub direction: u8,
+    pub kind: u8,
+    pub reason: u8,
+}
+const _: () = assert!(size_of::<VerdictEvent>() == 52);
+
+/// Log levels for the datapath's own debug logging (aya-log). Off by default.
+pub mod log_level {
+    pub const OFF: u32 = 0;
+    pub const INFO: u32 = 1;
+    pub const DEBUG: u32 = 2;
+}
+
+/// Enforcement modes.
+pub mod mode {
+    /// Drop what policy does not allow.
+    pub const ENFORCE: u32 = 0;
+    /// Count and report what would be dropped, but pass it.
+    pub const AUDIT: u32 = 1;
+}
+
+/// `NPC_CONFIG[0]`: run-time knobs the agent changes without reloading programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Config {
+    pub log_level: u32,
+    pub mode: u32,
+    /// Bumped by the agent whenever a sync changes policy: connections tracked under an older
+    /// epoch are re-checked on their next packet, so a tightened policy cuts them.
+    pub epoch: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<Config>() == 16);
+
+/// The IPv4-mapped IPv6 form of an IPv4 address, as every map stores it.
+#[inline(always)]
+pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+    ]
+}
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    use super::*;
+    // SAFETY: all of these are repr(C), contain only integers and byte arrays, and have no
+    // implicit padding (checked by the size assertions above and the layout tests).
+    unsafe impl aya::Pod for EndpointInfo {}
+    unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for PortRangeKey {}
+    unsafe impl aya::Pod for ConntrackKey {}
+    unsafe impl aya::Pod for ConntrackValue {}
+    unsafe impl aya::Pod for DropKey {}
+    unsafe impl aya::Pod for VerdictEvent {}
+    unsafe impl aya::Pod for Config {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::{align_of, offset_of};
+
+    use super::*;
+
+    /// Sum of field sizes == struct size means the compiler inserted no padding anywhere.
+    macro_rules! no_holes {
+        ($t:ty { $($f:ident : $ft:ty),* $(,)? }) => {{
+            let fields = 0 $(+ size_of::<$ft>())*;
+            assert_eq!(fields, size_of::<$t>(), concat!(stringify!($t), " has padding holes"));
+        }};
+    }
+
+    #[test]
+    fn layouts_have_no_padding_holes() {
+        no_holes!(EndpointInfo { identity: u32, flags: u32, addr: [u8; 16] });
+        no_holes!(PolicyKey { identity: u32, peer: u32, port: u16, protocol: u8, direction: u8 });
+        no_holes!(PolicyValue { rule: u32 });
+        no_holes!(PortRangeKey { identity: u32, peer: u32, direction: u8, protocol: u8, port_be: [u8; 2] });
+        no_holes!(ConntrackKey {
+            ifindex: u32, protocol: u8, _pad: [u8; 3], src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16
+        });
+        no_holes!(ConntrackValue { last_seen_ns: u64, epoch: u32, state: u8, direction: u8, _pad: [u8; 2] });
+        no_holes!(DropKey { direction: u8, protocol: u8, dport: u16 });
+        no_holes!(VerdictEvent {
+            src: [u8; 16], dst: [u8; 16], ifindex: u32, local_identity: u32, peer_identity: u32,
+            sport: u16, dport: u16, protocol: u8, direction: u8, kind: u8, reason: u8
+        });
+        no_holes!(Config { log_level: u32, mode: u32, epoch: u32, _pad: u32 });
+    }
+
+    #[test]
+    fn alignments_are_what_the_kernel_side_expects() {
+        assert_eq!(align_of::<EndpointInfo>(), 4);
+        assert_eq!(align_of::<PolicyKey>(), 4);
+        assert_eq!(align_of::<ConntrackKey>(), 4);
+        assert_eq!(align_of::<ConntrackValue>(), 8);
+        assert_eq!(align_of::<DropKey>(), 2);
+        assert_eq!(offset_of!(ConntrackKey, src), 8);
+        assert_eq!(offset_of!(PortRangeKey, port_be), 10);
+        assert_eq!(PORT_RANGE_FIXED_BITS as usize, offset_of!(PortRangeKey, port_be) * 8);
+    }
+
+    #[test]
+    fn map_names_fit_the_kernel_limit() {
+        for name in map_names::ALL {
+            assert!(name.len() <= 15, "{name} is longer than 15 bytes");
+        }
+    }
+
+    #[test]
+    fn v4_mapping_is_rfc4291() {
+        assert_eq!(v4_mapped([10, 0, 0, 1])[10..], [0xff, 0xff, 10, 0, 0, 1]);
+    }
+}
