@@ -95,13 +95,18 @@ impl Fixture {
         let mut loaded = manifests::parse_str("cluster.yaml".as_ref(), CLUSTER);
         loaded.extend(manifests::parse_str("policies.yaml".as_ref(), policies));
         assert!(loaded.errors.is_empty(), "fixture manifests: {:?}", loaded.errors);
-        let mut state = State { node_name: Some("node-a".into()), ..State::default() };
+        let mut state = State {
+            node_name: Some("node-a".into()),
+            ..State::default()
+        };
         state.namespaces = loaded.namespaces.into_iter().map(|n| (n.name.clone(), n)).collect();
         state.pods = loaded.pods.into_iter().map(|p| (p.object_ref(), p)).collect();
         state.policies = loaded.policies.into_iter().map(|p| (p.id.clone(), p)).collect();
         let compiled = compiler::compile(&state);
         let server = ObjectRef::new("shop", "server");
-        self.dp.sync(&compiled.maps, |pod| (*pod == server).then_some(1)).expect("sync");
+        self.dp
+            .sync(&compiled.maps, |pod| (*pod == server).then_some(1))
+            .expect("sync");
     }
 
     fn run(&self, hook: Hook, pkt: &[u8]) -> i32 {
@@ -109,7 +114,11 @@ impl Fixture {
     }
 
     fn drops(&self, direction: u8, protocol: u8, dport: u16) -> u64 {
-        self.dp.drop_count(DropKey { direction, protocol, dport })
+        self.dp.drop_count(DropKey {
+            direction,
+            protocol,
+            dport,
+        })
     }
 }
 
@@ -154,11 +163,26 @@ fn reply_of_an_allowed_connection_passes_the_isolated_direction() {
     let mut fx = Fixture::new("reply");
     fx.apply(POLICIES);
     let (client, server) = (ip("10.0.0.20"), ip("10.0.0.10"));
-    assert_eq!(fx.run(Hook::ToPod, &packet::tcp(client, server, 40000, 80, TCP_SYN)), PASS);
+    assert_eq!(
+        fx.run(Hook::ToPod, &packet::tcp(client, server, 40000, 80, TCP_SYN)),
+        PASS
+    );
     // The server is egress-isolated and allows out only TCP 8080; its SYN-ACK is a reply.
-    assert_eq!(fx.run(Hook::FromPod, &packet::tcp(server, client, 80, 40000, TCP_SYN | TCP_ACK)), PASS);
+    assert_eq!(
+        fx.run(
+            Hook::FromPod,
+            &packet::tcp(server, client, 80, 40000, TCP_SYN | TCP_ACK)
+        ),
+        PASS
+    );
     // The same packet without the connection would be a new egress connection: denied.
-    assert_eq!(fx.run(Hook::FromPod, &packet::tcp(server, client, 80, 40001, TCP_SYN | TCP_ACK)), SHOT);
+    assert_eq!(
+        fx.run(
+            Hook::FromPod,
+            &packet::tcp(server, client, 80, 40001, TCP_SYN | TCP_ACK)
+        ),
+        SHOT
+    );
     assert_eq!(fx.drops(DIR_EGRESS, PROTO_TCP, 40001), 1);
     assert_eq!(fx.drops(DIR_EGRESS, PROTO_TCP, 40000), 0);
 }
@@ -168,21 +192,42 @@ fn established_connection_passes_and_a_tightened_policy_cuts_it() {
     let mut fx = Fixture::new("established");
     fx.apply(POLICIES);
     let (client, server) = (ip("10.0.0.20"), ip("10.0.0.10"));
-    assert_eq!(fx.run(Hook::ToPod, &packet::tcp(client, server, 40000, 80, TCP_SYN)), PASS);
-    assert_eq!(fx.run(Hook::FromPod, &packet::tcp(server, client, 80, 40000, TCP_SYN | TCP_ACK)), PASS);
-    assert_eq!(fx.run(Hook::ToPod, &packet::tcp(client, server, 40000, 80, TCP_ACK)), PASS);
+    assert_eq!(
+        fx.run(Hook::ToPod, &packet::tcp(client, server, 40000, 80, TCP_SYN)),
+        PASS
+    );
+    assert_eq!(
+        fx.run(
+            Hook::FromPod,
+            &packet::tcp(server, client, 80, 40000, TCP_SYN | TCP_ACK)
+        ),
+        PASS
+    );
+    assert_eq!(
+        fx.run(Hook::ToPod, &packet::tcp(client, server, 40000, 80, TCP_ACK)),
+        PASS
+    );
     let tracked = fx.dp.conntrack_entries().unwrap();
-    assert!(tracked.iter().any(|(k, _)| k.dport == 80 && k.sport == 40000), "connection is tracked: {tracked:?}");
+    assert!(
+        tracked.iter().any(|(k, _)| k.dport == 80 && k.sport == 40000),
+        "connection is tracked: {tracked:?}"
+    );
 
     // Same policy re-synced: nothing changed, no epoch bump, the connection carries on.
     fx.apply(POLICIES);
-    assert_eq!(fx.run(Hook::ToPod, &packet::tcp(client, server, 40000, 80, TCP_ACK)), PASS);
+    assert_eq!(
+        fx.run(Hook::ToPod, &packet::tcp(client, server, 40000, 80, TCP_ACK)),
+        PASS
+    );
 
     // Deny-all replaces the allow: the established connection is judged again and cut.
     fx.apply(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: shop}\nspec: {podSelector: {}}\n",
     );
-    assert_eq!(fx.run(Hook::ToPod, &packet::tcp(client, server, 40000, 80, TCP_ACK)), SHOT);
+    assert_eq!(
+        fx.run(Hook::ToPod, &packet::tcp(client, server, 40000, 80, TCP_ACK)),
+        SHOT
+    );
     assert_eq!(fx.drops(DIR_INGRESS, PROTO_TCP, 80), 1);
 }
 
@@ -192,10 +237,22 @@ fn connection_opened_before_any_policy_is_cut_by_deny_all() {
     fx.apply("");
     let (client, server) = (ip("10.0.0.20"), ip("10.0.0.10"));
     // Not isolated: anything goes, and is tracked.
-    assert_eq!(fx.run(Hook::ToPod, &packet::tcp(client, server, 41000, 7777, TCP_SYN)), PASS);
-    assert_eq!(fx.run(Hook::ToPod, &packet::tcp(client, server, 41000, 7777, TCP_ACK)), PASS);
+    assert_eq!(
+        fx.run(Hook::ToPod, &packet::tcp(client, server, 41000, 7777, TCP_SYN)),
+        PASS
+    );
+    assert_eq!(
+        fx.run(Hook::ToPod, &packet::tcp(client, server, 41000, 7777, TCP_ACK)),
+        PASS
+    );
     fx.apply(POLICIES);
-    assert_eq!(fx.run(Hook::ToPod, &packet::tcp(client, server, 41000, 7777, TCP_ACK | TCP_FIN)), SHOT);
+    assert_eq!(
+        fx.run(
+            Hook::ToPod,
+            &packet::tcp(client, server, 41000, 7777, TCP_ACK | TCP_FIN)
+        ),
+        SHOT
+    );
 }
 
 #[test]
@@ -241,7 +298,12 @@ fn truncated_headers_are_dropped_and_counted_for_isolated_pods() {
     bad[14] = 0x44;
     assert_eq!(fx.run(Hook::ToPod, &bad), SHOT);
     // IPv6: a hop-by-hop header that claims more than the frame holds.
-    let v6 = packet::ipv6_with(ip6("fd00::20"), ip6("fd00::10"), L4::Udp { sport: 1, dport: 53 }, &[(0u8, vec![0, 200, 0, 0, 0, 0, 0, 0])]);
+    let v6 = packet::ipv6_with(
+        ip6("fd00::20"),
+        ip6("fd00::10"),
+        L4::Udp { sport: 1, dport: 53 },
+        &[(0u8, vec![0, 200, 0, 0, 0, 0, 0, 0])],
+    );
     assert_eq!(fx.run(Hook::ToPod, &v6), SHOT);
     assert_eq!(fx.drops(DIR_INGRESS, PROTO_UDP, 0), 1);
     // Not isolated for egress? It is (server-out): the same garbage leaving the pod is dropped too.
@@ -254,9 +316,29 @@ fn ipv4_options_shift_the_transport_header() {
     let mut fx = Fixture::new("options");
     fx.apply(POLICIES);
     let nop = [1u8; 8];
-    let allowed = packet::ipv4_with([10, 0, 0, 20], [10, 0, 0, 10], L4::Tcp { sport: 1, dport: 80, flags: TCP_SYN }, &nop, 0);
+    let allowed = packet::ipv4_with(
+        [10, 0, 0, 20],
+        [10, 0, 0, 10],
+        L4::Tcp {
+            sport: 1,
+            dport: 80,
+            flags: TCP_SYN,
+        },
+        &nop,
+        0,
+    );
     assert_eq!(fx.run(Hook::ToPod, &allowed), PASS);
-    let denied = packet::ipv4_with([10, 0, 0, 20], [10, 0, 0, 10], L4::Tcp { sport: 1, dport: 81, flags: TCP_SYN }, &nop, 0);
+    let denied = packet::ipv4_with(
+        [10, 0, 0, 20],
+        [10, 0, 0, 10],
+        L4::Tcp {
+            sport: 1,
+            dport: 81,
+            flags: TCP_SYN,
+        },
+        &nop,
+        0,
+    );
     assert_eq!(fx.run(Hook::ToPod, &denied), SHOT);
 }
 
@@ -264,19 +346,44 @@ fn ipv4_options_shift_the_transport_header() {
 fn ipv6_tcp_is_judged_like_ipv4() {
     let mut fx = Fixture::new("v6");
     fx.apply(POLICIES);
-    assert_eq!(fx.run(Hook::ToPod, &packet::tcp(ip("fd00::20"), ip("fd00::10"), 40000, 80, TCP_SYN)), PASS);
-    assert_eq!(fx.run(Hook::ToPod, &packet::tcp(ip("fd00::99"), ip("fd00::10"), 40000, 80, TCP_SYN)), SHOT);
+    assert_eq!(
+        fx.run(
+            Hook::ToPod,
+            &packet::tcp(ip("fd00::20"), ip("fd00::10"), 40000, 80, TCP_SYN)
+        ),
+        PASS
+    );
+    assert_eq!(
+        fx.run(
+            Hook::ToPod,
+            &packet::tcp(ip("fd00::99"), ip("fd00::10"), 40000, 80, TCP_SYN)
+        ),
+        SHOT
+    );
     assert_eq!(fx.drops(DIR_INGRESS, PROTO_TCP, 80), 1);
     // Behind a hop-by-hop and a destination-options header.
     let ext = [(0u8, vec![0u8; 8]), (60u8, vec![0u8; 8])];
     let pkt = packet::ipv6_with(
         ip6("fd00::20"),
         ip6("fd00::10"),
-        L4::Tcp { sport: 1, dport: 80, flags: TCP_SYN },
+        L4::Tcp {
+            sport: 1,
+            dport: 80,
+            flags: TCP_SYN,
+        },
         &ext,
     );
     assert_eq!(fx.run(Hook::ToPod, &pkt), PASS);
-    let pkt = packet::ipv6_with(ip6("fd00::20"), ip6("fd00::10"), L4::Tcp { sport: 1, dport: 81, flags: TCP_SYN }, &ext);
+    let pkt = packet::ipv6_with(
+        ip6("fd00::20"),
+        ip6("fd00::10"),
+        L4::Tcp {
+            sport: 1,
+            dport: 81,
+            flags: TCP_SYN,
+        },
+        &ext,
+    );
     assert_eq!(fx.run(Hook::ToPod, &pkt), SHOT);
 }
 
@@ -289,12 +396,33 @@ fn udp_is_allowed_on_its_port_only_and_replies_pass() {
     let mut fx = Fixture::new("udp");
     fx.apply(POLICIES);
     let (client, server) = (ip("10.0.0.20"), ip("10.0.0.10"));
-    assert_eq!(fx.run(Hook::ToPod, &packet::ip(client, server, L4::Udp { sport: 5000, dport: 53 })), PASS);
-    assert_eq!(fx.run(Hook::FromPod, &packet::ip(server, client, L4::Udp { sport: 53, dport: 5000 })), PASS);
-    assert_eq!(fx.run(Hook::ToPod, &packet::ip(client, server, L4::Udp { sport: 5000, dport: 54 })), SHOT);
+    assert_eq!(
+        fx.run(
+            Hook::ToPod,
+            &packet::ip(client, server, L4::Udp { sport: 5000, dport: 53 })
+        ),
+        PASS
+    );
+    assert_eq!(
+        fx.run(
+            Hook::FromPod,
+            &packet::ip(server, client, L4::Udp { sport: 53, dport: 5000 })
+        ),
+        PASS
+    );
+    assert_eq!(
+        fx.run(
+            Hook::ToPod,
+            &packet::ip(client, server, L4::Udp { sport: 5000, dport: 54 })
+        ),
+        SHOT
+    );
     assert_eq!(fx.drops(DIR_INGRESS, PROTO_UDP, 54), 1);
     // TCP 53 is not UDP 53.
-    assert_eq!(fx.run(Hook::ToPod, &packet::tcp(client, server, 5000, 53, TCP_SYN)), SHOT);
+    assert_eq!(
+        fx.run(Hook::ToPod, &packet::tcp(client, server, 5000, 53, TCP_SYN)),
+        SHOT
+    );
 }
 
 #[test]
@@ -302,8 +430,34 @@ fn sctp_is_allowed_on_its_port_only() {
     let mut fx = Fixture::new("sctp");
     fx.apply(POLICIES);
     let (client, server) = (ip("10.0.0.20"), ip("10.0.0.10"));
-    assert_eq!(fx.run(Hook::ToPod, &packet::ip(client, server, L4::Sctp { sport: 5000, dport: 9000 })), PASS);
-    assert_eq!(fx.run(Hook::ToPod, &packet::ip(client, server, L4::Sctp { sport: 5000, dport: 9001 })), SHOT);
+    assert_eq!(
+        fx.run(
+            Hook::ToPod,
+            &packet::ip(
+                client,
+                server,
+                L4::Sctp {
+                    sport: 5000,
+                    dport: 9000
+                }
+            )
+        ),
+        PASS
+    );
+    assert_eq!(
+        fx.run(
+            Hook::ToPod,
+            &packet::ip(
+                client,
+                server,
+                L4::Sctp {
+                    sport: 5000,
+                    dport: 9001
+                }
+            )
+        ),
+        SHOT
+    );
     assert_eq!(fx.drops(DIR_INGRESS, PROTO_SCTP, 9001), 1);
 }
 
@@ -312,9 +466,27 @@ fn egress_policy_allows_only_its_destinations() {
     let mut fx = Fixture::new("egress");
     fx.apply(POLICIES);
     let server = ip("10.0.0.10");
-    assert_eq!(fx.run(Hook::FromPod, &packet::tcp(server, ip("10.0.0.20"), 33000, 8080, TCP_SYN)), PASS);
-    assert_eq!(fx.run(Hook::FromPod, &packet::tcp(server, ip("10.0.0.20"), 33000, 8081, TCP_SYN)), SHOT);
-    assert_eq!(fx.run(Hook::FromPod, &packet::tcp(server, ip("10.1.1.1"), 33000, 8080, TCP_SYN)), SHOT);
+    assert_eq!(
+        fx.run(
+            Hook::FromPod,
+            &packet::tcp(server, ip("10.0.0.20"), 33000, 8080, TCP_SYN)
+        ),
+        PASS
+    );
+    assert_eq!(
+        fx.run(
+            Hook::FromPod,
+            &packet::tcp(server, ip("10.0.0.20"), 33000, 8081, TCP_SYN)
+        ),
+        SHOT
+    );
+    assert_eq!(
+        fx.run(
+            Hook::FromPod,
+            &packet::tcp(server, ip("10.1.1.1"), 33000, 8080, TCP_SYN)
+        ),
+        SHOT
+    );
     assert_eq!(fx.drops(DIR_EGRESS, PROTO_TCP, 8080), 1);
     assert_eq!(fx.drops(DIR_EGRESS, PROTO_TCP, 8081), 1);
 }

@@ -20,7 +20,11 @@ fn seed_walkthrough_enforces_each_step_live() {
     require_root();
     let dir = walkthrough_dir();
     let mut lab: Option<Lab> = None;
-    let http_echo_drops = DropKey { direction: DIR_INGRESS, protocol: PROTO_TCP, dport: 80 };
+    let http_echo_drops = DropKey {
+        direction: DIR_INGRESS,
+        protocol: PROTO_TCP,
+        dport: 80,
+    };
     for (i, step) in STEPS.iter().enumerate() {
         let loaded = walkthrough::load_step(&dir, step).expect("walk-through manifests parse");
         match lab.as_mut() {
@@ -31,7 +35,9 @@ fn seed_walkthrough_enforces_each_step_live() {
         }
         let lab = lab.as_ref().unwrap();
         let before = lab.datapath().drop_count(http_echo_drops);
-        let allowed = lab.probe(&walkthrough::busybox(), &walkthrough::http_echo(), 80, Protocol::Tcp).unwrap();
+        let allowed = lab
+            .probe(&walkthrough::busybox(), &walkthrough::http_echo(), 80, Protocol::Tcp)
+            .unwrap();
         assert_eq!(allowed, step.expected_allowed, "step {}: {}", i + 1, step.title);
         let after = lab.datapath().drop_count(http_echo_drops);
         if step.expected_allowed {
@@ -66,12 +72,20 @@ spec:
     assert_eq!(extra.policies.len(), 1, "the good policy survives");
     assert_eq!(extra.errors.len(), 1);
     let err = extra.errors[0].to_string();
-    for needle in ["policies.yaml", "document 1", "ns-1/broken", "spec.ingress[0].from[0].ipBlock.cidr", "10.0.0.0/33"] {
+    for needle in [
+        "policies.yaml",
+        "document 1",
+        "ns-1/broken",
+        "spec.ingress[0].from[0].ipBlock.cidr",
+        "10.0.0.0/33",
+    ] {
         assert!(err.contains(needle), "error {err:?} should name {needle:?}");
     }
     loaded.extend(extra);
     let lab = Lab::up(LabOptions::new(&tag("broken")), &loaded).expect("lab up");
-    let allowed = lab.probe(&walkthrough::busybox(), &walkthrough::http_echo(), 80, Protocol::Tcp).unwrap();
+    let allowed = lab
+        .probe(&walkthrough::busybox(), &walkthrough::http_echo(), 80, Protocol::Tcp)
+        .unwrap();
     assert!(!allowed, "deny-all must be enforced although another policy is broken");
 }
 
@@ -85,6 +99,9 @@ fn lab_leaves_nothing_behind() {
     let lab = Lab::up(opts, &loaded).expect("lab up");
     assert!(!npc_agent::netns::list_with_prefix(&t).is_empty());
     drop(lab);
-    assert!(npc_agent::netns::list_with_prefix(&t).is_empty(), "namespaces left behind");
+    assert!(
+        npc_agent::netns::list_with_prefix(&t).is_empty(),
+        "namespaces left behind"
+    );
     assert!(!pin_root.exists(), "pins left behind in {}", pin_root.display());
 }

@@ -44,7 +44,11 @@ impl IdentityKey {
         let mut named_ports: Vec<ContainerPort> = pod.ports.iter().filter(|p| p.name.is_some()).cloned().collect();
         named_ports.sort();
         named_ports.dedup();
-        Self { namespace: pod.namespace.clone(), labels: pod.labels.clone(), named_ports }
+        Self {
+            namespace: pod.namespace.clone(),
+            labels: pod.labels.clone(),
+            named_ports,
+        }
     }
 
     fn resolve(&self, name: &str, protocol: Protocol) -> Option<u16> {
@@ -65,7 +69,10 @@ pub struct CidrKey {
 impl CidrKey {
     pub fn of(net: IpNet) -> Self {
         let (prefix_len, addr) = match net {
-            IpNet::V4(n) => (96 + u32::from(n.prefix_len()), npc_common::v4_mapped(n.network().octets())),
+            IpNet::V4(n) => (
+                96 + u32::from(n.prefix_len()),
+                npc_common::v4_mapped(n.network().octets()),
+            ),
             IpNet::V6(n) => (u32::from(n.prefix_len()), n.network().octets()),
         };
         Self { prefix_len, addr }
@@ -177,7 +184,10 @@ pub fn compile(state: &State) -> Compiled {
     let mut flags: BTreeMap<u32, u32> = BTreeMap::new();
     if state.legacy_default_deny {
         for (id, key) in &out.identities {
-            let legacy = state.namespaces.get(&key.namespace).is_some_and(|ns| legacy_default_deny(&ns.annotations));
+            let legacy = state
+                .namespaces
+                .get(&key.namespace)
+                .is_some_and(|ns| legacy_default_deny(&ns.annotations));
             if legacy && local_ids.contains(id) {
                 *flags.entry(*id).or_default() |= endpoint_flags::INGRESS_ISOLATED;
             }
@@ -202,7 +212,11 @@ pub fn compile(state: &State) -> Compiled {
                 *flags.entry(*id).or_default() |= isolated;
             }
             for (index, rule) in rules.iter().enumerate() {
-                out.rules.push(RuleRef { policy: policy.id.clone(), direction, index });
+                out.rules.push(RuleRef {
+                    policy: policy.id.clone(),
+                    direction,
+                    index,
+                });
                 let rule_id = out.rules.len() as u32;
                 if selected.is_empty() {
                     continue;
@@ -245,7 +259,11 @@ pub fn legacy_default_deny(annotations: &Labels) -> bool {
     annotations
         .get(LEGACY_ANNOTATION)
         .and_then(|v| serde_json::from_str::<serde_json::Value>(v).ok())
-        .and_then(|v| v.pointer("/ingress/isolation").and_then(|i| i.as_str()).map(|s| s == "DefaultDeny"))
+        .and_then(|v| {
+            v.pointer("/ingress/isolation")
+                .and_then(|i| i.as_str())
+                .map(|s| s == "DefaultDeny")
+        })
         .unwrap_or(false)
 }
 
@@ -300,7 +318,13 @@ fn emit_rule(
     let dir = direction.as_u8();
     let mut exact = |peer: PeerId, protocol: u8, port: u16| {
         maps.policy
-            .entry(PolicyKey { identity: local, peer: peer.raw(), port, protocol, direction: dir })
+            .entry(PolicyKey {
+                identity: local,
+                peer: peer.raw(),
+                port,
+                protocol,
+                direction: dir,
+            })
             .or_insert(value);
     };
     let Some(ports) = ports else {
@@ -311,12 +335,18 @@ fn emit_rule(
     };
     for spec in ports {
         match spec {
-            PortSpec::Number { protocol, port: None, .. } => {
+            PortSpec::Number {
+                protocol, port: None, ..
+            } => {
                 for p in peers {
                     exact(*p, protocol.number(), PORT_ANY);
                 }
             }
-            PortSpec::Number { protocol, port: Some(start), end } => {
+            PortSpec::Number {
+                protocol,
+                port: Some(start),
+                end,
+            } => {
                 let end = end.unwrap_or(*start);
                 if end == *start {
                     for p in peers {
@@ -334,7 +364,10 @@ fn emit_rule(
                             port_be: block.to_be_bytes(),
                         };
                         maps.port_ranges
-                            .entry(RangeKey { prefix_len: PORT_RANGE_FIXED_BITS + bits, key })
+                            .entry(RangeKey {
+                                prefix_len: PORT_RANGE_FIXED_BITS + bits,
+                                key,
+                            })
                             .or_insert(value);
                         emitted.ranges = true;
                     }
@@ -402,17 +435,19 @@ impl CidrClasses {
             for direction in [Direction::Ingress, Direction::Egress] {
                 for rule in policy.rules(direction).unwrap_or_default() {
                     for peer in rule.peers.iter().flatten() {
-                        if let Peer::IpBlock(b) = peer {
-                            if !blocks.contains(b) {
-                                blocks.push(b.clone());
-                            }
+                        if let Peer::IpBlock(b) = peer
+                            && !blocks.contains(b)
+                        {
+                            blocks.push(b.clone());
                         }
                     }
                 }
             }
         }
-        let prefixes: BTreeSet<IpNet> =
-            blocks.iter().flat_map(|b| std::iter::once(b.cidr).chain(b.except.iter().copied())).collect();
+        let prefixes: BTreeSet<IpNet> = blocks
+            .iter()
+            .flat_map(|b| std::iter::once(b.cidr).chain(b.except.iter().copied()))
+            .collect();
         let mut class_ids: BTreeMap<BTreeSet<usize>, u32> = BTreeMap::new();
         let mut members = Vec::new();
         let mut lpm = BTreeMap::new();
@@ -476,7 +511,13 @@ pub fn lookup(
     let dir = direction.as_u8();
     for peer in [peer_identity, class, Some(peer::ANY)].into_iter().flatten() {
         for (protocol, port) in [(protocol, port), (protocol, PORT_ANY), (PROTO_ANY, PORT_ANY)] {
-            let key = PolicyKey { identity: endpoint.identity, peer, port, protocol, direction: dir };
+            let key = PolicyKey {
+                identity: endpoint.identity,
+                peer,
+                port,
+                protocol,
+                direction: dir,
+            };
             if let Some(v) = maps.policy.get(&key) {
                 return Some(v.rule);
             }
@@ -504,6 +545,225 @@ pub fn lookup(
 fn prefix_matches(key: &CidrKey, addr: &[u8; 16]) -> bool {
     let a = u128::from_be_bytes(key.addr);
     let b = u128::from_be_bytes(*addr);
-    let mask = if key.prefix_len == 0 { 0 } else { u128::MAX << (128 - key.prefix_len) };
+    let mask = if key.prefix_len == 0 {
+        0
+    } else {
+        u128::MAX << (128 - key.prefix_len)
+    };
     a & mask == b & mask
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::manifests;
+
+    /// Builds a State from YAML, all pods local.
+    fn state(yaml: &str) -> State {
+        let loaded = manifests::parse_str(Path::new("test.yaml"), yaml);
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        State {
+            namespaces: loaded.namespaces.into_iter().map(|n| (n.name.clone(), n)).collect(),
+            pods: loaded.pods.into_iter().map(|p| (p.object_ref(), p)).collect(),
+            policies: loaded.policies.into_iter().map(|p| (p.id.clone(), p)).collect(),
+            ..State::default()
+        }
+    }
+
+    fn pod(ns: &str, name: &str, labels: &str, ip: &str) -> String {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{{labels}}}}}\nspec: {{containers: [{{name: c, ports: [{{name: http, containerPort: 8080}}]}}]}}\nstatus: {{podIP: {ip}}}\n"
+        )
+    }
+
+    fn ns(name: &str, labels: &str) -> String {
+        format!("---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}, labels: {{{labels}}}}}\n")
+    }
+
+    fn allowed(c: &Compiled, to: (&str, &str), from_ip: &str, proto: u8, port: u16) -> bool {
+        lookup(
+            c,
+            &ObjectRef::new(to.0, to.1),
+            Direction::Ingress,
+            from_ip.parse().unwrap(),
+            proto,
+            port,
+        )
+        .is_some()
+    }
+
+    fn base() -> String {
+        [
+            ns("a", "team: x"),
+            ns("b", "team: y"),
+            pod("a", "web", "app: web", "10.0.0.1"),
+            pod("a", "db", "app: db", "10.0.0.2"),
+            pod("b", "web", "app: web", "10.0.1.1"),
+            pod("b", "cli", "app: cli, tier: front", "10.0.1.2"),
+        ]
+        .concat()
+    }
+
+    const TCP: u8 = npc_common::PROTO_TCP;
+    const UDP: u8 = npc_common::PROTO_UDP;
+
+    #[test]
+    fn no_policy_means_not_isolated() {
+        let c = compile(&state(&base()));
+        assert!(allowed(&c, ("a", "db"), "192.0.2.1", TCP, 1));
+        assert_eq!(c.maps.endpoints[&ObjectRef::new("a", "db")].flags, 0);
+    }
+
+    #[test]
+    fn deny_all_isolates_and_allows_nothing() {
+        let y = base()
+            + "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: d, namespace: a}\nspec: {podSelector: {}}\n";
+        let c = compile(&state(&y));
+        assert!(!allowed(&c, ("a", "db"), "10.0.0.1", TCP, 80));
+        assert!(!allowed(&c, ("a", "web"), "10.0.1.2", UDP, 53));
+        // Other namespaces are untouched.
+        assert!(allowed(&c, ("b", "web"), "10.0.0.2", TCP, 80));
+    }
+
+    #[test]
+    fn pod_selector_only_means_own_namespace() {
+        let y = base()
+            + "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: web}}}]}]\n";
+        let c = compile(&state(&y));
+        assert!(allowed(&c, ("a", "db"), "10.0.0.1", TCP, 5432), "a/web is in a");
+        assert!(!allowed(&c, ("a", "db"), "10.0.1.1", TCP, 5432), "b/web is not");
+    }
+
+    #[test]
+    fn namespace_and_pod_selector_in_one_peer_is_and() {
+        let y = base()
+            + "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {team: y}}, podSelector: {matchLabels: {app: cli}}}]}]\n";
+        let c = compile(&state(&y));
+        assert!(allowed(&c, ("a", "db"), "10.0.1.2", TCP, 1));
+        assert!(
+            !allowed(&c, ("a", "db"), "10.0.1.1", TCP, 1),
+            "b/web is team y but not app=cli"
+        );
+        assert!(!allowed(&c, ("a", "db"), "10.0.0.1", TCP, 1));
+    }
+
+    #[test]
+    fn two_peers_are_or_and_two_policies_are_a_union() {
+        let y = base()
+            + "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p1, namespace: a}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {team: y}}}, {podSelector: {matchLabels: {app: web}}}], ports: [{port: 5432}]}]\n"
+            + "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p2, namespace: a}\nspec:\n  podSelector: {}\n  ingress: [{ports: [{port: 53, protocol: UDP}]}]\n";
+        let c = compile(&state(&y));
+        assert!(allowed(&c, ("a", "db"), "10.0.1.1", TCP, 5432));
+        assert!(allowed(&c, ("a", "db"), "10.0.0.1", TCP, 5432));
+        assert!(!allowed(&c, ("a", "db"), "10.0.0.1", TCP, 5433));
+        assert!(
+            allowed(&c, ("a", "db"), "192.0.2.9", UDP, 53),
+            "p2: any source on UDP 53"
+        );
+        assert!(!allowed(&c, ("a", "db"), "192.0.2.9", TCP, 53));
+    }
+
+    #[test]
+    fn match_expressions_select_pods() {
+        let y = base()
+            + "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec:\n  podSelector: {matchExpressions: [{key: app, operator: In, values: [db]}]}\n  ingress: [{from: [{namespaceSelector: {}, podSelector: {matchExpressions: [{key: tier, operator: DoesNotExist}, {key: app, operator: NotIn, values: [db]}]}}]}]\n";
+        let c = compile(&state(&y));
+        assert!(allowed(&c, ("a", "db"), "10.0.0.1", TCP, 1), "a/web: no tier, not db");
+        assert!(
+            allowed(&c, ("a", "db"), "10.0.1.1", TCP, 1),
+            "b/web too (all namespaces)"
+        );
+        assert!(!allowed(&c, ("a", "db"), "10.0.1.2", TCP, 1), "b/cli has a tier");
+        assert!(allowed(&c, ("a", "web"), "192.0.2.1", TCP, 1), "a/web is not selected");
+    }
+
+    #[test]
+    fn ip_block_with_except_uses_longest_prefix_classes() {
+        let y = base()
+            + "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress: [{from: [{ipBlock: {cidr: 172.16.0.0/12, except: [172.17.0.0/16]}}, {ipBlock: {cidr: 172.17.1.0/24}}]}]\n";
+        let c = compile(&state(&y));
+        assert!(allowed(&c, ("a", "db"), "172.16.5.5", TCP, 1));
+        assert!(!allowed(&c, ("a", "db"), "172.17.5.5", TCP, 1), "in the except");
+        assert!(
+            allowed(&c, ("a", "db"), "172.17.1.9", TCP, 1),
+            "except, but in the second block"
+        );
+        assert!(!allowed(&c, ("a", "db"), "10.1.1.1", TCP, 1));
+    }
+
+    #[test]
+    fn named_ports_resolve_on_the_destination_and_ranges_cover_end_port() {
+        let y = base()
+            + "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress: [{ports: [{port: http}, {port: 9000, endPort: 9010}]}]\n";
+        let c = compile(&state(&y));
+        assert!(
+            allowed(&c, ("a", "db"), "192.0.2.1", TCP, 8080),
+            "http = 8080 on the destination"
+        );
+        assert!(!allowed(&c, ("a", "db"), "192.0.2.1", TCP, 80));
+        for port in [9000, 9005, 9010] {
+            assert!(allowed(&c, ("a", "db"), "192.0.2.1", TCP, port), "{port} in range");
+        }
+        assert!(!allowed(&c, ("a", "db"), "192.0.2.1", TCP, 9011));
+        assert!(!allowed(&c, ("a", "db"), "192.0.2.1", TCP, 8999));
+    }
+
+    #[test]
+    fn port_blocks_are_aligned_and_cover_exactly() {
+        for (start, end) in [
+            (1u16, 1u16),
+            (9000, 9010),
+            (0, 65535),
+            (1, 65535),
+            (1023, 1025),
+            (32768, 60999),
+        ] {
+            let blocks = port_blocks(start, end);
+            let mut covered = Vec::new();
+            for (first, bits) in &blocks {
+                let size = 1u32 << (16 - bits);
+                assert_eq!(u32::from(*first) % size, 0, "block {first}/{bits} is aligned");
+                covered.extend(u32::from(*first)..u32::from(*first) + size);
+            }
+            let want: Vec<u32> = (u32::from(start)..=u32::from(end)).collect();
+            assert_eq!(covered, want, "[{start}, {end}]");
+        }
+    }
+
+    #[test]
+    fn node_addresses_are_always_allowed_in() {
+        let y = base()
+            + "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: d, namespace: a}\nspec: {podSelector: {}}\n";
+        let mut s = state(&y);
+        s.node_addrs = vec!["10.0.255.1".parse().unwrap()];
+        let c = compile(&s);
+        assert!(allowed(&c, ("a", "db"), "10.0.255.1", TCP, 8080));
+        assert!(!allowed(&c, ("a", "db"), "10.0.255.2", TCP, 8080));
+    }
+
+    #[test]
+    fn egress_policy_types_are_inferred_from_rules() {
+        let y = base()
+            + "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: e, namespace: a}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  egress: [{to: [{podSelector: {matchLabels: {app: db}}}]}]\n";
+        let c = compile(&state(&y));
+        let web = ObjectRef::new("a", "web");
+        let flags = c.maps.endpoints[&web].flags;
+        assert_eq!(
+            flags & endpoint_flags::INGRESS_ISOLATED,
+            endpoint_flags::INGRESS_ISOLATED
+        );
+        assert_eq!(flags & endpoint_flags::EGRESS_ISOLATED, endpoint_flags::EGRESS_ISOLATED);
+        let egress = |ip: &str| lookup(&c, &web, Direction::Egress, ip.parse().unwrap(), TCP, 5432).is_some();
+        assert!(egress("10.0.0.2"));
+        assert!(!egress("10.0.1.1"));
+    }
+
+    #[test]
+    fn compile_is_deterministic() {
+        let y = base()
+            + "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: d, namespace: a}\nspec: {podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8}}]}]}\n";
+        assert_eq!(compile(&state(&y)).maps, compile(&state(&y)).maps);
+    }
 }

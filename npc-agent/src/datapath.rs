@@ -14,7 +14,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuHashMap, lpm_trie::{Key, LpmTrie}},
+    maps::{
+        Array, HashMap, MapData, MapError, PerCpuHashMap,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions,
         links::{FdLink, LinkError, PinnedLink},
@@ -79,7 +82,10 @@ impl DatapathError {
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DatapathError {
-    move |source| DatapathError::Io { what: what.into(), source }
+    move |source| DatapathError::Io {
+        what: what.into(),
+        source,
+    }
 }
 
 /// Which hook of the host-side veth.
@@ -117,7 +123,9 @@ impl Hook {
 /// Checks that bpffs is mounted at (or above) `dir`, mounting it at /sys/fs/bpf when it is not.
 pub fn ensure_bpffs(dir: &Path) -> Result<(), DatapathError> {
     let on_bpffs = |p: &Path| {
-        let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else { return false };
+        let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
+            return false;
+        };
         // SAFETY: statfs into a zeroed struct with a valid C string.
         let mut st: libc::statfs = unsafe { std::mem::zeroed() };
         (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0) && st.f_type == libc::BPF_FS_MAGIC
@@ -135,7 +143,10 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), DatapathError> {
     }
     std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
     if !on_bpffs(dir) {
-        return Err(DatapathError::Environment(format!("{} is not on a bpf filesystem", dir.display())));
+        return Err(DatapathError::Environment(format!(
+            "{} is not on a bpf filesystem",
+            dir.display()
+        )));
     }
     Ok(())
 }
@@ -174,7 +185,11 @@ impl LogPump {
             .name("npc-ebpf-log".into())
             .spawn(move || {
                 while !flag.load(Ordering::Relaxed) {
-                    let mut pfd = libc::pollfd { fd: logger.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                    let mut pfd = libc::pollfd {
+                        fd: logger.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
                     // SAFETY: one valid pollfd.
                     let ready = unsafe { libc::poll(&mut pfd, 1, 200) };
                     if ready > 0 {
@@ -183,7 +198,10 @@ impl LogPump {
                 }
             })
             .ok()?;
-        Some(Self { stop, thread: Some(thread) })
+        Some(Self {
+            stop,
+            thread: Some(thread),
+        })
     }
 }
 
@@ -221,7 +239,10 @@ pub struct Datapath {
 
 macro_rules! take_map {
     ($ebpf:expr, $name:expr) => {
-        $ebpf.take_map($name).ok_or(DatapathError::MissingMap($name))?.try_into()?
+        $ebpf
+            .take_map($name)
+            .ok_or(DatapathError::MissingMap($name))?
+            .try_into()?
     };
 }
 
@@ -230,7 +251,9 @@ impl Datapath {
     /// an earlier agent are reused, so enforcement carries on across restarts.
     pub fn load(pin_root: &Path) -> Result<Self, DatapathError> {
         ensure_bpffs(pin_root)?;
-        let mut ebpf = EbpfLoader::new().default_map_pin_directory(pin_root).load(EBPF_OBJECT)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_root)
+            .load(EBPF_OBJECT)?;
         let log = LogPump::start(&mut ebpf);
         for hook in [Hook::FromPod, Hook::ToPod] {
             let prog: &mut SchedClassifier = ebpf
@@ -297,8 +320,14 @@ impl Datapath {
             }
             let id = match PinnedLink::from_pin(&pin) {
                 Ok(old) => prog.attach_to_link(FdLink::from(old).try_into()?)?,
-                Err(LinkError::SyscallError(SyscallError { io_error, .. })) if io_error.kind() == io::ErrorKind::NotFound => {
-                    prog.attach_with_options(ifname, hook.attach_type(), TcAttachOptions::TcxOrder(LinkOrder::default()))?
+                Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+                    if io_error.kind() == io::ErrorKind::NotFound =>
+                {
+                    prog.attach_with_options(
+                        ifname,
+                        hook.attach_type(),
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )?
                 }
                 Err(e) => return Err(e.into()),
             };
@@ -320,7 +349,8 @@ impl Datapath {
                     let fd_link = link.unpin().map_err(io_err("unpinning a link"))?;
                     let _ = aya::programs::links::Link::detach(fd_link);
                 }
-                Err(LinkError::SyscallError(SyscallError { io_error, .. })) if io_error.kind() == io::ErrorKind::NotFound => {}
+                Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+                    if io_error.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e.into()),
             }
         }
@@ -329,7 +359,9 @@ impl Datapath {
 
     /// Interfaces that have pinned links.
     pub fn attached_ifindexes(&self) -> BTreeSet<u32> {
-        let Ok(dir) = std::fs::read_dir(self.links_dir()) else { return BTreeSet::new() };
+        let Ok(dir) = std::fs::read_dir(self.links_dir()) else {
+            return BTreeSet::new();
+        };
         dir.filter_map(|e| e.ok())
             .filter_map(|e| {
                 let name = e.file_name().into_string().ok()?;
@@ -369,9 +401,14 @@ impl Datapath {
         let ranges: BTreeMap<RangeKey, PolicyValue> = desired.port_ranges.clone();
 
         let policy_diff = diff_hash(&self.policy, &desired.policy)?;
-        let ranges_diff =
-            diff_lpm(&self.port_ranges, &ranges, |k| RangeKey { prefix_len: k.prefix_len(), key: k.data() })?;
-        let cidrs_diff = diff_lpm(&self.cidrs, &cidrs, |k| CidrKey { prefix_len: k.prefix_len(), addr: k.data() })?;
+        let ranges_diff = diff_lpm(&self.port_ranges, &ranges, |k| RangeKey {
+            prefix_len: k.prefix_len(),
+            key: k.data(),
+        })?;
+        let cidrs_diff = diff_lpm(&self.cidrs, &cidrs, |k| CidrKey {
+            prefix_len: k.prefix_len(),
+            addr: k.data(),
+        })?;
         let identities_diff = diff_hash(&self.identities, &desired.identities)?;
         let endpoints_diff = diff_hash(&self.endpoints, &endpoints)?;
         let policy_changed = !policy_diff.is_empty()
@@ -459,7 +496,11 @@ impl Datapath {
             .program(hook.program())
             .ok_or(DatapathError::MissingProgram(hook.program()))?
             .try_into()?;
-        let opts = TestRunOptions { data_in: Some(packet), repeat: 1, ..Default::default() };
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            repeat: 1,
+            ..Default::default()
+        };
         Ok(prog.test_run(opts)?.return_value as i32)
     }
 
@@ -470,7 +511,11 @@ impl Datapath {
             .program(hook.program())
             .ok_or(DatapathError::MissingProgram(hook.program()))?
             .try_into()?;
-        let opts = TestRunOptions { data_in: Some(packet), repeat, ..Default::default() };
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            repeat,
+            ..Default::default()
+        };
         Ok(prog.test_run(opts)?.duration)
     }
 }
@@ -529,7 +574,11 @@ where
 
 fn diff<K: Ord + Clone, V: PartialEq + Copy>(have: &BTreeMap<K, V>, want: &BTreeMap<K, V>) -> Diff<K, V> {
     Diff {
-        upsert: want.iter().filter(|(k, v)| have.get(k) != Some(v)).map(|(k, v)| (k.clone(), *v)).collect(),
+        upsert: want
+            .iter()
+            .filter(|(k, v)| have.get(k) != Some(v))
+            .map(|(k, v)| (k.clone(), *v))
+            .collect(),
         delete: have.keys().filter(|k| !want.contains_key(k)).cloned().collect(),
     }
 }

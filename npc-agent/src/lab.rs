@@ -200,7 +200,11 @@ impl Lab {
         loop {
             let candidate = IpAddr::V4(host_addr(self.opts.pod_cidr, self.next_host));
             self.next_host += 1;
-            let taken = state.pods.values().chain(self.state.pods.values()).any(|p| p.ips.contains(&candidate));
+            let taken = state
+                .pods
+                .values()
+                .chain(self.state.pods.values())
+                .any(|p| p.ips.contains(&candidate));
             if !taken {
                 return candidate;
             }
@@ -213,7 +217,20 @@ impl Lab {
         let ns = Netns::create(&format!("{}-{}-{}", self.opts.tag, pod.namespace, pod.name))?;
         let veth = format!("lxc{:08x}", fxhash(&format!("{}/{}/{index}", pod.namespace, pod.name)));
         let node = self.node.name().to_string();
-        netns::ip(&["-n", &node, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", ns.name()])?;
+        netns::ip(&[
+            "-n",
+            &node,
+            "link",
+            "add",
+            &veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ])?;
         netns::ip(&["-n", &node, "link", "set", &veth, "master", "br0", "up"])?;
         for addr in &pod.ips {
             let cidr = match addr {
@@ -248,9 +265,19 @@ impl Lab {
     /// One probe: a TCP connection that gets the listener's reply, or a UDP echo, within the
     /// probe timeout.
     pub fn probe(&self, from: &ObjectRef, to: &ObjectRef, port: u16, protocol: Protocol) -> Result<bool, LabError> {
-        let src = self.pods.get(from).ok_or_else(|| LabError::Setup(format!("no pod {from}")))?;
-        let dst = self.state.pods.get(to).ok_or_else(|| LabError::Setup(format!("no pod {to}")))?;
-        let addr = *dst.ips.first().ok_or_else(|| LabError::Setup(format!("pod {to} has no address")))?;
+        let src = self
+            .pods
+            .get(from)
+            .ok_or_else(|| LabError::Setup(format!("no pod {from}")))?;
+        let dst = self
+            .state
+            .pods
+            .get(to)
+            .ok_or_else(|| LabError::Setup(format!("no pod {to}")))?;
+        let addr = *dst
+            .ips
+            .first()
+            .ok_or_else(|| LabError::Setup(format!("pod {to} has no address")))?;
         let timeout = self.opts.probe_timeout;
         Ok(src.ns.run(|| connect(SocketAddr::new(addr, port), protocol, timeout))?)
     }
@@ -276,7 +303,10 @@ impl Lab {
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(LabError::Setup("a probe thread panicked".into()))))
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(LabError::Setup("a probe thread panicked".into())))
+                })
                 .collect()
         });
         plan.into_iter()
@@ -316,12 +346,17 @@ fn host_addr(net: Ipv4Net, host: u32) -> std::net::Ipv4Addr {
 
 /// A short stable hash for interface names (15-byte limit).
 fn fxhash(s: &str) -> u32 {
-    s.bytes().fold(0x811c9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x01000193))
+    s.bytes()
+        .fold(0x811c9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x01000193))
 }
 
 /// Waits up to `ms` for `fd` to become readable.
 fn readable(fd: i32, ms: i32) -> bool {
-    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd.
     unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
 }
@@ -331,20 +366,23 @@ fn start_listeners(ns: &str, pod: &Pod) -> Result<Listeners, LabError> {
     let mut threads = Vec::new();
     let reply = format!("{}/{}\n", pod.namespace, pod.name).into_bytes();
     for port in &pod.ports {
-        let (ns, stop, reply, number, protocol) = (ns.to_string(), stop.clone(), reply.clone(), port.port, port.protocol);
+        let (ns, stop, reply, number, protocol) =
+            (ns.to_string(), stop.clone(), reply.clone(), port.port, port.protocol);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         threads.push(std::thread::spawn(move || {
-            let bound = netns::enter(&ns).map_err(|e| e.to_string()).and_then(|()| match protocol {
-                Protocol::Tcp => TcpListener::bind(("::", number))
-                    .or_else(|_| TcpListener::bind(("0.0.0.0", number)))
-                    .map(Either::Tcp)
-                    .map_err(|e| e.to_string()),
-                Protocol::Udp => UdpSocket::bind(("::", number))
-                    .or_else(|_| UdpSocket::bind(("0.0.0.0", number)))
-                    .map(Either::Udp)
-                    .map_err(|e| e.to_string()),
-                Protocol::Sctp => Err("skipped".into()),
-            });
+            let bound = netns::enter(&ns)
+                .map_err(|e| e.to_string())
+                .and_then(|()| match protocol {
+                    Protocol::Tcp => TcpListener::bind(("::", number))
+                        .or_else(|_| TcpListener::bind(("0.0.0.0", number)))
+                        .map(Either::Tcp)
+                        .map_err(|e| e.to_string()),
+                    Protocol::Udp => UdpSocket::bind(("::", number))
+                        .or_else(|_| UdpSocket::bind(("0.0.0.0", number)))
+                        .map(Either::Udp)
+                        .map_err(|e| e.to_string()),
+                    Protocol::Sctp => Err("skipped".into()),
+                });
             let socket = match bound {
                 Ok(s) => {
                     let _ = ready_tx.send(Ok(()));
@@ -359,8 +397,18 @@ fn start_listeners(ns: &str, pod: &Pod) -> Result<Listeners, LabError> {
         }));
         match ready_rx.recv_timeout(Duration::from_secs(10)) {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(LabError::Setup(format!("listener {}:{number}/{protocol}: {e}", pod.name))),
-            Err(_) => return Err(LabError::Setup(format!("listener {}:{number}/{protocol} did not start", pod.name))),
+            Ok(Err(e)) => {
+                return Err(LabError::Setup(format!(
+                    "listener {}:{number}/{protocol}: {e}",
+                    pod.name
+                )));
+            }
+            Err(_) => {
+                return Err(LabError::Setup(format!(
+                    "listener {}:{number}/{protocol} did not start",
+                    pod.name
+                )));
+            }
         }
     }
     Ok(Listeners { stop, threads })
@@ -403,7 +451,9 @@ fn serve(socket: Either, stop: &AtomicBool, reply: &[u8]) {
 pub fn connect(addr: SocketAddr, protocol: Protocol, timeout: Duration) -> bool {
     match protocol {
         Protocol::Tcp => {
-            let Ok(mut stream) = TcpStream::connect_timeout(&addr, timeout) else { return false };
+            let Ok(mut stream) = TcpStream::connect_timeout(&addr, timeout) else {
+                return false;
+            };
             let _ = stream.set_read_timeout(Some(timeout));
             let mut buf = [0u8; 256];
             matches!(stream.read(&mut buf), Ok(n) if n > 0)
@@ -426,7 +476,9 @@ pub fn connect(addr: SocketAddr, protocol: Protocol, timeout: Duration) -> bool 
 pub fn parse_pod_cidr(s: &str) -> Result<Ipv4Net, String> {
     match s.parse::<IpNet>() {
         Ok(IpNet::V4(n)) => Ok(n.trunc()),
-        Ok(IpNet::V6(_)) => Err(format!("--pod-cidr {s}: the lab allocates IPv4 addresses; pin IPv6 ones in status.podIPs")),
+        Ok(IpNet::V6(_)) => Err(format!(
+            "--pod-cidr {s}: the lab allocates IPv4 addresses; pin IPv6 ones in status.podIPs"
+        )),
         Err(_) => Err(format!("--pod-cidr {s:?} is not a CIDR")),
     }
 }

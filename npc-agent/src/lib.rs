@@ -1,10 +1,10 @@
 //! npc: an eBPF NetworkPolicy enforcer. See the README and docs/ for the design.
 pub mod compiler;
 pub mod datapath;
+pub mod lab;
 pub mod manifests;
 pub mod model;
+pub mod netns;
 pub mod packet;
 pub mod policy;
-pub mod lab;
-pub mod netns;
 pub mod walkthrough;

@@ -70,9 +70,7 @@ enum LabCommand {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     match run(Cli::parse()) {
@@ -86,8 +84,12 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Lab { command: LabCommand::Run { manifests, output, lab } } => lab_run(&manifests, output, &lab),
-        Command::Lab { command: LabCommand::Walkthrough { dir } } => {
+        Command::Lab {
+            command: LabCommand::Run { manifests, output, lab },
+        } => lab_run(&manifests, output, &lab),
+        Command::Lab {
+            command: LabCommand::Walkthrough { dir },
+        } => {
             require_root()?;
             walkthrough::run(&dir, &mut std::io::stdout())
         }
@@ -121,7 +123,10 @@ fn lab_run(dir: &Path, output: Output, args: &LabArgs) -> anyhow::Result<()> {
     let probes = lab.probe_all()?;
     drop(lab);
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "probes": probes }))?),
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "probes": probes }))?
+        ),
         Output::Table => print!("{}", matrix(&probes)),
     }
     Ok(())
@@ -163,9 +168,13 @@ pub fn matrix(probes: &[Probe]) -> String {
 }
 
 fn inspect(pin_root: &Path) -> anyhow::Result<()> {
-    let dp = Datapath::load(pin_root).with_context(|| format!("opening the maps pinned under {}", pin_root.display()))?;
+    let dp =
+        Datapath::load(pin_root).with_context(|| format!("opening the maps pinned under {}", pin_root.display()))?;
     let config = dp.config()?;
-    println!("config: log_level={} mode={} epoch={}", config.log_level, config.mode, config.epoch);
+    println!(
+        "config: log_level={} mode={} epoch={}",
+        config.log_level, config.mode, config.epoch
+    );
     println!("endpoints:");
     for (ifindex, ep) in dp.endpoints()? {
         println!(
@@ -177,7 +186,10 @@ fn inspect(pin_root: &Path) -> anyhow::Result<()> {
     }
     println!("drops:");
     for (k, count) in dp.drops()? {
-        println!("  direction {} protocol {} dport {}: {count}", k.direction, k.protocol, k.dport);
+        println!(
+            "  direction {} protocol {} dport {}: {count}",
+            k.direction, k.protocol, k.dport
+        );
     }
     println!("conntrack: {} entries", dp.conntrack_entries()?.len());
     Ok(())

@@ -103,7 +103,9 @@ pub fn parse_str(file: &Path, text: &str) -> Loaded {
         let value: serde_json::Value = match serde::Deserialize::deserialize(de) {
             Ok(v) => v,
             Err(e) => {
-                loaded.errors.push(error(None, String::new(), format!("not valid YAML: {e}")));
+                loaded
+                    .errors
+                    .push(error(None, String::new(), format!("not valid YAML: {e}")));
                 // The YAML stream cannot be resynchronised after a syntax error.
                 break;
             }
@@ -141,8 +143,16 @@ fn typed<T: DeserializeOwned>(value: serde_json::Value, object: &str) -> Result<
 fn parse_object(mut value: serde_json::Value) -> Result<Option<Object>, ObjectError> {
     let kind = value.get("kind").and_then(|k| k.as_str()).map(str::to_string);
     let api_version = value.get("apiVersion").and_then(|k| k.as_str()).map(str::to_string);
-    let name = value.pointer("/metadata/name").and_then(|n| n.as_str()).unwrap_or("?").to_string();
-    let namespace = value.pointer("/metadata/namespace").and_then(|n| n.as_str()).unwrap_or(DEFAULT_NAMESPACE).to_string();
+    let name = value
+        .pointer("/metadata/name")
+        .and_then(|n| n.as_str())
+        .unwrap_or("?")
+        .to_string();
+    let namespace = value
+        .pointer("/metadata/namespace")
+        .and_then(|n| n.as_str())
+        .unwrap_or(DEFAULT_NAMESPACE)
+        .to_string();
     let (Some(kind), Some(api_version)) = (kind, api_version) else {
         return Err((None, "kind".into(), "every document needs apiVersion and kind".into()));
     };
@@ -150,12 +160,16 @@ fn parse_object(mut value: serde_json::Value) -> Result<Option<Object>, ObjectEr
         ("Namespace", "v1") => {
             let object = format!("Namespace {name}");
             let ns: K8sNamespace = typed(value, &object)?;
-            model::namespace_from_k8s(&ns).map(|n| Some(Object::Namespace(n))).map_err(|e| obj_err(&object, e))
+            model::namespace_from_k8s(&ns)
+                .map(|n| Some(Object::Namespace(n)))
+                .map_err(|e| obj_err(&object, e))
         }
         ("Pod", "v1") => {
             let object = format!("Pod {namespace}/{name}");
             let pod: K8sPod = typed(value, &object)?;
-            model::pod_from_k8s(&pod, DEFAULT_NAMESPACE).map(|p| Some(Object::Pod(p))).map_err(|e| obj_err(&object, e))
+            model::pod_from_k8s(&pod, DEFAULT_NAMESPACE)
+                .map(|p| Some(Object::Pod(p)))
+                .map_err(|e| obj_err(&object, e))
         }
         ("NetworkPolicy", "networking.k8s.io/v1" | "extensions/v1beta1" | "networking.k8s.io/v1beta1") => {
             let object = format!("NetworkPolicy {namespace}/{name}");

@@ -1,11 +1,7 @@
 //! What the compiler needs to know of the cluster, stripped of everything else.
 //!
 //! Sources (files, kube) turn Kubernetes objects into these; the compiler never sees a raw object.
-use std::{
-    collections::BTreeMap,
-    fmt,
-    net::IpAddr,
-};
+use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use k8s_openapi::api::core::v1::{Namespace as K8sNamespace, Pod as K8sPod};
 
@@ -22,7 +18,10 @@ pub struct ObjectRef {
 
 impl ObjectRef {
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self { namespace: namespace.into(), name: name.into() }
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
     }
 
     /// Parses `ns/name`.
@@ -50,7 +49,11 @@ impl Namespace {
     pub fn new(name: impl Into<String>, mut labels: Labels, annotations: Labels) -> Self {
         let name = name.into();
         labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.clone());
-        Self { name, labels, annotations }
+        Self {
+            name,
+            labels,
+            annotations,
+        }
     }
 }
 
@@ -155,11 +158,18 @@ pub enum ObjectError {
 }
 
 fn field_err(field: impl Into<String>, message: impl Into<String>) -> ObjectError {
-    ObjectError::Field { field: field.into(), message: message.into() }
+    ObjectError::Field {
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 pub fn namespace_from_k8s(ns: &K8sNamespace) -> Result<Namespace, ObjectError> {
-    let name = ns.metadata.name.clone().ok_or_else(|| field_err("metadata.name", "missing"))?;
+    let name = ns
+        .metadata
+        .name
+        .clone()
+        .ok_or_else(|| field_err("metadata.name", "missing"))?;
     Ok(Namespace::new(
         name,
         ns.metadata.labels.clone().unwrap_or_default(),
@@ -169,23 +179,49 @@ pub fn namespace_from_k8s(ns: &K8sNamespace) -> Result<Namespace, ObjectError> {
 
 /// Converts a Pod. `default_namespace` applies when the object has none (files).
 pub fn pod_from_k8s(pod: &K8sPod, default_namespace: &str) -> Result<Pod, ObjectError> {
-    let name = pod.metadata.name.clone().ok_or_else(|| field_err("metadata.name", "missing"))?;
-    let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| default_namespace.to_string());
+    let name = pod
+        .metadata
+        .name
+        .clone()
+        .ok_or_else(|| field_err("metadata.name", "missing"))?;
+    let namespace = pod
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| default_namespace.to_string());
     let spec = pod.spec.as_ref();
     let mut ports = Vec::new();
-    for (c, container) in spec.map(|s| s.containers.as_slice()).unwrap_or_default().iter().enumerate() {
+    for (c, container) in spec
+        .map(|s| s.containers.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
         for (p, port) in container.ports.as_deref().unwrap_or_default().iter().enumerate() {
             let field = format!("spec.containers[{c}].ports[{p}]");
             let number = u16::try_from(port.container_port)
                 .ok()
                 .filter(|n| *n != 0)
-                .ok_or_else(|| field_err(format!("{field}.containerPort"), format!("{} is not a port (1-65535)", port.container_port)))?;
+                .ok_or_else(|| {
+                    field_err(
+                        format!("{field}.containerPort"),
+                        format!("{} is not a port (1-65535)", port.container_port),
+                    )
+                })?;
             let protocol = match port.protocol.as_deref() {
                 None => Protocol::Tcp,
-                Some(s) => Protocol::parse(s)
-                    .ok_or_else(|| field_err(format!("{field}.protocol"), format!("unknown protocol {s:?} (TCP, UDP or SCTP)")))?,
+                Some(s) => Protocol::parse(s).ok_or_else(|| {
+                    field_err(
+                        format!("{field}.protocol"),
+                        format!("unknown protocol {s:?} (TCP, UDP or SCTP)"),
+                    )
+                })?,
             };
-            ports.push(ContainerPort { name: port.name.clone(), port: number, protocol });
+            ports.push(ContainerPort {
+                name: port.name.clone(),
+                port: number,
+                protocol,
+            });
         }
     }
     let status = pod.status.as_ref();
@@ -202,7 +238,9 @@ pub fn pod_from_k8s(pod: &K8sPod, default_namespace: &str) -> Result<Pod, Object
             .unwrap_or_default(),
     };
     for (field, ip) in listed {
-        let addr: IpAddr = ip.parse().map_err(|_| field_err(field, format!("{ip:?} is not an IP address")))?;
+        let addr: IpAddr = ip
+            .parse()
+            .map_err(|_| field_err(field, format!("{ip:?} is not an IP address")))?;
         if !ips.contains(&addr) {
             ips.push(addr);
         }

@@ -73,10 +73,16 @@ impl Drop for Netns {
 /// Moves the calling thread into the named network namespace.
 pub fn enter(name: &str) -> Result<(), NetnsError> {
     let path = format!("/run/netns/{name}");
-    let file = File::open(&path).map_err(|source| NetnsError::Enter { name: name.into(), source })?;
+    let file = File::open(&path).map_err(|source| NetnsError::Enter {
+        name: name.into(),
+        source,
+    })?;
     // SAFETY: a valid namespace fd; CLONE_NEWNET only changes this thread's network namespace.
     if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(NetnsError::Enter { name: name.into(), source: std::io::Error::last_os_error() });
+        return Err(NetnsError::Enter {
+            name: name.into(),
+            source: std::io::Error::last_os_error(),
+        });
     }
     Ok(())
 }

@@ -10,12 +10,27 @@ pub const TCP_ACK: u8 = 0x10;
 
 #[derive(Clone, Copy, Debug)]
 pub enum L4 {
-    Tcp { sport: u16, dport: u16, flags: u8 },
-    Udp { sport: u16, dport: u16 },
-    Sctp { sport: u16, dport: u16 },
-    Icmp { icmp_type: u8, id: u16 },
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+    },
+    Sctp {
+        sport: u16,
+        dport: u16,
+    },
+    Icmp {
+        icmp_type: u8,
+        id: u16,
+    },
     /// Any other IP protocol, with this many payload bytes.
-    Other { protocol: u8 },
+    Other {
+        protocol: u8,
+    },
 }
 
 impl L4 {
@@ -86,7 +101,10 @@ pub fn tcp(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, flags: u8) -> Vec<u
 
 /// IPv4 with `options` (a multiple of 4 bytes) and a raw fragment field (flags + offset).
 pub fn ipv4_with(src: [u8; 4], dst: [u8; 4], l4: L4, options: &[u8], frag: u16) -> Vec<u8> {
-    assert!(options.len() % 4 == 0 && options.len() <= 40, "IPv4 options must be 0-40 bytes, whole words");
+    assert!(
+        options.len().is_multiple_of(4) && options.len() <= 40,
+        "IPv4 options must be 0-40 bytes, whole words"
+    );
     let payload = l4.bytes();
     let ihl = 20 + options.len();
     let mut h = vec![0u8; 20];

@@ -25,7 +25,10 @@ pub struct PolicyError {
 }
 
 fn err(field: impl Into<String>, message: impl Into<String>) -> PolicyError {
-    PolicyError { field: field.into(), message: message.into() }
+    PolicyError {
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 /// A label selector (matchLabels AND every matchExpression). The empty selector matches everything.
@@ -57,7 +60,10 @@ impl Selector {
         Self {
             requirements: labels
                 .iter()
-                .map(|(k, v)| Requirement { key: k.to_string(), op: Operator::In([v.to_string()].into()) })
+                .map(|(k, v)| Requirement {
+                    key: k.to_string(),
+                    op: Operator::In([v.to_string()].into()),
+                })
                 .collect(),
         }
     }
@@ -78,7 +84,10 @@ impl Selector {
             validate_label_key(key).map_err(|m| err(format!("{field}.matchLabels"), format!("key {key:?}: {m}")))?;
             validate_label_value(value)
                 .map_err(|m| err(format!("{field}.matchLabels.{key}"), format!("value {value:?}: {m}")))?;
-            requirements.push(Requirement { key: key.clone(), op: Operator::In([value.clone()].into()) });
+            requirements.push(Requirement {
+                key: key.clone(),
+                op: Operator::In([value.clone()].into()),
+            });
         }
         for (i, expr) in sel.match_expressions.iter().flatten().enumerate() {
             let f = format!("{field}.matchExpressions[{i}]");
@@ -89,12 +98,18 @@ impl Selector {
             }
             let op = match expr.operator.as_str() {
                 "In" | "NotIn" if values.is_empty() => {
-                    return Err(err(format!("{f}.values"), format!("must be non-empty for operator {}", expr.operator)));
+                    return Err(err(
+                        format!("{f}.values"),
+                        format!("must be non-empty for operator {}", expr.operator),
+                    ));
                 }
                 "In" => Operator::In(values),
                 "NotIn" => Operator::NotIn(values),
                 "Exists" | "DoesNotExist" if !values.is_empty() => {
-                    return Err(err(format!("{f}.values"), format!("must be empty for operator {}", expr.operator)));
+                    return Err(err(
+                        format!("{f}.values"),
+                        format!("must be empty for operator {}", expr.operator),
+                    ));
                 }
                 "Exists" => Operator::Exists,
                 "DoesNotExist" => Operator::DoesNotExist,
@@ -105,7 +120,10 @@ impl Selector {
                     ));
                 }
             };
-            requirements.push(Requirement { key: expr.key.clone(), op });
+            requirements.push(Requirement {
+                key: expr.key.clone(),
+                op,
+            });
         }
         Ok(Self { requirements })
     }
@@ -128,7 +146,10 @@ fn validate_name_part(s: &str) -> Result<(), String> {
     if !bytes.first().is_some_and(alnum) || !bytes.last().is_some_and(alnum) {
         return Err("must start and end with a letter or digit".into());
     }
-    if let Some(c) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
+    if let Some(c) = s
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
         return Err(format!("must not contain {c:?} (only letters, digits, '-', '_', '.')"));
     }
     Ok(())
@@ -150,7 +171,9 @@ pub fn validate_label_key(key: &str) -> Result<(), String> {
             && prefix.split('.').all(|label| {
                 !label.is_empty()
                     && label.len() <= 63
-                    && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                     && !label.starts_with('-')
                     && !label.ends_with('-')
             });
@@ -191,7 +214,11 @@ pub enum Peer {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PortSpec {
     /// `port` None = every port of the protocol; `end` = endPort (inclusive).
-    Number { protocol: Protocol, port: Option<u16>, end: Option<u16> },
+    Number {
+        protocol: Protocol,
+        port: Option<u16>,
+        end: Option<u16>,
+    },
     /// Resolved against the destination pod's declared container ports.
     Named { protocol: Protocol, name: String },
 }
@@ -255,17 +282,33 @@ impl Policy {
 
     /// Validates a NetworkPolicy. `default_namespace` applies when the object has none.
     pub fn from_k8s(np: &NetworkPolicy, default_namespace: &str) -> Result<Self, PolicyError> {
-        let name = np.metadata.name.clone().ok_or_else(|| err("metadata.name", "missing"))?;
-        let namespace = np.metadata.namespace.clone().unwrap_or_else(|| default_namespace.to_string());
+        let name = np
+            .metadata
+            .name
+            .clone()
+            .ok_or_else(|| err("metadata.name", "missing"))?;
+        let namespace = np
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| default_namespace.to_string());
         let spec = np.spec.as_ref().ok_or_else(|| err("spec", "missing"))?;
         let pod_selector = Selector::from_k8s(&spec.pod_selector.clone().unwrap_or_default(), "spec.podSelector")?;
         let ingress = rules_from_k8s(
-            spec.ingress.as_deref().unwrap_or_default().iter().map(|r| (r.from.as_deref(), r.ports.as_deref())),
+            spec.ingress
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .map(|r| (r.from.as_deref(), r.ports.as_deref())),
             "spec.ingress",
             "from",
         )?;
         let egress = rules_from_k8s(
-            spec.egress.as_deref().unwrap_or_default().iter().map(|r| (r.to.as_deref(), r.ports.as_deref())),
+            spec.egress
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .map(|r| (r.to.as_deref(), r.ports.as_deref())),
             "spec.egress",
             "to",
         )?;
@@ -279,7 +322,10 @@ impl Policy {
                         "Ingress" => flags.0 = true,
                         "Egress" => flags.1 = true,
                         other => {
-                            return Err(err(format!("spec.policyTypes[{i}]"), format!("unknown type {other:?} (Ingress or Egress)")));
+                            return Err(err(
+                                format!("spec.policyTypes[{i}]"),
+                                format!("unknown type {other:?} (Ingress or Egress)"),
+                            ));
                         }
                     }
                 }
@@ -344,7 +390,10 @@ fn peer_from_k8s(peer: &NetworkPolicyPeer, field: &str) -> Result<Peer, PolicyEr
             }
             Ok(Peer::IpBlock(IpBlock { cidr, except }))
         }
-        (Some(_), _, _) => Err(err(field, "ipBlock cannot be combined with namespaceSelector or podSelector")),
+        (Some(_), _, _) => Err(err(
+            field,
+            "ipBlock cannot be combined with namespaceSelector or podSelector",
+        )),
         (None, None, None) => Err(err(field, "a peer needs podSelector, namespaceSelector or ipBlock")),
         (None, ns, pods) => {
             let namespaces = match ns {
@@ -369,8 +418,12 @@ fn parse_cidr(s: &str) -> Result<IpNet, String> {
 fn port_from_k8s(port: &NetworkPolicyPort, field: &str) -> Result<PortSpec, PolicyError> {
     let protocol = match port.protocol.as_deref() {
         None => Protocol::Tcp,
-        Some(s) => Protocol::parse(s)
-            .ok_or_else(|| err(format!("{field}.protocol"), format!("unknown protocol {s:?} (TCP, UDP or SCTP)")))?,
+        Some(s) => Protocol::parse(s).ok_or_else(|| {
+            err(
+                format!("{field}.protocol"),
+                format!("unknown protocol {s:?} (TCP, UDP or SCTP)"),
+            )
+        })?,
     };
     let check = |n: i32, f: &str| -> Result<u16, PolicyError> {
         u16::try_from(n)
@@ -383,7 +436,11 @@ fn port_from_k8s(port: &NetworkPolicyPort, field: &str) -> Result<PortSpec, Poli
             if port.end_port.is_some() {
                 return Err(err(format!("{field}.endPort"), "endPort needs a numeric port"));
             }
-            Ok(PortSpec::Number { protocol, port: None, end: None })
+            Ok(PortSpec::Number {
+                protocol,
+                port: None,
+                end: None,
+            })
         }
         Some(IntOrString::Int(n)) => {
             let start = check(*n, "port")?;
@@ -397,21 +454,124 @@ fn port_from_k8s(port: &NetworkPolicyPort, field: &str) -> Result<PortSpec, Poli
                     Some(end)
                 }
             };
-            Ok(PortSpec::Number { protocol, port: Some(start), end })
+            Ok(PortSpec::Number {
+                protocol,
+                port: Some(start),
+                end,
+            })
         }
         Some(IntOrString::String(name)) => {
             if port.end_port.is_some() {
-                return Err(err(format!("{field}.endPort"), "endPort cannot be used with a named port"));
+                return Err(err(
+                    format!("{field}.endPort"),
+                    "endPort cannot be used with a named port",
+                ));
             }
             // The API server accepts "80" as a string and treats it as a name; so do we, but a
             // purely numeric name can never match a declared port name, which must contain a letter.
             if name.is_empty() || name.len() > 15 {
-                return Err(err(format!("{field}.port"), format!("{name:?} is not a port name (1-15 characters)")));
+                return Err(err(
+                    format!("{field}.port"),
+                    format!("{name:?} is not a port name (1-15 characters)"),
+                ));
             }
-            Ok(PortSpec::Named { protocol, name: name.clone() })
+            Ok(PortSpec::Named {
+                protocol,
+                name: name.clone(),
+            })
         }
     }
 }
 
 /// Policies by id, for lookups by the compiler and explain.
 pub type Policies = BTreeMap<ObjectRef, Policy>;
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::manifests;
+
+    /// The error for a policy whose spec is `spec` (YAML, indented under `spec:`).
+    fn error_of(spec: &str) -> String {
+        let text = format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p, namespace: n}}\nspec:\n{spec}"
+        );
+        let loaded = manifests::parse_str(Path::new("p.yaml"), &text);
+        assert!(loaded.policies.is_empty(), "should be rejected: {spec}");
+        loaded.errors[0].to_string()
+    }
+
+    #[test]
+    fn bad_input_names_the_field() {
+        let cases = [
+            (
+                "  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 300.0.0.0/8}}]}]\n",
+                "spec.ingress[0].from[0].ipBlock.cidr",
+            ),
+            (
+                "  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [11.0.0.0/16]}}]}]\n",
+                "spec.ingress[0].from[0].ipBlock.except[0]",
+            ),
+            (
+                "  podSelector: {}\n  ingress: [{ports: [{port: 0}]}]\n",
+                "spec.ingress[0].ports[0].port",
+            ),
+            (
+                "  podSelector: {}\n  egress: [{ports: [{port: 70000}]}]\n",
+                "spec.egress[0].ports[0].port",
+            ),
+            (
+                "  podSelector: {}\n  ingress: [{ports: [{port: 90, endPort: 80}]}]\n",
+                "spec.ingress[0].ports[0].endPort",
+            ),
+            (
+                "  podSelector: {}\n  ingress: [{ports: [{port: http, endPort: 80}]}]\n",
+                "spec.ingress[0].ports[0].endPort",
+            ),
+            (
+                "  podSelector: {matchExpressions: [{key: app, operator: Near, values: [x]}]}\n",
+                "spec.podSelector.matchExpressions[0].operator",
+            ),
+            (
+                "  podSelector: {matchLabels: {app: 'bad value!'}}\n",
+                "spec.podSelector.matchLabels.app",
+            ),
+            (
+                "  podSelector: {}\n  ingress: [{ports: [{port: 80, protocol: ICMP}]}]\n",
+                "spec.ingress[0].ports[0].protocol",
+            ),
+            ("  podSelector: {}\n  policyTypes: [Sideways]\n", "spec.policyTypes[0]"),
+        ];
+        for (spec, field) in cases {
+            let e = error_of(spec);
+            assert!(
+                e.contains(field) && e.contains("n/p") && e.contains("p.yaml"),
+                "{e:?} should name {field}"
+            );
+        }
+    }
+
+    #[test]
+    fn cidr_with_host_bits_means_its_network() {
+        let text = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p}\nspec:\n  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.1.2.3/8}}]}]\n";
+        let loaded = manifests::parse_str(Path::new("p.yaml"), text);
+        let rules = loaded.policies[0].ingress.as_ref().unwrap();
+        let Some(peers) = &rules[0].peers else { panic!("peers") };
+        assert_eq!(
+            peers[0],
+            super::Peer::IpBlock(super::IpBlock {
+                cidr: "10.0.0.0/8".parse().unwrap(),
+                except: vec![]
+            })
+        );
+    }
+
+    #[test]
+    fn legacy_extensions_v1beta1_is_accepted() {
+        let text = "apiVersion: extensions/v1beta1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: n}\nspec:\n  podSelector: {matchLabels: {app: x}}\n  ingress: [{}]\n";
+        let loaded = manifests::parse_str(Path::new("p.yaml"), text);
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        assert_eq!(loaded.policies[0].ingress.as_ref().unwrap().len(), 1);
+    }
+}

@@ -29,17 +29,32 @@ pub const STEPS: [Step; 4] = [
     },
     Step {
         title: "deny-all-by-default created: the request times out",
-        files: &["namespace.yaml", "http-echo.yaml", "busybox.yaml", "steps/deny-all-by-default.yaml"],
+        files: &[
+            "namespace.yaml",
+            "http-echo.yaml",
+            "busybox.yaml",
+            "steps/deny-all-by-default.yaml",
+        ],
         expected_allowed: false,
     },
     Step {
         title: "deny-all deleted, `allow` (from app=busybox) created: still times out",
-        files: &["namespace.yaml", "http-echo.yaml", "busybox.yaml", "steps/allow-network-policy.yaml"],
+        files: &[
+            "namespace.yaml",
+            "http-echo.yaml",
+            "busybox.yaml",
+            "steps/allow-network-policy.yaml",
+        ],
         expected_allowed: false,
     },
     Step {
         title: "busybox labelled app=busybox: the request succeeds",
-        files: &["namespace.yaml", "http-echo.yaml", "steps/busybox-labeled.yaml", "steps/allow-network-policy.yaml"],
+        files: &[
+            "namespace.yaml",
+            "http-echo.yaml",
+            "steps/busybox-labeled.yaml",
+            "steps/allow-network-policy.yaml",
+        ],
         expected_allowed: true,
     },
 ];
@@ -80,13 +95,21 @@ pub fn run(dir: &Path, out: &mut impl Write) -> anyhow::Result<()> {
         }
         let lab = lab.as_ref().expect("set above");
         let allowed = lab.probe(&busybox(), &http_echo(), 80, Protocol::Tcp)?;
-        let outcome = if allowed { "request succeeded" } else { "request timed out (blocked)" };
+        let outcome = if allowed {
+            "request succeeded"
+        } else {
+            "request timed out (blocked)"
+        };
         writeln!(out, "step {}: {}\n        -> {outcome}", i + 1, step.title)?;
         if allowed != step.expected_allowed {
             mismatches.push(i + 1);
         }
     }
-    let drops = lab.as_ref().map(|l| l.datapath().drops()).transpose()?.unwrap_or_default();
+    let drops = lab
+        .as_ref()
+        .map(|l| l.datapath().drops())
+        .transpose()?
+        .unwrap_or_default();
     let total: u64 = drops.values().sum();
     writeln!(out, "packets dropped by policy during the walk-through: {total}")?;
     if !mismatches.is_empty() {

@@ -311,20 +311,66 @@ mod tests {
 
     #[test]
     fn layouts_have_no_padding_holes() {
-        no_holes!(EndpointInfo { identity: u32, flags: u32, addr: [u8; 16] });
-        no_holes!(PolicyKey { identity: u32, peer: u32, port: u16, protocol: u8, direction: u8 });
+        no_holes!(EndpointInfo {
+            identity: u32,
+            flags: u32,
+            addr: [u8; 16]
+        });
+        no_holes!(PolicyKey {
+            identity: u32,
+            peer: u32,
+            port: u16,
+            protocol: u8,
+            direction: u8
+        });
         no_holes!(PolicyValue { rule: u32 });
-        no_holes!(PortRangeKey { identity: u32, peer: u32, direction: u8, protocol: u8, port_be: [u8; 2] });
+        no_holes!(PortRangeKey {
+            identity: u32,
+            peer: u32,
+            direction: u8,
+            protocol: u8,
+            port_be: [u8; 2]
+        });
         no_holes!(ConntrackKey {
-            ifindex: u32, protocol: u8, _pad: [u8; 3], src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16
+            ifindex: u32,
+            protocol: u8,
+            _pad: [u8; 3],
+            src: [u8; 16],
+            dst: [u8; 16],
+            sport: u16,
+            dport: u16
         });
-        no_holes!(ConntrackValue { last_seen_ns: u64, epoch: u32, state: u8, direction: u8, _pad: [u8; 2] });
-        no_holes!(DropKey { direction: u8, protocol: u8, dport: u16 });
+        no_holes!(ConntrackValue {
+            last_seen_ns: u64,
+            epoch: u32,
+            state: u8,
+            direction: u8,
+            _pad: [u8; 2]
+        });
+        no_holes!(DropKey {
+            direction: u8,
+            protocol: u8,
+            dport: u16
+        });
         no_holes!(VerdictEvent {
-            src: [u8; 16], dst: [u8; 16], ifindex: u32, local_identity: u32, peer_identity: u32,
-            sport: u16, dport: u16, protocol: u8, direction: u8, kind: u8, reason: u8
+            src: [u8; 16],
+            dst: [u8; 16],
+            ifindex: u32,
+            local_identity: u32,
+            peer_identity: u32,
+            sport: u16,
+            dport: u16,
+            protocol: u8,
+            direction: u8,
+            kind: u8,
+            reason: u8
         });
-        no_holes!(Config { log_level: u32, mode: u32, epoch: u32, _pad: u32 });
+        no_holes!(Config {
+            log_level: u32,
+            mode: u32,
+            epoch: u32,
+            _pad: u32
+        });
     }
 
     #[test]

@@ -40,10 +40,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use npc_common::{
-    CIDR_CLASS_BASE, Config, ConntrackKey, ConntrackValue, DIR_EGRESS, DIR_INGRESS, DropKey,
-    EndpointInfo, PORT_ANY, PORT_RANGE_FIXED_BITS, PROTO_ANY, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP,
-    PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, PortRangeKey, VerdictEvent, capacity,
-    ct_state, ct_timeout, drop_reason, endpoint_flags, event_kind, log_level, mode, peer,
+    CIDR_CLASS_BASE, Config, ConntrackKey, ConntrackValue, DIR_EGRESS, DIR_INGRESS, DropKey, EndpointInfo, PORT_ANY,
+    PORT_RANGE_FIXED_BITS, PROTO_ANY, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyKey,
+    PolicyValue, PortRangeKey, VerdictEvent, capacity, ct_state, ct_timeout, drop_reason, endpoint_flags, event_kind,
+    log_level, mode, peer,
 };
 
 #[map]
@@ -55,11 +55,9 @@ static NPC_CIDRS: LpmTrie<[u8; 16], u32> = LpmTrie::pinned(capacity::CIDRS, 0);
 #[map]
 static NPC_POLICY: HashMap<PolicyKey, PolicyValue> = HashMap::pinned(capacity::POLICY, 0);
 #[map]
-static NPC_PORT_RANGES: LpmTrie<PortRangeKey, PolicyValue> =
-    LpmTrie::pinned(capacity::PORT_RANGES, 0);
+static NPC_PORT_RANGES: LpmTrie<PortRangeKey, PolicyValue> = LpmTrie::pinned(capacity::PORT_RANGES, 0);
 #[map]
-static NPC_CONNTRACK: LruHashMap<ConntrackKey, ConntrackValue> =
-    LruHashMap::pinned(capacity::CONNTRACK, 0);
+static NPC_CONNTRACK: LruHashMap<ConntrackKey, ConntrackValue> = LruHashMap::pinned(capacity::CONNTRACK, 0);
 #[map]
 static NPC_DROPS: PerCpuHashMap<DropKey, u64> = PerCpuHashMap::pinned(capacity::DROPS, 0);
 #[map]
@@ -132,7 +130,14 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
         endpoint,
         config: NPC_CONFIG.get(0).copied().unwrap_or_default(),
     };
-    let mut pkt = Packet { protocol: 0, src: [0; 16], dst: [0; 16], sport: 0, dport: 0, tcp_flags: 0 };
+    let mut pkt = Packet {
+        protocol: 0,
+        src: [0; 16],
+        dst: [0; 16],
+        sport: 0,
+        dport: 0,
+        tcp_flags: 0,
+    };
     match parse(ctx, &mut pkt) {
         Parsed::AlwaysPass => TC_ACT_UNSPEC,
         Parsed::Unparseable if is_isolated(&hook.endpoint, direction) => {
@@ -155,7 +160,12 @@ fn is_isolated(endpoint: &EndpointInfo, direction: u8) -> bool {
 
 #[inline(always)]
 fn judge(ctx: &TcContext, hook: &Hook, pkt: &Packet) -> i32 {
-    let Hook { ifindex, direction, ref endpoint, ref config } = *hook;
+    let Hook {
+        ifindex,
+        direction,
+        ref endpoint,
+        ref config,
+    } = *hook;
     // SAFETY: no helper reads uninitialised memory; ktime has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let forward = ConntrackKey {
@@ -245,7 +255,10 @@ fn judge(ctx: &TcContext, hook: &Hook, pkt: &Packet) -> i32 {
         let _ = NPC_CONNTRACK.insert(&forward, &value, 0);
     }
     if config.log_level >= log_level::DEBUG {
-        debug!(ctx, "npc: new connection ifindex={} dir={} proto={} dport={}", ifindex, direction, pkt.protocol, pkt.dport);
+        debug!(
+            ctx,
+            "npc: new connection ifindex={} dir={} proto={} dport={}", ifindex, direction, pkt.protocol, pkt.dport
+        );
     }
     TC_ACT_UNSPEC
 }
@@ -361,9 +374,18 @@ fn allowed(q: &Query) -> i64 {
 /// Count, report and (unless auditing) drop. Not inlined, for the stack (see [`allowed`]).
 #[inline(never)]
 fn deny(ctx: &TcContext, hook: &Hook, pkt: &Packet, reason: u8) -> i32 {
-    let Hook { ifindex, direction, ref endpoint, ref config } = *hook;
+    let Hook {
+        ifindex,
+        direction,
+        ref endpoint,
+        ref config,
+    } = *hook;
     let (protocol, dport) = (pkt.protocol, pkt.dport);
-    let key = DropKey { direction, protocol, dport };
+    let key = DropKey {
+        direction,
+        protocol,
+        dport,
+    };
     match NPC_DROPS.get_ptr_mut(&key) {
         // SAFETY: per-CPU value: only this CPU writes it while we run.
         Some(count) => unsafe { *count += 1 },
@@ -382,7 +404,11 @@ fn deny(ctx: &TcContext, hook: &Hook, pkt: &Packet, reason: u8) -> i32 {
             (*ev).src = pkt.src;
             (*ev).dst = pkt.dst;
             (*ev).sport = pkt.sport;
-            let peer_addr = if direction == DIR_INGRESS { &(*ev).src } else { &(*ev).dst };
+            let peer_addr = if direction == DIR_INGRESS {
+                &(*ev).src
+            } else {
+                &(*ev).dst
+            };
             (*ev).peer_identity = NPC_IDENTITIES.get(peer_addr).copied().unwrap_or(peer::WORLD);
             (*ev).ifindex = ifindex;
             (*ev).local_identity = endpoint.identity;
@@ -395,7 +421,10 @@ fn deny(ctx: &TcContext, hook: &Hook, pkt: &Packet, reason: u8) -> i32 {
         slot.submit(0);
     }
     if config.log_level >= log_level::DEBUG {
-        debug!(ctx, "npc: drop ifindex={} dir={} proto={} dport={} reason={}", ifindex, direction, protocol, dport, reason);
+        debug!(
+            ctx,
+            "npc: drop ifindex={} dir={} proto={} dport={} reason={}", ifindex, direction, protocol, dport, reason
+        );
     }
     if audit { TC_ACT_UNSPEC } else { TC_ACT_SHOT as i32 }
 }
@@ -526,7 +555,9 @@ fn parse(ctx: &TcContext, pkt: &mut Packet) -> Parsed {
 
     match pkt.protocol {
         PROTO_TCP => {
-            let (Some(sport), Some(dport), Some([_, flags])) = (be16(ctx, l4), be16(ctx, l4 + 2), read::<2>(ctx, l4 + 12)) else {
+            let (Some(sport), Some(dport), Some([_, flags])) =
+                (be16(ctx, l4), be16(ctx, l4 + 2), read::<2>(ctx, l4 + 12))
+            else {
                 return Parsed::Unparseable;
             };
             pkt.sport = sport;

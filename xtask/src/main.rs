@@ -49,7 +49,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
@@ -75,10 +78,14 @@ fn step(what: &str) {
 fn setup() -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("setup needs root (it mounts bpffs, loads eBPF programs and creates network namespaces): run it with sudo");
+        bail!(
+            "setup needs root (it mounts bpffs, loads eBPF programs and creates network namespaces): run it with sudo"
+        );
     }
     if !Path::new("/sys/kernel/btf/vmlinux").exists() && !Path::new("/proc/sys/net/core/bpf_jit_enable").exists() {
-        bail!("this kernel shows no BPF support (/proc/sys/net/core/bpf_jit_enable missing): use a kernel built with CONFIG_BPF_SYSCALL");
+        bail!(
+            "this kernel shows no BPF support (/proc/sys/net/core/bpf_jit_enable missing): use a kernel built with CONFIG_BPF_SYSCALL"
+        );
     }
     ensure_bpffs()?;
     ensure_nightly()?;
@@ -90,7 +97,10 @@ fn setup() -> anyhow::Result<()> {
 
 fn ensure_bpffs() -> anyhow::Result<()> {
     let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
-    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf ")) {
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+    {
         return Ok(());
     }
     step("mounting bpffs at /sys/fs/bpf");
@@ -104,9 +114,18 @@ fn ensure_nightly() -> anyhow::Result<()> {
         .context("rustup is needed to manage the nightly toolchain for the eBPF build")?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
         step("installing the nightly toolchain (for the eBPF build)");
-        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src"]))?;
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
     }
-    let components = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))?;
+    let components =
+        output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))?;
     if !components.lines().any(|l| l.starts_with("rust-src")) {
         step("adding rust-src to the nightly (needed by -Z build-std=core)");
         run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
@@ -121,12 +140,21 @@ fn nightly_llvm() -> anyhow::Result<(u32, PathBuf, PathBuf)> {
         .lines()
         .find_map(|l| l.strip_prefix("LLVM version: "))
         .context("`rustc +nightly -vV` does not say its LLVM version")?;
-    let major: u32 = llvm.split('.').next().unwrap_or("").parse().context("parsing the LLVM version")?;
+    let major: u32 = llvm
+        .split('.')
+        .next()
+        .unwrap_or("")
+        .parse()
+        .context("parsing the LLVM version")?;
     let sysroot = PathBuf::from(output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim());
     let lib = sysroot.join("lib");
     let so = std::fs::read_dir(&lib)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("libLLVM.so.{major}"))))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("libLLVM.so.{major}")))
+        })
         .with_context(|| format!("no libLLVM.so.{major}* in {}", lib.display()))?;
     Ok((major, lib, so))
 }
@@ -144,14 +172,23 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
     if !(21..=23).contains(&major) {
         bail!("the nightly uses LLVM {major}; bpf-linker 0.13 supports LLVM 21-23: install a matching nightly");
     }
-    step(&format!("building bpf-linker 0.13 against the nightly's own LLVM {major} (about a minute)"));
+    step(&format!(
+        "building bpf-linker 0.13 against the nightly's own LLVM {major} (about a minute)"
+    ));
     let prefix = std::env::temp_dir().join(format!("npc-llvm-prefix-{major}"));
     std::fs::create_dir_all(prefix.join("lib"))?;
     let link = prefix.join("lib/libLLVM.so");
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(&so, &link).context("linking libLLVM.so into the prefix")?;
     run(Command::new("cargo")
-        .args(["+nightly", "install", "bpf-linker@0.13.0", "--locked", "--no-default-features", "--features"])
+        .args([
+            "+nightly",
+            "install",
+            "bpf-linker@0.13.0",
+            "--locked",
+            "--no-default-features",
+            "--features",
+        ])
         .arg(format!("llvm-{major}"))
         .env("LLVM_PREFIX", &prefix)
         .env("RUSTFLAGS", format!("-C link-arg=-Wl,-rpath,{}", lib.display())))
@@ -159,7 +196,9 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
 }
 
 fn which(bin: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(bin)).find(|p| p.is_file())
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(bin))
+        .find(|p| p.is_file())
 }
 
 fn ensure_tool(bin: &str, package: &str) -> anyhow::Result<()> {
@@ -176,9 +215,23 @@ fn build_ebpf() -> anyhow::Result<()> {
     // The same flags aya-build uses from npc-agent's build.rs.
     run(Command::new("cargo")
         .current_dir(workspace_root().join("npc-ebpf"))
-        .args(["+nightly", "build", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
-        .env("CARGO_ENCODED_RUSTFLAGS", "--cfg=bpf_target_arch=\"x86_64\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf"))?;
-    eprintln!("built {}", workspace_root().join("target/bpfel-unknown-none/release/npc").display());
+        .args([
+            "+nightly",
+            "build",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "--cfg=bpf_target_arch=\"x86_64\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf",
+        ))?;
+    eprintln!(
+        "built {}",
+        workspace_root().join("target/bpfel-unknown-none/release/npc").display()
+    );
     Ok(())
 }
 
@@ -193,11 +246,10 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
 
 fn demo() -> anyhow::Result<()> {
     let root = workspace_root();
-    run(Command::new("cargo").current_dir(&root).args(["build", "--release", "-p", "npc-agent"]))?;
-    run(Command::new(root.join("target/release/npc-agent")).current_dir(&root).args([
-        "lab",
-        "walkthrough",
-        "--dir",
-        "manifests/examples/walkthrough",
-    ]))
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .args(["build", "--release", "-p", "npc-agent"]))?;
+    run(Command::new(root.join("target/release/npc-agent"))
+        .current_dir(&root)
+        .args(["lab", "walkthrough", "--dir", "manifests/examples/walkthrough"]))
 }
