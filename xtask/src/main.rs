@@ -238,10 +238,54 @@ fn build_ebpf() -> anyhow::Result<()> {
 fn test(extra: &[String]) -> anyhow::Result<()> {
     // Network-namespace tests share the host's bpffs and iproute2 state: one test thread keeps
     // their output readable and their timing honest on a 2-core machine.
-    run(Command::new("cargo")
+    let mut child = Command::new("cargo")
         .current_dir(workspace_root())
-        .args(["test", "--workspace", "--exclude", "npc-ebpf", "--all-targets", "--", "--test-threads=1"])
-        .args(extra))
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "npc-ebpf",
+            "--all-targets",
+            "--",
+            "--test-threads=1",
+        ])
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    // Echo the output and add up every binary's "test result" line into one closing line.
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut words = part.split_whitespace().rev();
+                let (Some(kind), Some(n)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let n: u64 = n
+                    .trim_end_matches('.')
+                    .rsplit(' ')
+                    .next()
+                    .unwrap_or("0")
+                    .parse()
+                    .unwrap_or(0);
+                match kind {
+                    "passed" => passed += n,
+                    "failed" => failed += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("{passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("cargo test failed with {status}");
+    }
+    Ok(())
 }
 
 fn demo() -> anyhow::Result<()> {
