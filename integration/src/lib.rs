@@ -1,5 +1,7 @@
 //! Helpers for the privileged tests: they run the real datapath in the real kernel.
 
+pub mod scenario;
+
 /// Fails (never skips) when the test cannot do what it exists to do.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.

@@ -24,7 +24,7 @@ use npc_common::{
 
 use crate::{
     model::{ContainerPort, Labels, NAMESPACE_NAME_LABEL, ObjectRef, Pod, Protocol, State, addr_bytes},
-    policy::{Direction, IpBlock, NamespaceScope, Peer, Policy, PortSpec},
+    policy::{Direction, IpBlock, NamespaceScope, Peer, Policy, PortSpec, Rule},
 };
 
 /// The namespace annotation of the pre-v1 NetworkPolicy API (seed 000/001).
@@ -37,6 +37,11 @@ pub struct IdentityKey {
     pub labels: Labels,
     /// Only named ports, sorted: unnamed ones never change a verdict.
     pub named_ports: Vec<ContainerPort>,
+    /// The ipBlocks of egress rules with named ports that hold this address. Such a rule allows a
+    /// pod only when its address is in the block *and* it declares the name, so the pods it
+    /// allows must be told apart by address; every other ipBlock is matched through the LPM
+    /// classes and needs no identity split. Empty in almost every cluster.
+    pub named_port_blocks: Vec<IpBlock>,
 }
 
 impl IdentityKey {
@@ -48,6 +53,7 @@ impl IdentityKey {
             namespace: pod.namespace.clone(),
             labels: pod.labels.clone(),
             named_ports,
+            named_port_blocks: Vec::new(),
         }
     }
 
@@ -96,25 +102,51 @@ pub struct DesiredMaps {
     pub port_ranges: BTreeMap<RangeKey, PolicyValue>,
 }
 
-/// Where an allow entry came from (rule id `n` is `rules[n - 1]`; 0 is a built-in allow).
-#[derive(Clone, Debug, PartialEq, Eq)]
+impl DesiredMaps {
+    pub fn entry_count(&self) -> usize {
+        self.endpoints.len() + self.identities.len() + self.cidrs.len() + self.policy.len() + self.port_ranges.len()
+    }
+
+    /// How many entries differ between two map sets (added, removed or changed): the work a sync
+    /// from `self` to `other` does in the kernel.
+    pub fn diff_count(&self, other: &Self) -> usize {
+        fn diff<K: Ord, V: PartialEq>(a: &BTreeMap<K, V>, b: &BTreeMap<K, V>) -> usize {
+            let changed_or_removed = a.iter().filter(|(k, v)| b.get(*k) != Some(*v)).count();
+            let added = b.keys().filter(|k| !a.contains_key(*k)).count();
+            changed_or_removed + added
+        }
+        diff(&self.endpoints, &other.endpoints)
+            + diff(&self.identities, &other.identities)
+            + diff(&self.cidrs, &other.cidrs)
+            + diff(&self.policy, &other.policy)
+            + diff(&self.port_ranges, &other.port_ranges)
+    }
+}
+
+/// Where an allow entry came from: rule `index` of the policy's ingress or egress list.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct RuleRef {
     pub policy: ObjectRef,
     pub direction: Direction,
     pub index: usize,
 }
 
+/// Rule id 0 in a policy value: allowed by a built-in rule (the node may always reach its pods).
+pub const BUILTIN_RULE: u32 = 0;
+
 #[derive(Clone, Debug, Default)]
 pub struct Compiled {
     pub maps: DesiredMaps,
-    pub rules: Vec<RuleRef>,
+    /// Rule ids (the values of policy entries) → where they come from.
+    pub rules: BTreeMap<u32, RuleRef>,
     pub identities: BTreeMap<u32, IdentityKey>,
+    /// Each policy pod's identity (the one of its first address; the one its endpoint carries).
     pub pod_identity: BTreeMap<ObjectRef, u32>,
 }
 
 impl Compiled {
     pub fn rule(&self, id: u32) -> Option<&RuleRef> {
-        id.checked_sub(1).and_then(|i| self.rules.get(i as usize))
+        self.rules.get(&id)
     }
 }
 
@@ -138,8 +170,26 @@ impl PeerId {
 
 /// Pods that take part in policy: running (not Succeeded/Failed) and not hostNetwork (those are
 /// never enforced and, as peers, look like their node).
-fn policy_pods(state: &State) -> impl Iterator<Item = &Pod> {
+pub fn policy_pods(state: &State) -> impl Iterator<Item = &Pod> {
     state.pods.values().filter(|p| !p.terminated && !p.host_network)
+}
+
+/// Which policy pod owns each address: the newest (latest creation time; then the greatest
+/// namespace/name, so the answer never depends on map order). A pod deleted while a newer one
+/// reuses its address therefore never takes the address away from the new owner.
+pub fn address_owners(state: &State) -> BTreeMap<IpAddr, &Pod> {
+    let mut owners: BTreeMap<IpAddr, &Pod> = BTreeMap::new();
+    for pod in policy_pods(state) {
+        for ip in &pod.ips {
+            let newer = owners
+                .get(ip)
+                .is_none_or(|old| (pod.created, pod.object_ref()) > (old.created, old.object_ref()));
+            if newer {
+                owners.insert(*ip, pod);
+            }
+        }
+    }
+    owners
 }
 
 fn namespace_labels<'a>(state: &'a State, ns: &str, fallback: &'a mut Labels) -> &'a Labels {
@@ -152,106 +202,242 @@ fn namespace_labels<'a>(state: &'a State, ns: &str, fallback: &'a mut Labels) ->
     }
 }
 
-pub fn compile(state: &State) -> Compiled {
-    let mut out = Compiled::default();
+/// Hands out ids that stay the same for the same key from one compile to the next, so that a
+/// change to one pod or policy changes only the map entries that depend on it. Ids are never
+/// reused while the compiler lives: an id that meant something else a moment ago could otherwise
+/// match a stale entry between two sync steps.
+#[derive(Clone, Debug)]
+struct Allocator<K: Ord> {
+    ids: BTreeMap<K, u32>,
+    next: u32,
+    first: u32,
+    limit: u32,
+}
 
-    // Identities, numbered in sorted key order (deterministic).
-    let keys: BTreeSet<IdentityKey> = policy_pods(state).map(IdentityKey::of).collect();
-    let ids: BTreeMap<IdentityKey, u32> = keys.into_iter().zip(FIRST_POD_IDENTITY..).collect();
-    for (key, id) in &ids {
-        out.identities.insert(*id, key.clone());
-    }
-    let mut local_ids = BTreeSet::new();
-    for pod in policy_pods(state) {
-        let id = ids[&IdentityKey::of(pod)];
-        out.pod_identity.insert(pod.object_ref(), id);
-        if state.is_local(pod) {
-            local_ids.insert(id);
-        }
-        for ip in &pod.ips {
-            // Two pods claiming one address: the first in name order keeps it (deterministic).
-            out.maps.identities.entry(addr_bytes(*ip)).or_insert(id);
-        }
-    }
-    for ip in &state.node_addrs {
-        out.maps.identities.insert(addr_bytes(*ip), peer::HOST);
-    }
-
-    let classes = CidrClasses::build(state.policies.values());
-    out.maps.cidrs = classes.lpm.clone();
-
-    // Isolation and allow entries.
-    let mut flags: BTreeMap<u32, u32> = BTreeMap::new();
-    if state.legacy_default_deny {
-        for (id, key) in &out.identities {
-            let legacy = state
-                .namespaces
-                .get(&key.namespace)
-                .is_some_and(|ns| legacy_default_deny(&ns.annotations));
-            if legacy && local_ids.contains(id) {
-                *flags.entry(*id).or_default() |= endpoint_flags::INGRESS_ISOLATED;
-            }
+impl<K: Ord + Clone> Allocator<K> {
+    fn new(first: u32, limit: u32) -> Self {
+        Self {
+            ids: BTreeMap::new(),
+            next: first,
+            first,
+            limit,
         }
     }
-    for policy in state.policies.values() {
-        let selected: Vec<u32> = local_ids
-            .iter()
-            .copied()
-            .filter(|id| {
-                let key = &out.identities[id];
-                key.namespace == policy.id.namespace && policy.pod_selector.matches(&key.labels)
-            })
-            .collect();
-        for direction in [Direction::Ingress, Direction::Egress] {
-            let Some(rules) = policy.rules(direction) else { continue };
-            let (isolated, ranged) = match direction {
-                Direction::Ingress => (endpoint_flags::INGRESS_ISOLATED, endpoint_flags::INGRESS_RANGES),
-                Direction::Egress => (endpoint_flags::EGRESS_ISOLATED, endpoint_flags::EGRESS_RANGES),
-            };
-            for id in &selected {
-                *flags.entry(*id).or_default() |= isolated;
-            }
-            for (index, rule) in rules.iter().enumerate() {
-                out.rules.push(RuleRef {
-                    policy: policy.id.clone(),
-                    direction,
-                    index,
-                });
-                let rule_id = out.rules.len() as u32;
-                if selected.is_empty() {
-                    continue;
+
+    /// Keeps only `live` keys (in the order given) and numbers new ones. When the id space runs
+    /// out (after billions of churned keys), everything is renumbered from the start: a one-off
+    /// full rewrite of the maps, still correct.
+    fn assign<'a>(&mut self, live: impl IntoIterator<Item = &'a K>) -> &BTreeMap<K, u32>
+    where
+        K: 'a,
+    {
+        let live: Vec<&K> = live.into_iter().collect();
+        let mut ids = BTreeMap::new();
+        let fresh = live.iter().filter(|k| !self.ids.contains_key(*k)).count();
+        if u64::from(self.next) + fresh as u64 > u64::from(self.limit) {
+            self.ids.clear();
+            self.next = self.first;
+        }
+        for key in live {
+            let id = match self.ids.get(key) {
+                Some(id) => *id,
+                None => {
+                    let id = self.next;
+                    self.next += 1;
+                    id
                 }
-                let peers = resolve_peers(state, policy, rule.peers.as_deref(), &ids, &classes);
-                for local in &selected {
-                    let emitted = emit_rule(
-                        &mut out.maps,
-                        *local,
-                        direction,
-                        &peers,
-                        rule.ports.as_deref(),
-                        &out.identities,
-                        rule_id,
-                    );
-                    if emitted.ranges {
-                        *flags.entry(*local).or_default() |= ranged;
+            };
+            ids.insert(key.clone(), id);
+        }
+        self.ids = ids;
+        &self.ids
+    }
+}
+
+/// The compiler with memory: identities, ipBlock classes and rule ids keep their numbers across
+/// compiles. `compile` is still a pure function of (this numbering, State).
+#[derive(Clone, Debug)]
+pub struct Compiler {
+    identities: Allocator<IdentityKey>,
+    classes: Allocator<BTreeSet<IpBlock>>,
+    rules: Allocator<RuleRef>,
+}
+
+impl Default for Compiler {
+    fn default() -> Self {
+        Self {
+            identities: Allocator::new(FIRST_POD_IDENTITY, CIDR_CLASS_BASE - 1),
+            classes: Allocator::new(0, CIDR_CLASS_BASE - 1),
+            rules: Allocator::new(BUILTIN_RULE + 1, u32::MAX),
+        }
+    }
+}
+
+/// Compiles with a fresh numbering (tests, explain, one-shot tools).
+pub fn compile(state: &State) -> Compiled {
+    Compiler::default().compile(state)
+}
+
+/// Egress ipBlock peers of rules that name a port: the only ipBlocks an identity must know its
+/// addresses' membership of (see [`IdentityKey::named_port_blocks`]).
+fn named_port_egress_blocks(state: &State) -> BTreeSet<IpBlock> {
+    let mut out = BTreeSet::new();
+    for policy in state.policies.values() {
+        for rule in policy.rules(Direction::Egress).unwrap_or_default() {
+            let named = rule.ports.iter().flatten().any(|p| matches!(p, PortSpec::Named { .. }));
+            if named {
+                for peer in rule.peers.iter().flatten() {
+                    if let Peer::IpBlock(b) = peer {
+                        out.insert(b.clone());
                     }
                 }
             }
         }
     }
-
-    for pod in policy_pods(state).filter(|p| state.is_local(p)) {
-        let id = out.pod_identity[&pod.object_ref()];
-        out.maps.endpoints.insert(
-            pod.object_ref(),
-            EndpointInfo {
-                identity: id,
-                flags: flags.get(&id).copied().unwrap_or(0),
-                addr: pod.ips.first().map(|ip| addr_bytes(*ip)).unwrap_or([0; 16]),
-            },
-        );
-    }
     out
+}
+
+impl Compiler {
+    pub fn compile(&mut self, state: &State) -> Compiled {
+        let mut out = Compiled::default();
+
+        // Identities: one per distinct (namespace, labels, named ports, named-port ipBlocks) of
+        // each address of each policy pod (a pod without an address yet still has one).
+        let nblocks = named_port_egress_blocks(state);
+        let key_of = |pod: &Pod, ip: Option<IpAddr>| {
+            let mut key = IdentityKey::of(pod);
+            if let Some(ip) = ip {
+                key.named_port_blocks = nblocks.iter().filter(|b| b.contains(ip)).cloned().collect();
+            }
+            key
+        };
+        let mut pod_keys: BTreeMap<ObjectRef, Vec<(Option<IpAddr>, IdentityKey)>> = BTreeMap::new();
+        let mut keys = BTreeSet::new();
+        for pod in policy_pods(state) {
+            let addrs: Vec<Option<IpAddr>> = if pod.ips.is_empty() {
+                vec![None]
+            } else {
+                pod.ips.iter().copied().map(Some).collect()
+            };
+            let list: Vec<_> = addrs.into_iter().map(|ip| (ip, key_of(pod, ip))).collect();
+            keys.extend(list.iter().map(|(_, k)| k.clone()));
+            pod_keys.insert(pod.object_ref(), list);
+        }
+        let ids = self.identities.assign(&keys).clone();
+        for (key, id) in &ids {
+            out.identities.insert(*id, key.clone());
+        }
+
+        let mut local_ids = BTreeSet::new();
+        for pod in policy_pods(state) {
+            let list = &pod_keys[&pod.object_ref()];
+            out.pod_identity.insert(pod.object_ref(), ids[&list[0].1]);
+            if state.is_local(pod) {
+                local_ids.extend(list.iter().map(|(_, k)| ids[k]));
+            }
+        }
+        for (ip, pod) in address_owners(state) {
+            let key = pod_keys[&pod.object_ref()]
+                .iter()
+                .find(|(a, _)| *a == Some(ip))
+                .map(|(_, k)| k)
+                .expect("every address of a policy pod has a key");
+            out.maps.identities.insert(addr_bytes(ip), ids[key]);
+        }
+        for ip in &state.node_addrs {
+            out.maps.identities.insert(addr_bytes(*ip), peer::HOST);
+        }
+
+        let classes = CidrClasses::build(state.policies.values(), &mut self.classes);
+        out.maps.cidrs = classes.lpm.clone();
+
+        let index = IdentityIndex::new(state, &out.identities, &local_ids);
+        let rule_refs: Vec<RuleRef> = state
+            .policies
+            .values()
+            .flat_map(|policy| {
+                [Direction::Ingress, Direction::Egress]
+                    .into_iter()
+                    .flat_map(move |direction| {
+                        (0..policy.rules(direction).map_or(0, <[Rule]>::len)).map(move |index| RuleRef {
+                            policy: policy.id.clone(),
+                            direction,
+                            index,
+                        })
+                    })
+            })
+            .collect();
+        let rule_ids = self.rules.assign(&rule_refs).clone();
+        out.rules = rule_ids.iter().map(|(r, id)| (*id, r.clone())).collect();
+
+        // Isolation and allow entries.
+        let mut flags: BTreeMap<u32, u32> = BTreeMap::new();
+        if state.legacy_default_deny {
+            for id in &local_ids {
+                let legacy = state
+                    .namespaces
+                    .get(&out.identities[id].namespace)
+                    .is_some_and(|ns| legacy_default_deny(&ns.annotations));
+                if legacy {
+                    *flags.entry(*id).or_default() |= endpoint_flags::INGRESS_ISOLATED;
+                }
+            }
+        }
+        for policy in state.policies.values() {
+            let selected: Vec<u32> = index
+                .local_in(&policy.id.namespace)
+                .filter(|id| policy.pod_selector.matches(&out.identities[id].labels))
+                .collect();
+            for direction in [Direction::Ingress, Direction::Egress] {
+                let Some(rules) = policy.rules(direction) else { continue };
+                let (isolated, ranged) = match direction {
+                    Direction::Ingress => (endpoint_flags::INGRESS_ISOLATED, endpoint_flags::INGRESS_RANGES),
+                    Direction::Egress => (endpoint_flags::EGRESS_ISOLATED, endpoint_flags::EGRESS_RANGES),
+                };
+                for id in &selected {
+                    *flags.entry(*id).or_default() |= isolated;
+                }
+                if selected.is_empty() {
+                    continue;
+                }
+                for (i, rule) in rules.iter().enumerate() {
+                    let rule_id = rule_ids[&RuleRef {
+                        policy: policy.id.clone(),
+                        direction,
+                        index: i,
+                    }];
+                    let peers = resolve_peers(policy, rule.peers.as_deref(), &index, &classes);
+                    for local in &selected {
+                        let emitted = emit_rule(
+                            &mut out.maps,
+                            *local,
+                            direction,
+                            &peers,
+                            rule.ports.as_deref(),
+                            &out.identities,
+                            rule_id,
+                        );
+                        if emitted.ranges {
+                            *flags.entry(*local).or_default() |= ranged;
+                        }
+                    }
+                }
+            }
+        }
+
+        for pod in policy_pods(state).filter(|p| state.is_local(p)) {
+            let id = out.pod_identity[&pod.object_ref()];
+            out.maps.endpoints.insert(
+                pod.object_ref(),
+                EndpointInfo {
+                    identity: id,
+                    flags: flags.get(&id).copied().unwrap_or(0),
+                    addr: pod.ips.first().map(|ip| addr_bytes(*ip)).unwrap_or([0; 16]),
+                },
+            );
+        }
+        out
+    }
 }
 
 /// `{"ingress":{"isolation":"DefaultDeny"}}` in the legacy annotation.
@@ -267,34 +453,93 @@ pub fn legacy_default_deny(annotations: &Labels) -> bool {
         .unwrap_or(false)
 }
 
-fn resolve_peers(
-    state: &State,
+/// Identities grouped by namespace, so that a selector is tried on the namespaces first and on
+/// the pods of matching namespaces only (1,000 policies × 10,000 identities would otherwise be
+/// ten million label matches per compile).
+struct IdentityIndex<'a> {
+    all: BTreeMap<&'a str, Vec<(u32, &'a IdentityKey)>>,
+    local: BTreeMap<&'a str, Vec<u32>>,
+    namespace_labels: BTreeMap<&'a str, Labels>,
+}
+
+impl<'a> IdentityIndex<'a> {
+    fn new(state: &State, identities: &'a BTreeMap<u32, IdentityKey>, local: &BTreeSet<u32>) -> Self {
+        let mut index = Self {
+            all: BTreeMap::new(),
+            local: BTreeMap::new(),
+            namespace_labels: BTreeMap::new(),
+        };
+        for (id, key) in identities {
+            let ns = key.namespace.as_str();
+            index.all.entry(ns).or_default().push((*id, key));
+            if local.contains(id) {
+                index.local.entry(ns).or_default().push(*id);
+            }
+            index.namespace_labels.entry(ns).or_insert_with(|| {
+                let mut fallback = Labels::new();
+                namespace_labels(state, ns, &mut fallback).clone()
+            });
+        }
+        index
+    }
+
+    fn local_in(&self, namespace: &str) -> impl Iterator<Item = u32> + '_ {
+        self.local.get(namespace).into_iter().flatten().copied()
+    }
+}
+
+/// A rule's peers, resolved: the peer ids for map keys, and the ipBlocks (which a named egress
+/// port needs, to find the pods inside them).
+struct Peers<'a> {
+    ids: BTreeSet<PeerId>,
+    blocks: Vec<&'a IpBlock>,
+}
+
+fn resolve_peers<'a>(
     policy: &Policy,
-    peers: Option<&[Peer]>,
-    ids: &BTreeMap<IdentityKey, u32>,
+    peers: Option<&'a [Peer]>,
+    index: &IdentityIndex,
     classes: &CidrClasses,
-) -> BTreeSet<PeerId> {
+) -> Peers<'a> {
     let Some(peers) = peers else {
-        return [PeerId::Any].into();
+        return Peers {
+            ids: [PeerId::Any].into(),
+            blocks: Vec::new(),
+        };
     };
-    let mut out = BTreeSet::new();
+    let mut out = Peers {
+        ids: BTreeSet::new(),
+        blocks: Vec::new(),
+    };
     for p in peers {
         match p {
             Peer::Pods { namespaces, pods } => {
-                for (key, id) in ids {
-                    let ns_ok = match namespaces {
-                        NamespaceScope::Own => key.namespace == policy.id.namespace,
-                        NamespaceScope::Selector(sel) => {
-                            let mut fallback = Labels::new();
-                            sel.matches(namespace_labels(state, &key.namespace, &mut fallback))
+                let mut add = |list: &Vec<(u32, &IdentityKey)>| {
+                    for (id, key) in list {
+                        if pods.matches(&key.labels) {
+                            out.ids.insert(PeerId::Identity(*id));
                         }
-                    };
-                    if ns_ok && pods.matches(&key.labels) {
-                        out.insert(PeerId::Identity(*id));
+                    }
+                };
+                match namespaces {
+                    NamespaceScope::Own => {
+                        if let Some(list) = index.all.get(policy.id.namespace.as_str()) {
+                            add(list);
+                        }
+                    }
+                    NamespaceScope::Selector(sel) => {
+                        for (ns, list) in &index.all {
+                            if sel.matches(&index.namespace_labels[ns]) {
+                                add(list);
+                            }
+                        }
                     }
                 }
             }
-            Peer::IpBlock(block) => out.extend(classes.classes_of(block).map(PeerId::Class)),
+            Peer::IpBlock(block) => {
+                out.ids.extend(classes.classes_of(block).map(PeerId::Class));
+                out.blocks.push(block);
+            }
         }
     }
     out
@@ -308,7 +553,7 @@ fn emit_rule(
     maps: &mut DesiredMaps,
     local: u32,
     direction: Direction,
-    peers: &BTreeSet<PeerId>,
+    peers: &Peers,
     ports: Option<&[PortSpec]>,
     identities: &BTreeMap<u32, IdentityKey>,
     rule: u32,
@@ -328,7 +573,7 @@ fn emit_rule(
             .or_insert(value);
     };
     let Some(ports) = ports else {
-        for p in peers {
+        for p in &peers.ids {
             exact(*p, PROTO_ANY, PORT_ANY);
         }
         return emitted;
@@ -338,7 +583,7 @@ fn emit_rule(
             PortSpec::Number {
                 protocol, port: None, ..
             } => {
-                for p in peers {
+                for p in &peers.ids {
                     exact(*p, protocol.number(), PORT_ANY);
                 }
             }
@@ -349,12 +594,12 @@ fn emit_rule(
             } => {
                 let end = end.unwrap_or(*start);
                 if end == *start {
-                    for p in peers {
+                    for p in &peers.ids {
                         exact(*p, protocol.number(), *start);
                     }
                     continue;
                 }
-                for p in peers {
+                for p in &peers.ids {
                     for (block, bits) in port_blocks(*start, end) {
                         let key = PortRangeKey {
                             identity: local,
@@ -377,24 +622,36 @@ fn emit_rule(
                 // Ingress: the name is looked up on the destination, the local pod.
                 Direction::Ingress => {
                     if let Some(port) = identities[&local].resolve(name, *protocol) {
-                        for p in peers {
+                        for p in &peers.ids {
                             exact(*p, protocol.number(), port);
                         }
                     }
                 }
-                // Egress: on the peer pod. "Anyone" means every pod that declares the name;
-                // an ipBlock peer carries no port names, so it matches nothing here.
+                // Egress: on the peer, which must then be a pod (only pods declare port names).
+                // "Anyone" means every pod that declares the name; an ipBlock means every pod
+                // whose address is in the block, which its identity records.
                 Direction::Egress => {
-                    for p in peers {
-                        let candidates: Vec<u32> = match p {
-                            PeerId::Identity(id) => vec![*id],
-                            PeerId::Any => identities.keys().copied().collect(),
-                            PeerId::Class(_) => Vec::new(),
-                        };
-                        for id in candidates {
-                            if let Some(port) = identities[&id].resolve(name, *protocol) {
-                                exact(PeerId::Identity(id), protocol.number(), port);
+                    let mut candidates: BTreeSet<u32> = BTreeSet::new();
+                    for p in &peers.ids {
+                        match p {
+                            PeerId::Identity(id) => {
+                                candidates.insert(*id);
                             }
+                            PeerId::Any => candidates.extend(identities.keys().copied()),
+                            PeerId::Class(_) => {}
+                        }
+                    }
+                    for block in &peers.blocks {
+                        candidates.extend(
+                            identities
+                                .iter()
+                                .filter(|(_, k)| k.named_port_blocks.contains(block))
+                                .map(|(id, _)| *id),
+                        );
+                    }
+                    for id in candidates {
+                        if let Some(port) = identities[&id].resolve(name, *protocol) {
+                            exact(PeerId::Identity(id), protocol.number(), port);
                         }
                     }
                 }
@@ -423,58 +680,89 @@ pub fn port_blocks(start: u16, end: u16) -> Vec<(u16, u32)> {
 /// The LPM contents and, for each ipBlock, the classes that contain it.
 struct CidrClasses {
     lpm: BTreeMap<CidrKey, u32>,
-    /// class id → set of block indices.
-    members: Vec<BTreeSet<usize>>,
-    blocks: Vec<IpBlock>,
+    /// ipBlock → the classes (ids) whose member set holds it.
+    of_block: BTreeMap<IpBlock, Vec<u32>>,
 }
 
 impl CidrClasses {
-    fn build<'a>(policies: impl Iterator<Item = &'a Policy>) -> Self {
-        let mut blocks: Vec<IpBlock> = Vec::new();
+    fn build<'a>(policies: impl Iterator<Item = &'a Policy>, ids: &mut Allocator<BTreeSet<IpBlock>>) -> Self {
+        let mut blocks: BTreeSet<IpBlock> = BTreeSet::new();
         for policy in policies {
             for direction in [Direction::Ingress, Direction::Egress] {
                 for rule in policy.rules(direction).unwrap_or_default() {
                     for peer in rule.peers.iter().flatten() {
-                        if let Peer::IpBlock(b) = peer
-                            && !blocks.contains(b)
-                        {
-                            blocks.push(b.clone());
+                        if let Peer::IpBlock(b) = peer {
+                            blocks.insert(b.clone());
                         }
                     }
                 }
             }
         }
-        let prefixes: BTreeSet<IpNet> = blocks
+        let mut prefixes: BTreeSet<IpNet> = blocks
             .iter()
             .flat_map(|b| std::iter::once(b.cidr).chain(b.except.iter().copied()))
             .collect();
-        let mut class_ids: BTreeMap<BTreeSet<usize>, u32> = BTreeMap::new();
-        let mut members = Vec::new();
-        let mut lpm = BTreeMap::new();
-        for prefix in prefixes {
-            let set: BTreeSet<usize> = blocks
-                .iter()
-                .enumerate()
-                .filter(|(_, b)| b.cidr.contains(&prefix) && !b.except.iter().any(|e| e.contains(&prefix)))
-                .map(|(i, _)| i)
-                .collect();
-            let next = class_ids.len() as u32;
-            let class = *class_ids.entry(set.clone()).or_insert_with(|| {
-                members.push(set);
-                next
-            });
-            lpm.insert(CidrKey::of(prefix), class);
+        // IPv4 addresses live in the trie as ::ffff:a.b.c.d, inside every IPv6 prefix shorter
+        // than /96 that covers ::ffff:0:0/96, `::/0` first of all. The IPv4 root stops them
+        // there: its class holds only IPv4 blocks, so an IPv6 ipBlock never matches IPv4
+        // traffic. (Found by the property test against the reference evaluator.)
+        if prefixes
+            .iter()
+            .any(|p| matches!(p, IpNet::V6(v6) if v6.prefix_len() < 96))
+        {
+            prefixes.insert(IpNet::V4(ipnet::Ipv4Net::default()));
         }
-        Self { lpm, members, blocks }
+        // The class of a prefix: the blocks that hold every address whose longest match it is.
+        let class_of: BTreeMap<IpNet, BTreeSet<IpBlock>> = prefixes
+            .iter()
+            .map(|prefix| {
+                let set = blocks
+                    .iter()
+                    .filter(|b| b.cidr.contains(prefix) && !b.except.iter().any(|e| e.contains(prefix)))
+                    .cloned()
+                    .collect();
+                (*prefix, set)
+            })
+            .collect();
+        let distinct: BTreeSet<&BTreeSet<IpBlock>> = class_of.values().collect();
+        let numbers = ids.assign(distinct.iter().copied());
+        let mut of_block: BTreeMap<IpBlock, Vec<u32>> = BTreeMap::new();
+        for (set, id) in numbers {
+            for b in set {
+                of_block.entry(b.clone()).or_default().push(*id);
+            }
+        }
+        let lpm = class_of
+            .iter()
+            .map(|(prefix, set)| (CidrKey::of(*prefix), numbers[set]))
+            .collect();
+        Self { lpm, of_block }
     }
 
-    fn classes_of<'a>(&'a self, block: &'a IpBlock) -> impl Iterator<Item = u32> + 'a {
-        let index = self.blocks.iter().position(|b| b == block);
-        self.members
-            .iter()
-            .enumerate()
-            .filter(move |(_, m)| index.is_some_and(|i| m.contains(&i)))
-            .map(|(c, _)| c as u32)
+    fn classes_of<'a>(&'a self, block: &IpBlock) -> impl Iterator<Item = u32> + 'a {
+        self.of_block.get(block).into_iter().flatten().copied()
+    }
+}
+
+/// What one enforcement point decides for one packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The pod has no endpoint here (not local, hostNetwork, finished): nothing is enforced.
+    NotEnforced,
+    /// No policy isolates the pod in this direction.
+    NotIsolated,
+    /// Ingress from the pod's own node, always allowed.
+    FromNode,
+    /// Allowed by rule `rule` (see [`Compiled::rule`]).
+    Allowed {
+        rule: u32,
+    },
+    Denied,
+}
+
+impl Verdict {
+    pub fn allowed(self) -> bool {
+        !matches!(self, Self::Denied)
     }
 }
 
@@ -487,20 +775,22 @@ pub fn lookup(
     peer_addr: IpAddr,
     protocol: u8,
     port: u16,
-) -> Option<u32> {
+) -> Verdict {
     let maps = &compiled.maps;
-    let endpoint = maps.endpoints.get(local)?;
+    let Some(endpoint) = maps.endpoints.get(local) else {
+        return Verdict::NotEnforced;
+    };
     let addr = addr_bytes(peer_addr);
     let peer_identity = maps.identities.get(&addr).copied();
-    if direction == Direction::Ingress && peer_identity == Some(peer::HOST) {
-        return Some(0);
-    }
     let (isolated, ranged) = match direction {
         Direction::Ingress => (endpoint_flags::INGRESS_ISOLATED, endpoint_flags::INGRESS_RANGES),
         Direction::Egress => (endpoint_flags::EGRESS_ISOLATED, endpoint_flags::EGRESS_RANGES),
     };
     if endpoint.flags & isolated == 0 {
-        return Some(0);
+        return Verdict::NotIsolated;
+    }
+    if direction == Direction::Ingress && peer_identity == Some(peer::HOST) {
+        return Verdict::FromNode;
     }
     let class = maps
         .cidrs
@@ -519,7 +809,7 @@ pub fn lookup(
                 direction: dir,
             };
             if let Some(v) = maps.policy.get(&key) {
-                return Some(v.rule);
+                return Verdict::Allowed { rule: v.rule };
             }
         }
         if endpoint.flags & ranged != 0 {
@@ -535,11 +825,11 @@ pub fn lookup(
                     }
             });
             if let Some((_, v)) = hit {
-                return Some(v.rule);
+                return Verdict::Allowed { rule: v.rule };
             }
         }
     }
-    None
+    Verdict::Denied
 }
 
 fn prefix_matches(key: &CidrKey, addr: &[u8; 16]) -> bool {
@@ -591,7 +881,7 @@ mod tests {
             proto,
             port,
         )
-        .is_some()
+        .allowed()
     }
 
     fn base() -> String {
@@ -755,7 +1045,7 @@ mod tests {
             endpoint_flags::INGRESS_ISOLATED
         );
         assert_eq!(flags & endpoint_flags::EGRESS_ISOLATED, endpoint_flags::EGRESS_ISOLATED);
-        let egress = |ip: &str| lookup(&c, &web, Direction::Egress, ip.parse().unwrap(), TCP, 5432).is_some();
+        let egress = |ip: &str| lookup(&c, &web, Direction::Egress, ip.parse().unwrap(), TCP, 5432).allowed();
         assert!(egress("10.0.0.2"));
         assert!(!egress("10.0.1.1"));
     }

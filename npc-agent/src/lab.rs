@@ -91,6 +91,7 @@ pub struct Lab {
     datapath: Datapath,
     node: Netns,
     state: State,
+    compiler: compiler::Compiler,
     next_host: u32,
     node_addr: IpAddr,
 }
@@ -127,6 +128,7 @@ impl Lab {
             datapath,
             node,
             state,
+            compiler: compiler::Compiler::default(),
             next_host: 2,
             node_addr,
         };
@@ -191,7 +193,7 @@ impl Lab {
             state.pods.insert(id, pod);
         }
         self.state = state;
-        let compiled = compiler::compile(&self.state);
+        let compiled = self.compiler.compile(&self.state);
         let ifindexes: BTreeMap<ObjectRef, u32> = self.pods.iter().map(|(k, p)| (k.clone(), p.ifindex)).collect();
         Ok(self.datapath.sync(&compiled.maps, |pod| ifindexes.get(pod).copied())?)
     }

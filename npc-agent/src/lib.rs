@@ -7,4 +7,5 @@ pub mod model;
 pub mod netns;
 pub mod packet;
 pub mod policy;
+pub mod reference;
 pub mod walkthrough;

@@ -119,6 +119,9 @@ pub struct Pod {
     /// Succeeded or Failed pods hold no address that policy should care about.
     pub terminated: bool,
     pub ports: Vec<ContainerPort>,
+    /// `metadata.creationTimestamp` in Unix seconds (0 when absent, as in hand-written files):
+    /// when two pods claim one address, the newest owns it.
+    pub created: i64,
 }
 
 impl Pod {
@@ -255,6 +258,7 @@ pub fn pod_from_k8s(pod: &K8sPod, default_namespace: &str) -> Result<Pod, Object
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
         terminated: matches!(phase, Some("Succeeded" | "Failed")),
         ports,
+        created: pod.metadata.creation_timestamp.as_ref().map_or(0, |t| t.0.as_second()),
     })
 }
 

@@ -192,7 +192,7 @@ pub enum NamespaceScope {
     Selector(Selector),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IpBlock {
     /// Normalised (host bits cleared), as the API server accepts `10.0.0.1/8` to mean `10.0.0.0/8`.
     pub cidr: IpNet,
