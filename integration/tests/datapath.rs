@@ -95,13 +95,10 @@ impl Fixture {
         let mut loaded = manifests::parse_str("cluster.yaml".as_ref(), CLUSTER);
         loaded.extend(manifests::parse_str("policies.yaml".as_ref(), policies));
         assert!(loaded.errors.is_empty(), "fixture manifests: {:?}", loaded.errors);
-        let mut state = State {
+        let state = State {
             node_name: Some("node-a".into()),
-            ..State::default()
+            ..loaded.to_state()
         };
-        state.namespaces = loaded.namespaces.into_iter().map(|n| (n.name.clone(), n)).collect();
-        state.pods = loaded.pods.into_iter().map(|p| (p.object_ref(), p)).collect();
-        state.policies = loaded.policies.into_iter().map(|p| (p.id.clone(), p)).collect();
         let compiled = compiler::compile(&state);
         let server = ObjectRef::new("shop", "server");
         self.dp

@@ -854,12 +854,7 @@ mod tests {
     fn state(yaml: &str) -> State {
         let loaded = manifests::parse_str(Path::new("test.yaml"), yaml);
         assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
-        State {
-            namespaces: loaded.namespaces.into_iter().map(|n| (n.name.clone(), n)).collect(),
-            pods: loaded.pods.into_iter().map(|p| (p.object_ref(), p)).collect(),
-            policies: loaded.policies.into_iter().map(|p| (p.id.clone(), p)).collect(),
-            ..State::default()
-        }
+        loaded.to_state()
     }
 
     fn pod(ns: &str, name: &str, labels: &str, ip: &str) -> String {
@@ -1055,5 +1050,279 @@ mod tests {
         let y = base()
             + "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: d, namespace: a}\nspec: {podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8}}]}]}\n";
         assert_eq!(compile(&state(&y)).maps, compile(&state(&y)).maps);
+    }
+
+    fn np(ns: &str, name: &str, spec: &str) -> String {
+        format!(
+            "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}"
+        )
+    }
+
+    fn egress_allowed(c: &Compiled, from: (&str, &str), to_ip: &str, proto: u8, port: u16) -> bool {
+        lookup(
+            c,
+            &ObjectRef::new(from.0, from.1),
+            Direction::Egress,
+            to_ip.parse().unwrap(),
+            proto,
+            port,
+        )
+        .allowed()
+    }
+
+    const SCTP: u8 = npc_common::PROTO_SCTP;
+
+    #[test]
+    fn empty_rule_empty_list_and_missing_section() {
+        // `ingress: [{}]`: one rule with no peers and no ports = allow everything.
+        let c = compile(&state(
+            &(base() + &np("a", "p", "  podSelector: {}\n  ingress: [{}]\n")),
+        ));
+        assert!(allowed(&c, ("a", "db"), "192.0.2.1", UDP, 9));
+        assert_eq!(
+            c.maps.endpoints[&ObjectRef::new("a", "db")].flags & endpoint_flags::INGRESS_ISOLATED,
+            endpoint_flags::INGRESS_ISOLATED
+        );
+        // `from: []` (an empty list) is the same as no `from`: every source, on the rule's ports.
+        let c = compile(&state(
+            &(base()
+                + &np(
+                    "a",
+                    "p",
+                    "  podSelector: {}\n  ingress: [{from: [], ports: [{port: 80}]}]\n",
+                )),
+        ));
+        assert!(allowed(&c, ("a", "db"), "192.0.2.1", TCP, 80));
+        assert!(!allowed(&c, ("a", "db"), "192.0.2.1", TCP, 81));
+        // `ingress: []` (no rules) isolates and allows nothing.
+        let c = compile(&state(&(base() + &np("a", "p", "  podSelector: {}\n  ingress: []\n"))));
+        assert!(!allowed(&c, ("a", "db"), "10.0.0.1", TCP, 80));
+        // A missing egress section with policyTypes [Ingress] leaves egress open.
+        let c = compile(&state(
+            &(base() + &np("a", "p", "  podSelector: {}\n  policyTypes: [Ingress]\n")),
+        ));
+        assert!(egress_allowed(&c, ("a", "db"), "192.0.2.1", TCP, 80));
+    }
+
+    #[test]
+    fn explicit_policy_types() {
+        // Egress only: ingress stays open even though the policy has no ingress rules.
+        let c = compile(&state(
+            &(base() + &np("a", "p", "  podSelector: {}\n  policyTypes: [Egress]\n")),
+        ));
+        assert!(allowed(&c, ("a", "db"), "192.0.2.1", TCP, 80));
+        assert!(!egress_allowed(&c, ("a", "db"), "192.0.2.1", TCP, 80));
+        // Ingress only, with egress rules written: the egress rules are ignored, egress is open.
+        let c = compile(&state(
+            &(base()
+                + &np(
+                    "a",
+                    "p",
+                    "  podSelector: {}\n  policyTypes: [Ingress]\n  egress: [{ports: [{port: 1}]}]\n",
+                )),
+        ));
+        assert!(egress_allowed(&c, ("a", "db"), "192.0.2.1", TCP, 80));
+        assert!(!allowed(&c, ("a", "db"), "192.0.2.1", TCP, 80));
+        // Both, no rules: nothing in or out.
+        let c = compile(&state(
+            &(base() + &np("a", "p", "  podSelector: {}\n  policyTypes: [Ingress, Egress]\n")),
+        ));
+        assert!(!egress_allowed(&c, ("a", "db"), "10.0.0.1", TCP, 8080));
+        assert!(!allowed(&c, ("a", "db"), "10.0.0.1", TCP, 8080));
+    }
+
+    #[test]
+    fn udp_sctp_and_protocol_wide_ports() {
+        let spec = "  podSelector: {}\n  ingress: [{ports: [{port: 53, protocol: UDP}, {protocol: SCTP}]}]\n";
+        let c = compile(&state(&(base() + &np("a", "p", spec))));
+        assert!(allowed(&c, ("a", "db"), "192.0.2.1", UDP, 53));
+        assert!(!allowed(&c, ("a", "db"), "192.0.2.1", TCP, 53));
+        assert!(
+            allowed(&c, ("a", "db"), "192.0.2.1", SCTP, 1),
+            "a port entry without a port = every SCTP port"
+        );
+        assert!(allowed(&c, ("a", "db"), "192.0.2.1", SCTP, 65535));
+        assert!(!allowed(&c, ("a", "db"), "192.0.2.1", UDP, 54));
+    }
+
+    #[test]
+    fn named_ports_match_only_the_declared_protocol_and_name() {
+        // Every base pod declares http = 8080/TCP.
+        let spec = "  podSelector: {}\n  ingress: [{ports: [{port: http, protocol: UDP}, {port: nope}]}]\n";
+        let c = compile(&state(&(base() + &np("a", "p", spec))));
+        for (proto, port) in [(UDP, 8080), (TCP, 8080), (TCP, 80)] {
+            assert!(!allowed(&c, ("a", "db"), "192.0.2.1", proto, port), "{proto}/{port}");
+        }
+    }
+
+    #[test]
+    fn egress_named_ports_resolve_on_the_peer() {
+        let extra = "---\napiVersion: v1\nkind: Pod\nmetadata: {name: alt, namespace: a, labels: {app: alt}}\nspec: {containers: [{name: c, ports: [{name: http, containerPort: 9999}]}]}\nstatus: {podIP: 10.0.0.3}\n";
+        let spec =
+            "  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Egress]\n  egress: [{ports: [{port: http}]}]\n";
+        let c = compile(&state(&(base() + extra + &np("a", "p", spec))));
+        assert!(
+            egress_allowed(&c, ("a", "web"), "10.0.0.2", TCP, 8080),
+            "db's http is 8080"
+        );
+        assert!(!egress_allowed(&c, ("a", "web"), "10.0.0.2", TCP, 9999));
+        assert!(
+            egress_allowed(&c, ("a", "web"), "10.0.0.3", TCP, 9999),
+            "alt's http is 9999"
+        );
+        assert!(!egress_allowed(&c, ("a", "web"), "10.0.0.3", TCP, 8080));
+        assert!(
+            !egress_allowed(&c, ("a", "web"), "192.0.2.1", TCP, 8080),
+            "not a pod: no names"
+        );
+
+        // With an ipBlock peer: pods inside the block that declare the name, and nothing else.
+        let spec = "  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Egress]\n  egress: [{to: [{ipBlock: {cidr: 10.0.0.0/24}}], ports: [{port: http}]}]\n";
+        let c = compile(&state(&(base() + extra + &np("a", "p", spec))));
+        assert!(egress_allowed(&c, ("a", "web"), "10.0.0.2", TCP, 8080));
+        assert!(egress_allowed(&c, ("a", "web"), "10.0.0.3", TCP, 9999));
+        assert!(!egress_allowed(&c, ("a", "web"), "10.0.0.3", TCP, 8080));
+        assert!(
+            !egress_allowed(&c, ("a", "web"), "10.0.1.1", TCP, 8080),
+            "b/web declares http but is outside"
+        );
+        assert!(
+            !egress_allowed(&c, ("a", "web"), "10.0.0.9", TCP, 8080),
+            "inside, but no pod"
+        );
+    }
+
+    #[test]
+    fn ipv6_blocks_and_pod_addresses() {
+        let v6 = "---\napiVersion: v1\nkind: Pod\nmetadata: {name: six, namespace: a, labels: {app: six}}\nspec: {containers: [{name: c}]}\nstatus: {podIPs: [{ip: 10.0.0.6}, {ip: 'fd00::6'}]}\n";
+        let spec = "  podSelector: {matchLabels: {app: six}}\n  ingress: [{from: [{ipBlock: {cidr: 'fd00::/64', except: ['fd00::/120']}}, {ipBlock: {cidr: '::/0'}}], ports: [{port: 22}]}, {from: [{ipBlock: {cidr: 10.0.0.0/24}}], ports: [{port: 80}]}]\n";
+        let c = compile(&state(&(base() + v6 + &np("a", "p", spec))));
+        assert!(allowed(&c, ("a", "six"), "fd00::1:1", TCP, 22));
+        assert!(
+            allowed(&c, ("a", "six"), "fd00::1", TCP, 22),
+            "excepted from the first, in ::/0"
+        );
+        assert!(
+            !allowed(&c, ("a", "six"), "10.9.9.9", TCP, 22),
+            "an IPv6 block never matches IPv4"
+        );
+        assert!(
+            allowed(&c, ("a", "six"), "10.0.0.1", TCP, 80),
+            "ipBlocks match pod addresses too"
+        );
+        assert!(!allowed(&c, ("a", "six"), "10.0.1.1", TCP, 80));
+        // Dual stack: both addresses carry the pod's identity.
+        let six = c.pod_identity[&ObjectRef::new("a", "six")];
+        for ip in ["10.0.0.6", "fd00::6"] {
+            assert_eq!(c.maps.identities[&addr_bytes(ip.parse().unwrap())], six, "{ip}");
+        }
+    }
+
+    #[test]
+    fn host_network_terminated_and_addressless_pods() {
+        let extra = "---\napiVersion: v1\nkind: Pod\nmetadata: {name: hn, namespace: a, labels: {app: web}}\nspec: {hostNetwork: true, containers: [{name: c}]}\nstatus: {podIP: 10.0.255.1}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: done, namespace: a, labels: {app: web}}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 10.0.0.7, phase: Succeeded}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: new, namespace: a, labels: {app: web}}\nspec: {containers: [{name: c}]}\n";
+        let spec = "  podSelector: {}\n  ingress: [{from: [{podSelector: {matchLabels: {app: web}}}]}]\n";
+        let c = compile(&state(&(base() + extra + &np("a", "p", spec))));
+        assert!(
+            !c.maps.endpoints.contains_key(&ObjectRef::new("a", "hn")),
+            "hostNetwork: never enforced"
+        );
+        assert!(
+            !c.maps.endpoints.contains_key(&ObjectRef::new("a", "done")),
+            "finished: gone"
+        );
+        assert!(
+            !allowed(&c, ("a", "db"), "10.0.255.1", TCP, 1),
+            "a hostNetwork peer is not an app=web pod"
+        );
+        assert!(
+            !allowed(&c, ("a", "db"), "10.0.0.7", TCP, 1),
+            "a finished pod's address is nobody's"
+        );
+        assert!(allowed(&c, ("a", "db"), "10.0.0.1", TCP, 1));
+        // A pod without an address yet is an endpoint (enforced as soon as it is attached).
+        assert_eq!(c.maps.endpoints[&ObjectRef::new("a", "new")].addr, [0; 16]);
+    }
+
+    #[test]
+    fn legacy_namespace_annotation_isolates_ingress_when_enabled() {
+        let y = "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: old, annotations: {net.beta.kubernetes.io/network-policy: '{\"ingress\":{\"isolation\":\"DefaultDeny\"}}'}}\n".to_string()
+            + &pod("old", "app", "app: x", "10.0.2.1");
+        let mut s = state(&y);
+        assert!(
+            allowed(&compile(&s), ("old", "app"), "192.0.2.1", TCP, 80),
+            "off by default"
+        );
+        s.legacy_default_deny = true;
+        let c = compile(&s);
+        assert!(!allowed(&c, ("old", "app"), "192.0.2.1", TCP, 80));
+        assert!(egress_allowed(&c, ("old", "app"), "192.0.2.1", TCP, 80), "ingress only");
+    }
+
+    #[test]
+    fn an_address_belongs_to_the_newest_pod() {
+        let mut s = state(&base());
+        let mut old = s.pods[&ObjectRef::new("b", "cli")].clone();
+        old.name = "zz-old".into();
+        old.ips = vec!["10.0.0.2".parse().unwrap()]; // a/db's address, reused
+        old.created = 100;
+        s.pods.insert(old.object_ref(), old);
+        s.pods.get_mut(&ObjectRef::new("a", "db")).unwrap().created = 200;
+        let c = compile(&s);
+        let db = c.pod_identity[&ObjectRef::new("a", "db")];
+        assert_eq!(c.maps.identities[&addr_bytes("10.0.0.2".parse().unwrap())], db);
+        // Deleting the old pod leaves the new owner's entry alone.
+        s.pods.remove(&ObjectRef::new("b", "zz-old"));
+        assert_eq!(
+            compile(&s).maps.identities[&addr_bytes("10.0.0.2".parse().unwrap())],
+            db
+        );
+    }
+
+    #[test]
+    fn one_change_touches_only_what_depends_on_it() {
+        // 50 namespaces of 20 pods, a policy per namespace allowing its own "web" pods in.
+        let mut y = String::new();
+        for n in 0..50 {
+            y += &ns(&format!("n{n}"), "team: x");
+            y += &np(
+                &format!("n{n}"),
+                "p",
+                "  podSelector: {matchLabels: {app: db}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: web}}}], ports: [{port: 5432}]}]\n",
+            );
+            for i in 0..20 {
+                let app = if i % 2 == 0 { "web" } else { "db" };
+                y += &pod(
+                    &format!("n{n}"),
+                    &format!("p{i}"),
+                    &format!("app: {app}, i: '{i}'"),
+                    &format!("10.{n}.0.{}", i + 1),
+                );
+            }
+        }
+        let mut s = state(&y);
+        let mut compiler = Compiler::default();
+        let before = compiler.compile(&s).maps;
+        assert!(before.entry_count() > 2000);
+        // Relabel one pod.
+        s.pods
+            .get_mut(&ObjectRef::new("n7", "p0"))
+            .unwrap()
+            .labels
+            .insert("app".into(), "cli".into());
+        let after = compiler.compile(&s).maps;
+        let diff = before.diff_count(&after);
+        assert!((1..=20).contains(&diff), "relabelling one pod changed {diff} entries");
+        // Edit one policy.
+        let id = ObjectRef::new("n3", "p");
+        let mut policy = s.policies[&id].clone();
+        policy.ingress.as_mut().unwrap()[0].ports = None;
+        s.policies.insert(id, policy);
+        let edited = compiler.compile(&s).maps;
+        let diff = after.diff_count(&edited);
+        // Its 10 × 10 (db, web) entries on port 5432 go, the same pairs on every port come.
+        assert!((1..=200).contains(&diff), "editing one policy changed {diff} entries");
+        // A fresh compiler numbers differently but means the same: a restart rewrites maps once.
+        assert_eq!(compile(&s).maps.entry_count(), edited.entry_count());
     }
 }

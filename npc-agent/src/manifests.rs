@@ -15,7 +15,7 @@ use k8s_openapi::api::{
 use serde::de::DeserializeOwned;
 
 use crate::{
-    model::{self, Namespace, Pod},
+    model::{self, Namespace, Pod, State},
     policy::Policy,
 };
 
@@ -55,6 +55,25 @@ pub struct Loaded {
 }
 
 impl Loaded {
+    /// NetworkPolicies that were rejected (each has an entry in `errors`); the rest apply.
+    pub fn rejected_policies(&self) -> usize {
+        self.errors
+            .iter()
+            .filter(|e| e.object.as_deref().is_some_and(|o| o.starts_with("NetworkPolicy ")))
+            .count()
+    }
+
+    /// The compiler's input, with every pod local (a later object with the same name replaces
+    /// an earlier one, as `kubectl apply` would).
+    pub fn to_state(&self) -> State {
+        State {
+            namespaces: self.namespaces.iter().map(|n| (n.name.clone(), n.clone())).collect(),
+            pods: self.pods.iter().map(|p| (p.object_ref(), p.clone())).collect(),
+            policies: self.policies.iter().map(|p| (p.id.clone(), p.clone())).collect(),
+            ..State::default()
+        }
+    }
+
     pub fn extend(&mut self, other: Loaded) {
         self.namespaces.extend(other.namespaces);
         self.pods.extend(other.pods);
@@ -193,4 +212,45 @@ fn parse_object(mut value: serde_json::Value) -> Result<Option<Object>, ObjectEr
 fn obj_err(object: &str, e: model::ObjectError) -> ObjectError {
     let model::ObjectError::Field { field, message } = e;
     (Some(object.to_string()), field, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn a_broken_policy_is_rejected_alone() {
+        let text = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: one, namespace: n}\nspec: {podSelector: {}}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: two, namespace: n}\nspec: {podSelector: {}, ingress: [{ports: [{port: 0}]}]}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: three, namespace: n}\nspec: {podSelector: {matchLabels: {a: b}}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: n}\nspec: {containers: [{name: c, ports: [{containerPort: 80, protocol: QUIC}]}]}\n";
+        let loaded = parse_str(Path::new("dir/p.yaml"), text);
+        let names: Vec<&str> = loaded.policies.iter().map(|p| p.id.name.as_str()).collect();
+        assert_eq!(names, ["one", "three"]);
+        assert_eq!(loaded.rejected_policies(), 1);
+        assert_eq!(loaded.errors.len(), 2, "{:?}", loaded.errors);
+        assert_eq!(
+            loaded.errors[0].to_string(),
+            "dir/p.yaml document 1 (NetworkPolicy n/two): spec.ingress[0].ports[0].port: 0 is not a port (1-65535)"
+        );
+        assert_eq!(
+            loaded.errors[1].to_string(),
+            "dir/p.yaml document 3 (Pod n/p): spec.containers[0].ports[0].protocol: unknown protocol \"QUIC\" (TCP, UDP or SCTP)"
+        );
+    }
+
+    #[test]
+    fn malformed_objects_name_the_field() {
+        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nstatus: {podIP: 10.0.0.300}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: q}\nspec: {podSelector: {matchLabels: [1]}}\n";
+        let loaded = parse_str(Path::new("x.yaml"), text);
+        assert!(
+            loaded.errors[0].to_string().contains("status.podIP"),
+            "{}",
+            loaded.errors[0]
+        );
+        assert!(
+            loaded.errors[1].to_string().contains("spec.podSelector.matchLabels"),
+            "{}",
+            loaded.errors[1]
+        );
+    }
 }
