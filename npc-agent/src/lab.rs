@@ -92,7 +92,7 @@ pub struct Lab {
     node: Netns,
     state: State,
     compiler: compiler::Compiler,
-    next_host: u32,
+    addresses: AddressPool,
     node_addr: IpAddr,
 }
 
@@ -110,7 +110,8 @@ impl Lab {
     pub fn up(opts: LabOptions, loaded: &Loaded) -> Result<Self, LabError> {
         let node = Netns::create(&format!("{}-node", opts.tag))?;
         netns::ip(&["-n", node.name(), "link", "add", "br0", "type", "bridge"])?;
-        let node_addr = IpAddr::V4(host_addr(opts.pod_cidr, 1));
+        let addresses = AddressPool::new(opts.pod_cidr);
+        let node_addr = addresses.node_addr();
         let node_cidr = format!("{node_addr}/{}", opts.pod_cidr.prefix_len());
         netns::ip(&["-n", node.name(), "addr", "add", &node_cidr, "dev", "br0"])?;
         netns::ip(&["-n", node.name(), "link", "set", "br0", "up"])?;
@@ -129,7 +130,7 @@ impl Lab {
             node,
             state,
             compiler: compiler::Compiler::default(),
-            next_host: 2,
+            addresses,
             node_addr,
         };
         lab.apply(loaded)?;
@@ -185,7 +186,19 @@ impl Lab {
             pod.ips = match self.state.pods.get(&id) {
                 Some(existing) if self.pods.contains_key(&id) => existing.ips.clone(),
                 _ if !pod.ips.is_empty() => pod.ips.clone(),
-                _ => vec![self.allocate(&state)],
+                _ => {
+                    let taken = |ip: &IpAddr| {
+                        loaded
+                            .pods
+                            .iter()
+                            .chain(self.state.pods.values())
+                            .chain(state.pods.values())
+                            .any(|p| p.ips.contains(ip))
+                    };
+                    vec![self.addresses.allocate(taken).ok_or_else(|| {
+                        LabError::Setup(format!("--pod-cidr {} has no free address left", self.opts.pod_cidr))
+                    })?]
+                }
             };
             if !self.pods.contains_key(&id) {
                 self.wire(&pod)?;
@@ -198,24 +211,9 @@ impl Lab {
         Ok(self.datapath.sync(&compiled.maps, |pod| ifindexes.get(pod).copied())?)
     }
 
-    fn allocate(&mut self, state: &State) -> IpAddr {
-        loop {
-            let candidate = IpAddr::V4(host_addr(self.opts.pod_cidr, self.next_host));
-            self.next_host += 1;
-            let taken = state
-                .pods
-                .values()
-                .chain(self.state.pods.values())
-                .any(|p| p.ips.contains(&candidate));
-            if !taken {
-                return candidate;
-            }
-        }
-    }
-
     /// A namespace, a veth into the bridge, addresses, listeners, and our programs on the veth.
     fn wire(&mut self, pod: &Pod) -> Result<(), LabError> {
-        let index = self.pods.len() + self.listeners.len() + self.next_host as usize;
+        let index = self.pods.len() + self.listeners.len() + self.addresses.used();
         let ns = Netns::create(&format!("{}-{}-{}", self.opts.tag, pod.namespace, pod.name))?;
         let veth = format!("lxc{:08x}", fxhash(&format!("{}/{}/{index}", pod.namespace, pod.name)));
         let node = self.node.name().to_string();
@@ -342,8 +340,64 @@ impl Drop for Lab {
     }
 }
 
-fn host_addr(net: Ipv4Net, host: u32) -> std::net::Ipv4Addr {
-    std::net::Ipv4Addr::from(u32::from(net.network()) + host)
+/// Lab addresses: the node takes the first host address of the pod CIDR, pods the next free ones
+/// in the order they are first seen.
+#[derive(Clone, Debug)]
+pub struct AddressPool {
+    cidr: Ipv4Net,
+    next_host: u32,
+}
+
+impl AddressPool {
+    pub fn new(cidr: Ipv4Net) -> Self {
+        Self { cidr, next_host: 2 }
+    }
+
+    pub fn node_addr(&self) -> IpAddr {
+        IpAddr::V4(std::net::Ipv4Addr::from(u32::from(self.cidr.network()) + 1))
+    }
+
+    /// The next address nobody has (`taken`), or None when the CIDR is used up.
+    pub fn allocate(&mut self, taken: impl Fn(&IpAddr) -> bool) -> Option<IpAddr> {
+        let size = 1u64 << (32 - u32::from(self.cidr.prefix_len()));
+        while u64::from(self.next_host) + 1 < size {
+            let candidate = IpAddr::V4(std::net::Ipv4Addr::from(
+                u32::from(self.cidr.network()) + self.next_host,
+            ));
+            self.next_host += 1;
+            if !taken(&candidate) {
+                return Some(candidate);
+            }
+        }
+        None
+    }
+
+    fn used(&self) -> usize {
+        self.next_host as usize
+    }
+}
+
+/// What a lab makes of `loaded` when it starts, without building anything: pods that pin no
+/// address get the one the lab would give them, and the node has the lab's node address. Explain
+/// uses it so that its answers are about the same addresses `lab run` probes.
+pub fn lab_state(loaded: &Loaded, pod_cidr: Ipv4Net, legacy_default_deny: bool) -> State {
+    let mut pool = AddressPool::new(pod_cidr);
+    let mut state = State {
+        node_addrs: vec![pool.node_addr()],
+        legacy_default_deny,
+        ..loaded.to_state()
+    };
+    for pod in &loaded.pods {
+        if pod.ips.is_empty() {
+            let taken = |ip: &IpAddr| state.pods.values().any(|p| p.ips.contains(ip));
+            if let Some(ip) = pool.allocate(taken)
+                && let Some(p) = state.pods.get_mut(&pod.object_ref())
+            {
+                p.ips = vec![ip];
+            }
+        }
+    }
+    state
 }
 
 /// A short stable hash for interface names (15-byte limit).

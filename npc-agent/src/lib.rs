@@ -1,6 +1,7 @@
 //! npc: an eBPF NetworkPolicy enforcer. See the README and docs/ for the design.
 pub mod compiler;
 pub mod datapath;
+pub mod explain;
 pub mod lab;
 pub mod manifests;
 pub mod model;

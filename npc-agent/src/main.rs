@@ -7,9 +7,10 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use npc_agent::{
     datapath::{DEFAULT_PIN_ROOT, Datapath},
+    explain::{self, Endpoint},
     lab::{self, Lab, LabOptions, Probe},
     manifests::{self, Loaded},
-    model::addr_from_bytes,
+    model::{Protocol, addr_from_bytes},
     walkthrough,
 };
 
@@ -26,6 +27,27 @@ enum Command {
     Lab {
         #[command(subcommand)]
         command: LabCommand,
+    },
+    /// Why is a connection allowed or blocked? Prints the verdict of each side and the policy
+    /// rule behind it, computed from the same maps the datapath reads.
+    Explain {
+        /// A directory of manifests (Namespaces, Pods, NetworkPolicies), as for `lab`.
+        #[arg(long)]
+        manifests: PathBuf,
+        /// NAMESPACE/POD or an IP address.
+        #[arg(long)]
+        from: String,
+        /// NAMESPACE/POD or an IP address.
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value = "TCP", value_parser = ["TCP", "UDP", "SCTP"])]
+        protocol: String,
+        #[command(flatten)]
+        lab: LabArgs,
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
     },
     /// Decoded dump of the pinned maps.
     Inspect {
@@ -94,6 +116,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             walkthrough::run(&dir, &mut std::io::stdout())
         }
         Command::Inspect { pin_root } => inspect(&pin_root),
+        Command::Explain {
+            manifests,
+            from,
+            to,
+            port,
+            protocol,
+            lab,
+            output,
+        } => {
+            let loaded = load_manifests(&manifests)?;
+            // Pods without status.podIP get the addresses a lab would give them.
+            let pod_cidr = lab::parse_pod_cidr(&lab.pod_cidr).map_err(anyhow::Error::msg)?;
+            let state = lab::lab_state(&loaded, pod_cidr, lab.legacy_default_deny);
+            let from = Endpoint::parse(&from).map_err(|e| anyhow::anyhow!("--from: {e}"))?;
+            let to = Endpoint::parse(&to).map_err(|e| anyhow::anyhow!("--to: {e}"))?;
+            let protocol = Protocol::parse(&protocol).context("--protocol")?;
+            let e = explain::explain(&state, &from, &to, protocol, port)?;
+            match output {
+                Output::Table => print!("{e}"),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&e)?),
+            }
+            Ok(())
+        }
     }
 }
 
