@@ -1,4 +1,4 @@
-//! Developer commands: `cargo xtask setup | build-ebpf | test | demo`.
+//! Developer commands: `cargo xtask setup | build-ebpf | test | demo | bench`.
 //!
 //! `test` and `demo` run `setup` first, so on a fresh machine they are all a user types. Every step
 //! of `setup` is idempotent and says what is wrong and what to do when it fails.
@@ -31,6 +31,12 @@ enum Cmd {
     },
     /// Setup, then replay the seed walk-through in the lab.
     Demo,
+    /// Setup, then the benchmarks: compile time, entries and memory at 1k/10k/50k pods, and
+    /// nanoseconds per packet in the kernel (BPF_PROG_TEST_RUN).
+    Bench {
+        /// Cluster sizes for the compiler benchmark (default 1000 10000 50000).
+        sizes: Vec<usize>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,6 +50,10 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo => {
             setup()?;
             demo()
+        }
+        Cmd::Bench { sizes } => {
+            setup()?;
+            bench(&sizes)
         }
     }
 }
@@ -286,6 +296,18 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         bail!("cargo test failed with {status}");
     }
     Ok(())
+}
+
+fn bench(sizes: &[usize]) -> anyhow::Result<()> {
+    let root = workspace_root();
+    let sizes: Vec<String> = sizes.iter().map(usize::to_string).collect();
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .args(["bench", "-p", "npc-agent", "--bench", "compile", "--"])
+        .args(&sizes))?;
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .args(["bench", "-p", "npc-integration", "--bench", "datapath"]))
 }
 
 fn demo() -> anyhow::Result<()> {
