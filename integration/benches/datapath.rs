@@ -18,9 +18,6 @@ use npc_agent::{
 };
 use npc_integration::{require_root, tag};
 
-const REPEAT: u32 = 1_000_000;
-const FRESH: u16 = 20_000;
-
 fn cluster(pods: usize) -> String {
     // One server with a policy; many client pods in other namespaces fill the identity map.
     let mut y = String::from(
@@ -50,6 +47,9 @@ enum Kind {
 
 fn main() {
     require_root();
+    // `cargo test --all-targets` runs this binary without `--bench`: a quick smoke run then.
+    let benching = std::env::args().any(|a| a == "--bench");
+    let (repeat, fresh): (u32, u16) = if benching { (1_000_000, 20_000) } else { (1_000, 100) };
     let pin_root = PathBuf::from(format!("/sys/fs/bpf/{}", tag("bench")));
     let _ = std::fs::remove_dir_all(&pin_root);
     let mut dp = Datapath::load(&pin_root).expect("load the datapath");
@@ -125,13 +125,13 @@ fn main() {
     println!("{:>8}  case", "ns/pkt");
     for (name, hook, pkt, kind) in &cases {
         let per_packet = match kind {
-            Kind::Steady => dp.bench_run(*hook, pkt, REPEAT).expect("bench run"),
+            Kind::Steady => dp.bench_run(*hook, pkt, repeat).expect("bench run"),
             Kind::Fresh(make) => {
                 let mut total = Duration::ZERO;
-                for i in 0..FRESH {
+                for i in 0..fresh {
                     total += dp.bench_run(*hook, &make(20_000 + i), 1).expect("bench run");
                 }
-                total / u32::from(FRESH)
+                total / u32::from(fresh)
             }
         };
         println!("{:>8}  {name}", per_packet.as_nanos());

@@ -197,10 +197,12 @@ fn ms(d: Duration) -> f64 {
 fn main() {
     // `cargo bench` passes --bench; a size list may follow (e.g. `-- 1000 5000`).
     let sizes: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
-    let sizes = if sizes.is_empty() {
-        vec![1_000, 10_000, 50_000]
-    } else {
-        sizes
+    // `cargo test --all-targets` runs this binary without `--bench`: a quick smoke run then.
+    let benching = std::env::args().any(|a| a == "--bench");
+    let sizes = match (sizes.is_empty(), benching) {
+        (false, _) => sizes,
+        (true, true) => vec![1_000, 10_000, 50_000],
+        (true, false) => vec![1_000],
     };
     println!("compiler benchmark: 10 pods/namespace, 1 policy/namespace, 100 pods/node, compiled for one node");
     println!(
