@@ -7,16 +7,16 @@
 //! 20,000 packets with distinct source ports once each and report the mean kernel time.
 //!
 //! Needs root and BPF, like the datapath tests.
-use std::{net::IpAddr, path::PathBuf, time::Duration};
+use std::{net::IpAddr, time::Duration};
 
 use npc_agent::{
     compiler,
-    datapath::{Datapath, Hook},
+    datapath::Hook,
     manifests,
     model::{ObjectRef, State},
     packet::{self, L4, TCP_ACK, TCP_SYN},
 };
-use npc_integration::{require_root, tag};
+use npc_integration::TestDatapath;
 
 fn cluster(pods: usize) -> String {
     // One server with a policy; many client pods in other namespaces fill the identity map.
@@ -46,13 +46,11 @@ enum Kind {
 }
 
 fn main() {
-    require_root();
     // `cargo test --all-targets` runs this binary without `--bench`: a quick smoke run then.
     let benching = std::env::args().any(|a| a == "--bench");
     let (repeat, fresh): (u32, u16) = if benching { (1_000_000, 20_000) } else { (1_000, 100) };
-    let pin_root = PathBuf::from(format!("/sys/fs/bpf/{}", tag("bench")));
-    let _ = std::fs::remove_dir_all(&pin_root);
-    let mut dp = Datapath::load(&pin_root).expect("load the datapath");
+    let mut t = TestDatapath::load("bench");
+    let dp = &mut t.dp;
     let loaded = manifests::parse_str("bench.yaml".as_ref(), &cluster(10_000));
     assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
     let state = State {
@@ -136,5 +134,4 @@ fn main() {
         };
         println!("{:>8}  {name}", per_packet.as_nanos());
     }
-    let _ = std::fs::remove_dir_all(&pin_root);
 }

@@ -20,3 +20,26 @@ pub fn require_root() {
 pub fn tag(test: &str) -> String {
     format!("npct{}{}", std::process::id() % 100_000, test)
 }
+
+/// A datapath loaded under its own pin directory for one test, removed again on drop.
+pub struct TestDatapath {
+    pub dp: npc_agent::datapath::Datapath,
+    pin_root: std::path::PathBuf,
+}
+
+impl TestDatapath {
+    /// Requires root (fails loudly without it), then loads under `/sys/fs/bpf/<tag(name)>`.
+    pub fn load(name: &str) -> Self {
+        require_root();
+        let pin_root = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", tag(name)));
+        let _ = std::fs::remove_dir_all(&pin_root);
+        let dp = npc_agent::datapath::Datapath::load(&pin_root).expect("load the datapath");
+        Self { dp, pin_root }
+    }
+}
+
+impl Drop for TestDatapath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.pin_root);
+    }
+}

@@ -4,17 +4,17 @@
 //! In a test run the packet arrives on loopback (ifindex 1), so the local pod "server" is given
 //! ifindex 1. Both hooks see the same interface: `ToPod` judges the server's ingress, `FromPod`
 //! its egress.
-use std::{net::IpAddr, path::PathBuf};
+use std::net::IpAddr;
 
 use npc_agent::{
     compiler,
-    datapath::{Datapath, Hook},
+    datapath::Hook,
     manifests,
     model::{ObjectRef, State},
     packet::{self, L4, TCP_ACK, TCP_FIN, TCP_SYN},
 };
 use npc_common::{DIR_EGRESS, DIR_INGRESS, DropKey, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
-use npc_integration::{require_root, tag};
+use npc_integration::TestDatapath;
 
 const PASS: i32 = -1; // TC_ACT_UNSPEC: "next program", or pass when none
 const SHOT: i32 = 2; // TC_ACT_SHOT
@@ -71,23 +71,14 @@ spec:
 "#;
 
 struct Fixture {
-    dp: Datapath,
-    pin_root: PathBuf,
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.pin_root);
-    }
+    t: TestDatapath,
 }
 
 impl Fixture {
     fn new(name: &str) -> Self {
-        require_root();
-        let pin_root = PathBuf::from(format!("/sys/fs/bpf/{}", tag(name)));
-        let _ = std::fs::remove_dir_all(&pin_root);
-        let dp = Datapath::load(&pin_root).expect("load the datapath");
-        Self { dp, pin_root }
+        Self {
+            t: TestDatapath::load(name),
+        }
     }
 
     /// Compiles CLUSTER plus `policies` and syncs it, with the server behind ifindex 1.
@@ -101,17 +92,18 @@ impl Fixture {
         };
         let compiled = compiler::compile(&state);
         let server = ObjectRef::new("shop", "server");
-        self.dp
+        self.t
+            .dp
             .sync(&compiled.maps, |pod| (*pod == server).then_some(1))
             .expect("sync");
     }
 
     fn run(&self, hook: Hook, pkt: &[u8]) -> i32 {
-        self.dp.test_run(hook, pkt).expect("BPF_PROG_TEST_RUN")
+        self.t.dp.test_run(hook, pkt).expect("BPF_PROG_TEST_RUN")
     }
 
     fn drops(&self, direction: u8, protocol: u8, dport: u16) -> u64 {
-        self.dp.drop_count(DropKey {
+        self.t.dp.drop_count(DropKey {
             direction,
             protocol,
             dport,
@@ -129,7 +121,7 @@ fn unknown_interface_passes_untouched() {
     // No sync yet: ifindex 1 is not an endpoint of ours.
     let syn = packet::tcp(ip("10.9.9.9"), ip("10.0.0.10"), 40000, 80, TCP_SYN);
     assert_eq!(fx.run(Hook::ToPod, &syn), PASS);
-    assert!(fx.dp.drops().unwrap().is_empty());
+    assert!(fx.t.dp.drops().unwrap().is_empty());
 }
 
 #[test]
@@ -204,7 +196,7 @@ fn established_connection_passes_and_a_tightened_policy_cuts_it() {
         fx.run(Hook::ToPod, &packet::tcp(client, server, 40000, 80, TCP_ACK)),
         PASS
     );
-    let tracked = fx.dp.conntrack_entries().unwrap();
+    let tracked = fx.t.dp.conntrack_entries().unwrap();
     assert!(
         tracked.iter().any(|(k, _)| k.dport == 80 && k.sport == 40000),
         "connection is tracked: {tracked:?}"
@@ -258,7 +250,7 @@ fn arp_passes_an_isolated_pod() {
     fx.apply(POLICIES);
     assert_eq!(fx.run(Hook::ToPod, &packet::arp()), PASS);
     assert_eq!(fx.run(Hook::FromPod, &packet::arp()), PASS);
-    assert!(fx.dp.drops().unwrap().is_empty());
+    assert!(fx.t.dp.drops().unwrap().is_empty());
 }
 
 #[test]

@@ -2,16 +2,16 @@
 //! random cluster, syncs it into the kernel maps with the real MapSync, and runs crafted packets
 //! for a sample of (source, destination, protocol, port) through both TC programs with
 //! BPF_PROG_TEST_RUN. The kernel's verdict must be the reference verdict.
-use std::{net::IpAddr, path::PathBuf};
+use std::net::IpAddr;
 
 use npc_agent::{
     compiler,
-    datapath::{Datapath, Hook},
+    datapath::Hook,
     model::{Protocol, State},
     packet::{self, L4, TCP_SYN},
     reference,
 };
-use npc_integration::{require_root, scenario, tag};
+use npc_integration::{TestDatapath, scenario};
 use proptest::{prelude::*, sample::Index, test_runner::FileFailurePersistence};
 
 const PASS: i32 = -1; // TC_ACT_UNSPEC
@@ -19,26 +19,14 @@ const SHOT: i32 = 2; // TC_ACT_SHOT
 const SAMPLES: usize = 12;
 
 struct Fixture {
-    dp: Datapath,
-    pin_root: PathBuf,
+    t: TestDatapath,
     next_sport: u16,
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.pin_root);
-    }
 }
 
 impl Fixture {
     fn new() -> Self {
-        require_root();
-        let pin_root = PathBuf::from(format!("/sys/fs/bpf/{}", tag("random")));
-        let _ = std::fs::remove_dir_all(&pin_root);
-        let dp = Datapath::load(&pin_root).expect("load the datapath");
         Self {
-            dp,
-            pin_root,
+            t: TestDatapath::load("random"),
             next_sport: 20000,
         }
     }
@@ -64,7 +52,8 @@ impl Fixture {
         if !compiled.maps.endpoints.contains_key(&pod) {
             return true; // not local: another node's agent judges it
         }
-        self.dp
+        self.t
+            .dp
             .sync(&compiled.maps, |p| (*p == pod).then_some(1))
             .expect("sync");
         // A fresh source port per packet, so no earlier conntrack entry can answer for it.
@@ -80,6 +69,7 @@ impl Fixture {
             Protocol::Sctp => L4::Sctp { sport, dport: port },
         };
         match self
+            .t
             .dp
             .test_run(hook, &packet::ip(src, dst, l4))
             .expect("BPF_PROG_TEST_RUN")
