@@ -43,3 +43,40 @@ impl Drop for TestDatapath {
         let _ = std::fs::remove_dir_all(&self.pin_root);
     }
 }
+
+/// The `npc-agent` binary of this build (cargo builds it next to the test binaries' `deps/`).
+pub fn npc_agent_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps")
+        .join("npc-agent");
+    assert!(
+        bin.exists(),
+        "{} is not built: run the tests with `cargo xtask test` (or `cargo build -p npc-agent` first)",
+        bin.display()
+    );
+    bin
+}
+
+/// The repository's `manifests/examples/<name>`.
+pub fn example(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../manifests/examples")
+        .join(name)
+}
+
+/// Waits for `cond` to hold, polling, up to `deadline`; false if it never did.
+pub fn wait_for(deadline: std::time::Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + deadline;
+    loop {
+        if cond() {
+            return true;
+        }
+        if std::time::Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

@@ -19,9 +19,10 @@ use std::{
 };
 
 use ipnet::{IpNet, Ipv4Net};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
+    attacher::{AttachError, Attacher},
     compiler,
     datapath::{Datapath, DatapathError, SyncStats},
     manifests::Loaded,
@@ -35,8 +36,12 @@ pub enum LabError {
     Netns(#[from] NetnsError),
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Attach(#[from] AttachError),
     #[error("{0}")]
     Setup(String),
+    #[error("lab state {path}: {message}")]
+    Record { path: PathBuf, message: String },
 }
 
 #[derive(Clone, Debug)]
@@ -51,11 +56,16 @@ pub struct LabOptions {
 }
 
 impl LabOptions {
+    /// Where a lab named `tag` pins its maps, programs and links.
+    pub fn pin_root_of(tag: &str) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/npc-lab-{tag}"))
+    }
+
     pub fn new(tag: &str) -> Self {
         Self {
             tag: tag.to_string(),
             pod_cidr: "10.244.0.0/16".parse().expect("valid literal"),
-            pin_root: PathBuf::from(format!("/sys/fs/bpf/npc-lab-{tag}")),
+            pin_root: Self::pin_root_of(tag),
             legacy_default_deny: false,
             probe_timeout: Duration::from_millis(1500),
         }
@@ -89,6 +99,7 @@ pub struct Lab {
     listeners: BTreeMap<ObjectRef, Listeners>,
     pods: BTreeMap<ObjectRef, LabPod>,
     datapath: Datapath,
+    attacher: Attacher,
     node: Netns,
     state: State,
     compiler: compiler::Compiler,
@@ -117,6 +128,8 @@ impl Lab {
         netns::ip(&["-n", node.name(), "link", "set", "br0", "up"])?;
         let _ = std::fs::remove_dir_all(&opts.pin_root);
         let datapath = Datapath::load(&opts.pin_root)?;
+        // The node agent's view: netlink in the node namespace, as on a Kubernetes node.
+        let attacher = node.run(Attacher::new)??;
         let state = State {
             node_addrs: vec![node_addr],
             legacy_default_deny: opts.legacy_default_deny,
@@ -127,6 +140,7 @@ impl Lab {
             listeners: BTreeMap::new(),
             pods: BTreeMap::new(),
             datapath,
+            attacher,
             node,
             state,
             compiler: compiler::Compiler::default(),
@@ -200,7 +214,14 @@ impl Lab {
                     })?]
                 }
             };
-            if !self.pods.contains_key(&id) {
+            if let Some(wired) = self.pods.get(&id) {
+                if self.state.pods.get(&id).is_some_and(|old| old.ports != pod.ports) {
+                    // Declared ports changed: new listeners (the old ones stop first).
+                    self.listeners.remove(&id);
+                    let listeners = start_listeners(wired.ns.name(), &pod)?;
+                    self.listeners.insert(id.clone(), listeners);
+                }
+            } else {
                 self.wire(&pod)?;
             }
             state.pods.insert(id, pod);
@@ -240,10 +261,40 @@ impl Lab {
             netns::ip(&["-n", ns.name(), "addr", "add", &cidr, "dev", "eth0", "nodad"])?;
         }
         netns::ip(&["-n", ns.name(), "link", "set", "eth0", "up"])?;
-        let datapath = &mut self.datapath;
-        let ifindex = self.node.run(|| datapath.attach(&veth))??;
+        for addr in pod.ips.iter().filter(|a| a.is_ipv6()) {
+            // The node has no IPv6 address of its own on the bridge: a host route (and the
+            // bridge's link-local address for neighbour discovery) reaches pinned IPv6 pods.
+            netns::ip(&[
+                "-n",
+                &node,
+                "-6",
+                "route",
+                "replace",
+                &format!("{addr}/128"),
+                "dev",
+                "br0",
+            ])?;
+        }
         let listeners = start_listeners(ns.name(), pod)?;
         self.listeners.insert(pod.object_ref(), listeners);
+        // Found the way a node finds it (route, neighbour, bridge FDB), never by the name we
+        // just gave it.
+        let primary = pod
+            .ips
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or(pod.ips.first())
+            .copied()
+            .ok_or_else(|| LabError::Setup(format!("pod {}/{} has no address", pod.namespace, pod.name)))?;
+        let link = self.attacher.resolve(primary, Duration::from_secs(3))?;
+        if link.name != veth {
+            return Err(LabError::Setup(format!(
+                "the attacher found {} for {primary}, but the lab wired {veth}",
+                link.name
+            )));
+        }
+        let datapath = &mut self.datapath;
+        let ifindex = self.node.run(|| datapath.attach(&link.name))??;
         self.pods.insert(pod.object_ref(), LabPod { ns, veth, ifindex });
         Ok(())
     }
@@ -262,40 +313,158 @@ impl Lab {
         self.node.name()
     }
 
-    /// One probe: a TCP connection that gets the listener's reply, or a UDP echo, within the
-    /// probe timeout.
-    pub fn probe(&self, from: &ObjectRef, to: &ObjectRef, port: u16, protocol: Protocol) -> Result<bool, LabError> {
-        let src = self
-            .pods
-            .get(from)
-            .ok_or_else(|| LabError::Setup(format!("no pod {from}")))?;
-        let dst = self
-            .state
-            .pods
-            .get(to)
-            .ok_or_else(|| LabError::Setup(format!("no pod {to}")))?;
-        let addr = *dst
-            .ips
-            .first()
-            .ok_or_else(|| LabError::Setup(format!("pod {to} has no address")))?;
-        let timeout = self.opts.probe_timeout;
-        Ok(src.ns.run(|| connect(SocketAddr::new(addr, port), protocol, timeout))?)
+    /// What `lab probe` and `lab down` need to know about this lab.
+    pub fn record(&self) -> LabRecord {
+        LabRecord {
+            pid: std::process::id(),
+            tag: self.opts.tag.clone(),
+            pin_root: self.opts.pin_root.clone(),
+            node_netns: self.node.name().to_string(),
+            probe_timeout_ms: self.opts.probe_timeout.as_millis() as u64,
+            pods: self
+                .state
+                .pods
+                .values()
+                .filter_map(|p| {
+                    let wired = self.pods.get(&p.object_ref())?;
+                    Some(RecordPod {
+                        id: p.object_ref().to_string(),
+                        netns: wired.ns.name().to_string(),
+                        ips: p.ips.clone(),
+                        ports: p.ports.iter().map(|c| (c.port, c.protocol.to_string())).collect(),
+                    })
+                })
+                .collect(),
+        }
     }
 
     /// Every ordered pair of distinct pods, on every port/protocol the destination declares;
     /// run concurrently.
     pub fn probe_all(&self) -> Result<Vec<Probe>, LabError> {
+        self.record().probe_all()
+    }
+
+    /// One probe from `from` to `to`.
+    pub fn probe(&self, from: &ObjectRef, to: &ObjectRef, port: u16, protocol: Protocol) -> Result<bool, LabError> {
+        self.record().probe(&from.to_string(), &to.to_string(), port, protocol)
+    }
+
+    pub fn pin_root(&self) -> &Path {
+        &self.opts.pin_root
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.listeners.clear();
+        let ifindexes: Vec<u32> = self.pods.values().map(|p| p.ifindex).collect();
+        for i in ifindexes {
+            let _ = self.datapath.detach(i);
+        }
+        self.pods.clear();
+        let _ = std::fs::remove_dir_all(&self.opts.pin_root);
+    }
+}
+
+/// A running lab as `lab up` writes it down for `lab probe` and `lab down` (other processes).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabRecord {
+    pub pid: u32,
+    pub tag: String,
+    pub pin_root: PathBuf,
+    pub node_netns: String,
+    pub probe_timeout_ms: u64,
+    pub pods: Vec<RecordPod>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordPod {
+    /// `ns/name`.
+    pub id: String,
+    pub netns: String,
+    pub ips: Vec<IpAddr>,
+    /// (port, "TCP" | "UDP" | "SCTP").
+    pub ports: Vec<(u16, String)>,
+}
+
+impl LabRecord {
+    /// Where the record of the lab named `tag` lives.
+    pub fn path(tag: &str) -> PathBuf {
+        PathBuf::from(format!("/run/npc/lab-{tag}.json"))
+    }
+
+    pub fn load(tag: &str) -> Result<Option<Self>, LabError> {
+        let path = Self::path(tag);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| LabError::Record {
+                path,
+                message: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(LabError::Record {
+                path,
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    /// Writes the record atomically (a reader never sees half of it).
+    pub fn save(&self) -> Result<(), LabError> {
+        let path = Self::path(&self.tag);
+        let err = |e: std::io::Error| LabError::Record {
+            path: path.clone(),
+            message: e.to_string(),
+        };
+        std::fs::create_dir_all(path.parent().expect("has a parent")).map_err(err)?;
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self).expect("serialisable")).map_err(err)?;
+        std::fs::rename(&tmp, &path).map_err(err)
+    }
+
+    /// Is the process that wrote this record still running?
+    pub fn alive(&self) -> bool {
+        // SAFETY: signal 0 only checks that the process exists.
+        unsafe { libc::kill(self.pid as i32, 0) == 0 }
+    }
+
+    fn pod(&self, id: &str) -> Result<&RecordPod, LabError> {
+        self.pods
+            .iter()
+            .find(|p| p.id == id)
+            .ok_or_else(|| LabError::Setup(format!("no pod {id} in the lab")))
+    }
+
+    /// One probe: a TCP connection that gets the listener's reply, or a UDP echo, within the
+    /// probe timeout, from inside the source pod's namespace.
+    pub fn probe(&self, from: &str, to: &str, port: u16, protocol: Protocol) -> Result<bool, LabError> {
+        let src = self.pod(from)?;
+        let dst = self.pod(to)?;
+        let addr = *dst
+            .ips
+            .first()
+            .ok_or_else(|| LabError::Setup(format!("pod {to} has no address")))?;
+        let timeout = Duration::from_millis(self.probe_timeout_ms);
+        Ok(netns::run_in(&src.netns, || {
+            connect(SocketAddr::new(addr, port), protocol, timeout)
+        })?)
+    }
+
+    /// Every ordered pair of distinct pods, on every port/protocol the destination declares
+    /// (SCTP aside: no SCTP sockets on these kernels; the datapath tests cover it), concurrently.
+    pub fn probe_all(&self) -> Result<Vec<Probe>, LabError> {
         let mut plan = Vec::new();
-        for (to, dst) in &self.state.pods {
-            for port in &dst.ports {
-                if port.protocol == Protocol::Sctp {
-                    continue; // no SCTP sockets on these kernels; the datapath tests cover SCTP
-                }
-                for from in self.state.pods.keys().filter(|f| *f != to) {
-                    plan.push((from.clone(), to.clone(), port.port, port.protocol));
+        for dst in &self.pods {
+            for (port, protocol) in &dst.ports {
+                let Some(protocol) = Protocol::parse(protocol).filter(|p| *p != Protocol::Sctp) else {
+                    continue;
+                };
+                for src in self.pods.iter().filter(|s| s.id != dst.id) {
+                    plan.push((src.id.as_str(), dst.id.as_str(), *port, protocol));
                 }
             }
         }
+        plan.sort();
+        plan.dedup();
         let results: Vec<Result<bool, LabError>> = std::thread::scope(|s| {
             let handles: Vec<_> = plan
                 .iter()
@@ -322,22 +491,56 @@ impl Lab {
             })
             .collect()
     }
-
-    pub fn pin_root(&self) -> &Path {
-        &self.opts.pin_root
-    }
 }
 
-impl Drop for Lab {
-    fn drop(&mut self) {
-        self.listeners.clear();
-        let ifindexes: Vec<u32> = self.pods.values().map(|p| p.ifindex).collect();
-        for i in ifindexes {
-            let _ = self.datapath.detach(i);
+/// Removes everything a lab named `tag` may have left: its process (asked to stop, then killed),
+/// network namespaces (and with the node namespace its bridge and veths), pinned maps, programs
+/// and links, and the record. Safe to run any number of times; returns what it removed.
+pub fn down(tag: &str) -> Result<Vec<String>, LabError> {
+    let mut removed = Vec::new();
+    let record = LabRecord::load(tag).unwrap_or(None);
+    if let Some(record) = &record
+        && record.alive()
+        && record.pid != std::process::id()
+    {
+        // SAFETY: plain signals to the lab's own process.
+        unsafe { libc::kill(record.pid as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while record.alive() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
         }
-        self.pods.clear();
-        let _ = std::fs::remove_dir_all(&self.opts.pin_root);
+        if record.alive() {
+            // SAFETY: as above.
+            unsafe { libc::kill(record.pid as i32, libc::SIGKILL) };
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while record.alive() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        removed.push(format!("process {}", record.pid));
     }
+    // Pod namespaces first, the node (with the bridge) last.
+    let mut namespaces = netns::list_with_prefix(&format!("{tag}-"));
+    namespaces.sort_by_key(|n| n.ends_with("-node"));
+    for ns in namespaces {
+        netns::ip(&["netns", "del", &ns])?;
+        removed.push(format!("netns {ns}"));
+    }
+    let pin_root = record
+        .as_ref()
+        .map(|r| r.pin_root.clone())
+        .unwrap_or_else(|| LabOptions::pin_root_of(tag));
+    if pin_root.exists() {
+        std::fs::remove_dir_all(&pin_root)
+            .map_err(|e| LabError::Setup(format!("removing {}: {e}", pin_root.display())))?;
+        removed.push(format!("pins {}", pin_root.display()));
+    }
+    let path = LabRecord::path(tag);
+    if path.exists() {
+        let _ = std::fs::remove_file(&path);
+        removed.push(format!("record {}", path.display()));
+    }
+    Ok(removed)
 }
 
 /// Lab addresses: the node takes the first host address of the pod CIDR, pods the next free ones

@@ -1,4 +1,5 @@
 //! npc: an eBPF NetworkPolicy enforcer. See the README and docs/ for the design.
+pub mod attacher;
 pub mod compiler;
 pub mod datapath;
 pub mod explain;

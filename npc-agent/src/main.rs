@@ -1,14 +1,20 @@
 use std::{
     path::{Path, PathBuf},
     process::ExitCode,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use notify::Watcher as _;
 use npc_agent::{
     datapath::{DEFAULT_PIN_ROOT, Datapath},
     explain::{self, Endpoint},
-    lab::{self, Lab, LabOptions, Probe},
+    lab::{self, Lab, LabOptions, LabRecord, Probe},
     manifests::{self, Loaded},
     model::{Protocol, addr_from_bytes},
     walkthrough,
@@ -72,6 +78,14 @@ struct LabArgs {
     legacy_default_deny: bool,
 }
 
+#[derive(clap::Args, Clone)]
+struct LabName {
+    /// Name of the lab (its namespaces, pins and record carry it): labs with different names
+    /// can be up side by side.
+    #[arg(long, default_value = "npclab")]
+    name: String,
+}
+
 #[derive(Subcommand)]
 enum LabCommand {
     /// Read the manifests, probe every pair of pods on every declared port, print, tear down.
@@ -82,6 +96,28 @@ enum LabCommand {
         output: Output,
         #[command(flatten)]
         lab: LabArgs,
+    },
+    /// Start a lab and keep it up: edits to DIR (policies, labels, pods, namespaces) apply live.
+    /// Stops on Ctrl-C, SIGTERM or `lab down`.
+    Up {
+        #[arg(long)]
+        manifests: PathBuf,
+        #[command(flatten)]
+        lab: LabArgs,
+        #[command(flatten)]
+        name: LabName,
+    },
+    /// Probe every pair of pods of the running lab (as `lab run` does) and print the matrix.
+    Probe {
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
+        #[command(flatten)]
+        name: LabName,
+    },
+    /// Stop the running lab and remove everything it made (also after a crash).
+    Down {
+        #[command(flatten)]
+        name: LabName,
     },
     /// Replay the seeds' "Enforcing network isolation" walk-through, step by step.
     Walkthrough {
@@ -109,6 +145,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Lab {
             command: LabCommand::Run { manifests, output, lab },
         } => lab_run(&manifests, output, &lab),
+        Command::Lab {
+            command: LabCommand::Up { manifests, lab, name },
+        } => lab_up(&manifests, &lab, &name.name),
+        Command::Lab {
+            command: LabCommand::Probe { output, name },
+        } => lab_probe(output, &name.name),
+        Command::Lab {
+            command: LabCommand::Down { name },
+        } => {
+            require_root()?;
+            let removed = lab::down(&name.name)?;
+            if removed.is_empty() {
+                println!("lab {}: nothing to remove", name.name);
+            }
+            for r in removed {
+                println!("removed {r}");
+            }
+            Ok(())
+        }
         Command::Lab {
             command: LabCommand::Walkthrough { dir },
         } => {
@@ -158,21 +213,145 @@ fn load_manifests(dir: &Path) -> anyhow::Result<Loaded> {
     Ok(loaded)
 }
 
+fn lab_options(tag: &str, args: &LabArgs) -> anyhow::Result<LabOptions> {
+    let mut opts = LabOptions::new(tag);
+    opts.pod_cidr = lab::parse_pod_cidr(&args.pod_cidr).map_err(anyhow::Error::msg)?;
+    opts.legacy_default_deny = args.legacy_default_deny;
+    Ok(opts)
+}
+
 fn lab_run(dir: &Path, output: Output, args: &LabArgs) -> anyhow::Result<()> {
     require_root()?;
     let loaded = load_manifests(dir)?;
-    let mut opts = LabOptions::new("npclab");
-    opts.pod_cidr = lab::parse_pod_cidr(&args.pod_cidr).map_err(anyhow::Error::msg)?;
-    opts.legacy_default_deny = args.legacy_default_deny;
+    // Its own name, so that a `lab run` never collides with a lab that is up.
+    let opts = lab_options(&format!("npcrun{}", std::process::id()), args)?;
     let lab = Lab::up(opts, &loaded)?;
     let probes = lab.probe_all()?;
     drop(lab);
+    print_probes(&probes, output)
+}
+
+fn lab_up(dir: &Path, args: &LabArgs, tag: &str) -> anyhow::Result<()> {
+    require_root()?;
+    if let Some(record) = LabRecord::load(tag)?
+        && record.alive()
+    {
+        bail!(
+            "lab {tag} is already up (pid {}): stop it with `npc-agent lab down{}` first",
+            record.pid,
+            name_flag(tag)
+        );
+    }
+    let leftovers = lab::down(tag)?;
+    if !leftovers.is_empty() {
+        eprintln!(
+            "cleaned up after an earlier lab {tag} that did not stop: {}",
+            leftovers.join(", ")
+        );
+    }
+    // Ctrl-C, SIGTERM (`lab down`) and SIGHUP all end the loop below, and the lab is torn down.
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ] {
+        signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        use notify::event::{EventKind, ModifyKind};
+        // Our own reads of DIR show up as access (and atime) events: only changes count.
+        let changed = event.is_ok_and(|e| {
+            matches!(
+                e.kind,
+                EventKind::Create(_)
+                    | EventKind::Remove(_)
+                    | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Name(_) | ModifyKind::Any)
+            )
+        });
+        if changed {
+            let _ = tx.send(());
+        }
+    })
+    .context("watching the manifests directory")?;
+    watcher
+        .watch(dir, notify::RecursiveMode::NonRecursive)
+        .with_context(|| format!("watching {}", dir.display()))?;
+
+    let loaded = load_manifests(dir)?;
+    let mut lab = Lab::up(lab_options(tag, args)?, &loaded)?;
+    lab.record().save()?;
+    eprintln!(
+        "lab {tag} is up: {} pods; watching {} (Ctrl-C or `npc-agent lab down{}` stops it)",
+        lab.state().pods.len(),
+        dir.display(),
+        name_flag(tag)
+    );
+    while !stop.load(Ordering::Relaxed) {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(()) => {
+                // Editors write a file in several steps: let them finish.
+                while rx.recv_timeout(Duration::from_millis(100)).is_ok() {}
+                let loaded = load_manifests(dir)?;
+                match lab.apply(&loaded) {
+                    Ok(stats) => {
+                        lab.record().save()?;
+                        eprintln!(
+                            "applied {}: {} pods, {} map writes, {} deletes",
+                            dir.display(),
+                            lab.state().pods.len(),
+                            stats.upserts,
+                            stats.deletes
+                        );
+                    }
+                    Err(e) => eprintln!("error: applying {}: {e}", dir.display()),
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    eprintln!("lab {tag}: stopping");
+    drop(lab);
+    let _ = std::fs::remove_file(LabRecord::path(tag));
+    Ok(())
+}
+
+fn name_flag(tag: &str) -> String {
+    if tag == "npclab" {
+        String::new()
+    } else {
+        format!(" --name {tag}")
+    }
+}
+
+fn lab_probe(output: Output, tag: &str) -> anyhow::Result<()> {
+    require_root()?;
+    let Some(record) = LabRecord::load(tag)? else {
+        bail!(
+            "no lab {tag} is up ({} does not exist): start one with `npc-agent lab up --manifests DIR{}`",
+            LabRecord::path(tag).display(),
+            name_flag(tag)
+        );
+    };
+    if !record.alive() {
+        bail!(
+            "lab {tag}'s process (pid {}) is gone: `npc-agent lab down{}` cleans up after it",
+            record.pid,
+            name_flag(tag)
+        );
+    }
+    print_probes(&record.probe_all()?, output)
+}
+
+fn print_probes(probes: &[Probe], output: Output) -> anyhow::Result<()> {
     match output {
         Output::Json => println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({ "probes": probes }))?
         ),
-        Output::Table => print!("{}", matrix(&probes)),
+        Output::Table => print!("{}", matrix(probes)),
     }
     Ok(())
 }

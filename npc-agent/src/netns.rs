@@ -53,15 +53,20 @@ impl Netns {
 
     /// Runs `f` on a new thread inside this namespace and waits for it.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, NetnsError> {
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                enter(&self.name)?;
-                Ok(f())
-            })
-            .join()
-            .map_err(|_| NetnsError::Panicked(self.name.clone()))?
-        })
+        run_in(&self.name, f)
     }
+}
+
+/// Runs `f` on a new thread inside the named namespace and waits for it.
+pub fn run_in<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> Result<T, NetnsError> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            enter(name)?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| NetnsError::Panicked(name.to_string()))?
+    })
 }
 
 impl Drop for Netns {
