@@ -543,6 +543,41 @@ pub fn down(tag: &str) -> Result<Vec<String>, LabError> {
     Ok(removed)
 }
 
+/// One reachability matrix per port/protocol, as upstream's e2e tests print them:
+/// rows = from, columns = to, `.` allowed, `X` blocked, blank = not probed.
+pub fn matrix(probes: &[Probe]) -> String {
+    let mut out = String::new();
+    let mut keys: Vec<(u16, String)> = probes.iter().map(|p| (p.port, p.protocol.clone())).collect();
+    keys.sort();
+    keys.dedup();
+    let mut pods: Vec<String> = probes.iter().flat_map(|p| [p.from.clone(), p.to.clone()]).collect();
+    pods.sort();
+    pods.dedup();
+    let width = pods.iter().map(String::len).max().unwrap_or(0);
+    for (port, protocol) in keys {
+        out.push_str(&format!("{port}/{protocol}\n"));
+        out.push_str(&format!("{:width$}", ""));
+        for (i, _) in pods.iter().enumerate() {
+            out.push_str(&format!(" {i:>2}"));
+        }
+        out.push('\n');
+        for (i, from) in pods.iter().enumerate() {
+            out.push_str(&format!("{from:width$}"));
+            for to in &pods {
+                let cell = probes
+                    .iter()
+                    .find(|p| &p.from == from && &p.to == to && p.port == port && p.protocol == protocol)
+                    .map(|p| if p.result == "allowed" { "." } else { "X" })
+                    .unwrap_or(" ");
+                out.push_str(&format!("  {cell}"));
+            }
+            out.push_str(&format!("   ({i})\n"));
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// Lab addresses: the node takes the first host address of the pod CIDR, pods the next free ones
 /// in the order they are first seen.
 #[derive(Clone, Debug)]

@@ -101,6 +101,7 @@ pub fn run(dir: &Path, out: &mut impl Write) -> anyhow::Result<()> {
             "request timed out (blocked)"
         };
         writeln!(out, "step {}: {}\n        -> {outcome}", i + 1, step.title)?;
+        write!(out, "{}", crate::lab::matrix(&lab.probe_all()?))?;
         if allowed != step.expected_allowed {
             mismatches.push(i + 1);
         }
