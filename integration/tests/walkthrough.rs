@@ -105,3 +105,62 @@ fn lab_leaves_nothing_behind() {
     );
     assert!(!pin_root.exists(), "pins left behind in {}", pin_root.display());
 }
+
+#[test]
+fn pinned_ipv6_and_dual_stack_pods_are_enforced() {
+    require_root();
+    let yaml = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: six}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: server, namespace: six, labels: {app: server}}
+spec: {containers: [{name: c, ports: [{containerPort: 80}, {containerPort: 53, protocol: UDP}]}]}
+status: {podIPs: [{ip: "fd00:6::10"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: friend, namespace: six, labels: {app: friend}}
+spec: {containers: [{name: c}]}
+status: {podIPs: [{ip: 10.244.9.20}, {ip: "fd00:6::20"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: stranger, namespace: six, labels: {app: stranger}}
+spec: {containers: [{name: c}]}
+status: {podIPs: [{ip: "fd00:6::30"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: v4only, namespace: six, labels: {app: friend}}
+spec: {containers: [{name: c}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: server-in, namespace: six}
+spec:
+  podSelector: {matchLabels: {app: server}}
+  ingress:
+    - from: [{podSelector: {matchLabels: {app: friend}}}]
+      ports: [{port: 80}]
+    - from: [{ipBlock: {cidr: "fd00:6::30/128"}}]
+      ports: [{port: 53, protocol: UDP}]
+"#;
+    let loaded = manifests::parse_str(Path::new("six.yaml"), yaml);
+    assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+    let lab = Lab::up(LabOptions::new(&tag("six")), &loaded).expect("lab up");
+    let probes = lab.probe_all().expect("probes");
+    let result = |from: &str, port: u16| {
+        probes
+            .iter()
+            .find(|p| p.from == format!("six/{from}") && p.to == "six/server" && p.port == port)
+            .map(|p| p.result.as_str())
+    };
+    assert_eq!(result("friend", 80), Some("allowed"), "dual-stack friend, over IPv6");
+    assert_eq!(result("friend", 53), Some("blocked"));
+    assert_eq!(result("stranger", 80), Some("blocked"));
+    assert_eq!(result("stranger", 53), Some("allowed"), "the IPv6 ipBlock");
+    assert_eq!(result("v4only", 80), None, "no common family: not probed");
+}

@@ -439,10 +439,8 @@ impl LabRecord {
     pub fn probe(&self, from: &str, to: &str, port: u16, protocol: Protocol) -> Result<bool, LabError> {
         let src = self.pod(from)?;
         let dst = self.pod(to)?;
-        let addr = *dst
-            .ips
-            .first()
-            .ok_or_else(|| LabError::Setup(format!("pod {to} has no address")))?;
+        let addr =
+            probe_addr(src, dst).ok_or_else(|| LabError::Setup(format!("{from} and {to} share no address family")))?;
         let timeout = Duration::from_millis(self.probe_timeout_ms);
         Ok(netns::run_in(&src.netns, || {
             connect(SocketAddr::new(addr, port), protocol, timeout)
@@ -458,7 +456,13 @@ impl LabRecord {
                 let Some(protocol) = Protocol::parse(protocol).filter(|p| *p != Protocol::Sctp) else {
                     continue;
                 };
-                for src in self.pods.iter().filter(|s| s.id != dst.id) {
+                // Pairs that share no address family (an IPv6-only pod and an IPv4-only one)
+                // cannot talk at all: nothing to probe.
+                for src in self
+                    .pods
+                    .iter()
+                    .filter(|s| s.id != dst.id && probe_addr(s, dst).is_some())
+                {
                     plan.push((src.id.as_str(), dst.id.as_str(), *port, protocol));
                 }
             }
@@ -491,6 +495,14 @@ impl LabRecord {
             })
             .collect()
     }
+}
+
+/// The destination address a probe from `src` uses: `dst`'s first address of a family `src` has.
+pub fn probe_addr(src: &RecordPod, dst: &RecordPod) -> Option<IpAddr> {
+    dst.ips
+        .iter()
+        .find(|d| src.ips.iter().any(|s| s.is_ipv4() == d.is_ipv4()))
+        .copied()
 }
 
 /// Removes everything a lab named `tag` may have left: its process (asked to stop, then killed),
