@@ -128,6 +128,27 @@ impl Attacher {
         }
     }
 
+    /// Every address of this network namespace: the node's own addresses, from which traffic to
+    /// its pods is always allowed (kubelet probes come from the address facing the pod).
+    pub fn local_addresses(&self) -> Result<Vec<IpAddr>, AttachError> {
+        self.runtime.block_on(async {
+            let addrs: Vec<rtnetlink::packet_route::address::AddressMessage> =
+                self.handle.address().get().execute().try_collect().await?;
+            let mut out: Vec<IpAddr> = addrs
+                .into_iter()
+                .flat_map(|a| a.attributes)
+                .filter_map(|a| match a {
+                    rtnetlink::packet_route::address::AddressAttribute::Address(ip) => Some(ip),
+                    _ => None,
+                })
+                .filter(|ip| !ip.is_loopback())
+                .collect();
+            out.sort();
+            out.dedup();
+            Ok(out)
+        })
+    }
+
     async fn route_oif(&self, ip: IpAddr) -> Result<u32, AttachError> {
         let message = match ip {
             IpAddr::V4(v4) => RouteMessageBuilder::<Ipv4Addr>::new()

@@ -298,6 +298,44 @@ fn named_port_egress_blocks(state: &State) -> BTreeSet<IpBlock> {
 }
 
 impl Compiler {
+    /// Takes over the numbering a previous agent left in the kernel maps (`identities`: address →
+    /// identity, `cidrs`: prefix → class), so that a restarted agent's first sync rewrites only
+    /// what changed while it was away. Without this, every identity would be renumbered and the
+    /// sync would, for a moment, have peers under new numbers next to endpoints under old ones:
+    /// new connections between them would be refused until it completed.
+    pub fn adopt(&mut self, state: &State, identities: &BTreeMap<[u8; 16], u32>, cidrs: &BTreeMap<CidrKey, u32>) {
+        let mut fresh_compiler = Compiler::default();
+        let fresh = fresh_compiler.compile(state);
+        let mut taken = BTreeSet::new();
+        let mut ids: BTreeMap<IdentityKey, u32> = BTreeMap::new();
+        for (addr, fresh_id) in &fresh.maps.identities {
+            let (Some(key), Some(old)) = (fresh.identities.get(fresh_id), identities.get(addr)) else {
+                continue;
+            };
+            let valid = (FIRST_POD_IDENTITY..CIDR_CLASS_BASE).contains(old);
+            if valid && !ids.contains_key(key) && taken.insert(*old) {
+                ids.insert(key.clone(), *old);
+            }
+        }
+        self.identities.next = taken.last().map_or(FIRST_POD_IDENTITY, |m| m + 1).max(self.identities.next);
+        self.identities.ids = ids;
+
+        let set_of: BTreeMap<u32, &BTreeSet<IpBlock>> =
+            fresh_compiler.classes.ids.iter().map(|(set, id)| (*id, set)).collect();
+        let mut taken = BTreeSet::new();
+        let mut classes: BTreeMap<BTreeSet<IpBlock>, u32> = BTreeMap::new();
+        for (prefix, fresh_class) in &fresh.maps.cidrs {
+            let (Some(set), Some(old)) = (set_of.get(fresh_class), cidrs.get(prefix)) else {
+                continue;
+            };
+            if !classes.contains_key(*set) && taken.insert(*old) {
+                classes.insert((*set).clone(), *old);
+            }
+        }
+        self.classes.next = taken.last().map_or(0, |m| m + 1).max(self.classes.next);
+        self.classes.ids = classes;
+    }
+
     pub fn compile(&mut self, state: &State) -> Compiled {
         let mut out = Compiled::default();
 
@@ -1277,6 +1315,38 @@ mod tests {
             compile(&s).maps.identities[&addr_bytes("10.0.0.2".parse().unwrap())],
             db
         );
+    }
+
+    #[test]
+    fn a_restarted_compiler_adopts_the_kernel_numbering() {
+        let y = base()
+            + &np("a", "p", "  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.0.1.0/24]}}, {podSelector: {}}]}]\n");
+        let s = state(&y);
+        // The old agent saw another cluster first, so its numbers differ from a fresh compile's.
+        let mut old = Compiler::default();
+        old.compile(&state(&(base() + &pod("0z", "z", "app: z", "10.9.9.9"))));
+        let before = old.compile(&s).maps;
+        let mut restarted = Compiler::default();
+        assert_ne!(restarted.clone().compile(&s).maps, before, "numberings differ without adoption");
+        restarted.adopt(&s, &before.identities, &before.cidrs);
+        let after = restarted.compile(&s).maps;
+        assert_eq!(after.identities, before.identities);
+        assert_eq!(after.cidrs, before.cidrs);
+        assert_eq!(after.endpoints, before.endpoints);
+        assert_eq!(
+            after.policy.keys().collect::<Vec<_>>(),
+            before.policy.keys().collect::<Vec<_>>()
+        );
+        // New identities still get numbers nobody has.
+        let mut grown = s.clone();
+        let mut extra = grown.pods[&ObjectRef::new("a", "web")].clone();
+        extra.name = "web2".into();
+        extra.labels.insert("v".into(), "2".into());
+        extra.ips = vec!["10.0.0.77".parse().unwrap()];
+        grown.pods.insert(extra.object_ref(), extra);
+        let ids = restarted.compile(&grown).maps.identities;
+        let distinct: BTreeSet<u32> = ids.values().copied().collect();
+        assert_eq!(distinct.len(), ids.len(), "no two identities share a number");
     }
 
     #[test]

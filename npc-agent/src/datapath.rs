@@ -318,18 +318,30 @@ impl Datapath {
                 std::mem::forget(prog.take_link(id)?);
                 continue;
             }
-            let id = match PinnedLink::from_pin(&pin) {
-                Ok(old) => prog.attach_to_link(FdLink::from(old).try_into()?)?,
+            let replaced = match PinnedLink::from_pin(&pin) {
+                // The interface may be gone and its index reused: a defunct link cannot be
+                // updated, so fall back to a fresh attachment.
+                Ok(old) => FdLink::from(old)
+                    .try_into()
+                    .ok()
+                    .and_then(|link| prog.attach_to_link(link).ok()),
                 Err(LinkError::SyscallError(SyscallError { io_error, .. }))
                     if io_error.kind() == io::ErrorKind::NotFound =>
                 {
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let id = match replaced {
+                Some(id) => id,
+                None => {
+                    let _ = std::fs::remove_file(&pin);
                     prog.attach_with_options(
                         ifname,
                         hook.attach_type(),
                         TcAttachOptions::TcxOrder(LinkOrder::default()),
                     )?
                 }
-                Err(e) => return Err(e.into()),
             };
             let link = prog.take_link(id)?;
             let fd_link: FdLink = link.try_into()?;
@@ -464,6 +476,27 @@ impl Datapath {
             stats.epoch_bumped = true;
         }
         Ok(stats)
+    }
+
+    /// What the identities and ipBlock-class maps hold now (to adopt a previous agent's numbering).
+    pub fn kernel_numbering(&self) -> Result<(BTreeMap<[u8; 16], u32>, BTreeMap<CidrKey, u32>), DatapathError> {
+        let identities = self.identities.iter().collect::<Result<_, _>>()?;
+        let cidrs = self
+            .cidrs
+            .iter()
+            .map(|r| {
+                r.map(|(k, v)| {
+                    (
+                        CidrKey {
+                            prefix_len: k.prefix_len(),
+                            addr: k.data(),
+                        },
+                        v,
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok((identities, cidrs))
     }
 
     /// Drop counters summed over CPUs.

@@ -3,6 +3,8 @@ pub mod attacher;
 pub mod compiler;
 pub mod datapath;
 pub mod explain;
+pub mod kube_source;
+pub mod metrics;
 pub mod lab;
 pub mod manifests;
 pub mod model;

@@ -1,0 +1,311 @@
+//! Prometheus metrics (prometheus-client), served as text on `--metrics-addr` with `/healthz` and
+//! `/readyz`.
+//!
+//! The headline is `npc_blocked_connections_total{protocol,dport,direction}`, the successor of
+//! weave-npc's `weavenpc_blocked_connections_total{protocol,dport}` that users alert on (seed 003).
+//! It is fed from the per-CPU drop counters in the kernel: the agent adds what they grew by since
+//! the last look.
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+};
+
+use npc_common::{DIR_INGRESS, DropKey, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BlockedLabels {
+    pub protocol: String,
+    pub dport: u16,
+    pub direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabels {
+    pub resource: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabels {
+    pub map: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+/// Every metric the agent exports; cheap to clone (shared).
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    blocked: Family<BlockedLabels, Counter>,
+    last_drops: Mutex<BTreeMap<DropKey, u64>>,
+    policies: Gauge,
+    rejected: Family<KindLabels, Gauge>,
+    endpoints: Gauge,
+    identities: Gauge,
+    map_entries: Family<MapLabels, Gauge>,
+    conntrack_entries: Gauge,
+    syncs: Counter,
+    sync_errors: Counter,
+    sync_duration: Histogram,
+    map_writes: Counter,
+    attach_errors: Counter,
+    kube_errors: Family<ResourceLabels, Counter>,
+    kube_gone: Family<ResourceLabels, Counter>,
+    kube_relists: Family<ResourceLabels, Counter>,
+    ready: AtomicBool,
+    heartbeat: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let blocked = Family::<BlockedLabels, Counter>::default();
+        registry.register(
+            "npc_blocked_connections",
+            "Connections (new flows) dropped by network policy",
+            blocked.clone(),
+        );
+        let policies = Gauge::default();
+        registry.register("npc_policies", "NetworkPolicies enforced", policies.clone());
+        let rejected = Family::<KindLabels, Gauge>::default();
+        registry.register(
+            "npc_rejected_objects",
+            "Objects the agent cannot use (a policy that fails validation, a pod with a malformed address), by kind",
+            rejected.clone(),
+        );
+        let endpoints = Gauge::default();
+        registry.register("npc_endpoints", "Local pods with the datapath attached", endpoints.clone());
+        let identities = Gauge::default();
+        registry.register("npc_identities", "Distinct pod identities", identities.clone());
+        let map_entries = Family::<MapLabels, Gauge>::default();
+        registry.register("npc_map_entries", "Entries in each policy map", map_entries.clone());
+        let conntrack_entries = Gauge::default();
+        registry.register(
+            "npc_conntrack_entries",
+            "Tracked connections (LRU map)",
+            conntrack_entries.clone(),
+        );
+        let syncs = Counter::default();
+        registry.register("npc_syncs", "Compiles synced into the kernel maps", syncs.clone());
+        let sync_errors = Counter::default();
+        registry.register("npc_sync_errors", "Syncs that failed (retried)", sync_errors.clone());
+        let sync_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        registry.register(
+            "npc_sync_duration_seconds",
+            "Compile and map sync time",
+            sync_duration.clone(),
+        );
+        let map_writes = Counter::default();
+        registry.register("npc_map_writes", "Kernel map entries written or deleted", map_writes.clone());
+        let attach_errors = Counter::default();
+        registry.register(
+            "npc_attach_errors",
+            "Local pods whose interface could not be found or attached (retried)",
+            attach_errors.clone(),
+        );
+        let kube_errors = Family::<ResourceLabels, Counter>::default();
+        registry.register(
+            "npc_kube_watch_errors",
+            "Failed lists and watches (the last state stays enforced; retried with backoff)",
+            kube_errors.clone(),
+        );
+        let kube_gone = Family::<ResourceLabels, Counter>::default();
+        registry.register(
+            "npc_kube_watch_gone",
+            "Watches answered 410 Gone (too old a resourceVersion: relisted)",
+            kube_gone.clone(),
+        );
+        let kube_relists = Family::<ResourceLabels, Counter>::default();
+        registry.register("npc_kube_relists", "Full lists of a resource", kube_relists.clone());
+        Self {
+            inner: Arc::new(Inner {
+                registry,
+                blocked,
+                last_drops: Mutex::new(BTreeMap::new()),
+                policies,
+                rejected,
+                endpoints,
+                identities,
+                map_entries,
+                conntrack_entries,
+                syncs,
+                sync_errors,
+                sync_duration,
+                map_writes,
+                attach_errors,
+                kube_errors,
+                kube_gone,
+                kube_relists,
+                ready: AtomicBool::new(false),
+                heartbeat: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.inner.registry).expect("writing to a String cannot fail");
+        out
+    }
+
+    /// Adds what each kernel drop counter grew by since the last call.
+    pub fn observe_drops(&self, drops: &BTreeMap<DropKey, u64>) {
+        let mut last = self.inner.last_drops.lock().expect("not poisoned");
+        for (key, now) in drops {
+            let before = last.get(key).copied().unwrap_or(0);
+            // A counter that went down was reset (maps recreated): count it from zero.
+            let delta = if *now >= before { now - before } else { *now };
+            if delta > 0 {
+                self.inner.blocked.get_or_create(&blocked_labels(key)).inc_by(delta);
+            }
+            last.insert(*key, *now);
+        }
+    }
+
+    pub fn blocked(&self, protocol: &str, dport: u16, direction: &str) -> u64 {
+        self.inner
+            .blocked
+            .get_or_create(&BlockedLabels {
+                protocol: protocol.into(),
+                dport,
+                direction: direction.into(),
+            })
+            .get()
+    }
+
+    pub fn set_counts(&self, policies: usize, endpoints: usize, identities: usize) {
+        self.inner.policies.set(policies as i64);
+        self.inner.endpoints.set(endpoints as i64);
+        self.inner.identities.set(identities as i64);
+    }
+
+    pub fn set_rejected(&self, kind: &str, n: usize) {
+        self.inner
+            .rejected
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .set(n as i64);
+    }
+
+    pub fn set_map_entries(&self, map: &str, n: usize) {
+        self.inner
+            .map_entries
+            .get_or_create(&MapLabels { map: map.into() })
+            .set(n as i64);
+    }
+
+    pub fn set_conntrack_entries(&self, n: usize) {
+        self.inner.conntrack_entries.set(n as i64);
+    }
+
+    pub fn synced(&self, seconds: f64, writes: usize) {
+        self.inner.syncs.inc();
+        self.inner.sync_duration.observe(seconds);
+        self.inner.map_writes.inc_by(writes as u64);
+        self.inner.ready.store(true, Ordering::Relaxed);
+    }
+
+    pub fn sync_failed(&self) {
+        self.inner.sync_errors.inc();
+    }
+
+    pub fn attach_failed(&self) {
+        self.inner.attach_errors.inc();
+    }
+
+    pub fn kube_error(&self, resource: &str, gone: bool) {
+        let labels = ResourceLabels {
+            resource: resource.into(),
+        };
+        self.inner.kube_errors.get_or_create(&labels).inc();
+        if gone {
+            self.inner.kube_gone.get_or_create(&labels).inc();
+        }
+    }
+
+    pub fn kube_relist(&self, resource: &str) {
+        self.inner
+            .kube_relists
+            .get_or_create(&ResourceLabels {
+                resource: resource.into(),
+            })
+            .inc();
+    }
+
+    /// Ready once the first sync after the initial lists is done.
+    pub fn is_ready(&self) -> bool {
+        self.inner.ready.load(Ordering::Relaxed)
+    }
+
+    /// The agent loop calls this every turn; `/healthz` fails when it stops (a wedged loop).
+    pub fn beat(&self, unix_seconds: u64) {
+        self.inner.heartbeat.store(unix_seconds, Ordering::Relaxed);
+    }
+
+    pub fn last_beat(&self) -> u64 {
+        self.inner.heartbeat.load(Ordering::Relaxed)
+    }
+}
+
+fn blocked_labels(key: &DropKey) -> BlockedLabels {
+    BlockedLabels {
+        protocol: match key.protocol {
+            PROTO_TCP => "TCP".into(),
+            PROTO_UDP => "UDP".into(),
+            PROTO_SCTP => "SCTP".into(),
+            other => other.to_string(),
+        },
+        dport: key.dport,
+        direction: if key.direction == DIR_INGRESS { "ingress" } else { "egress" }.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocked_connections_follow_the_kernel_counters() {
+        let m = Metrics::new();
+        let key = DropKey {
+            direction: DIR_INGRESS,
+            protocol: PROTO_TCP,
+            dport: 80,
+        };
+        m.observe_drops(&[(key, 3)].into());
+        m.observe_drops(&[(key, 5)].into());
+        assert_eq!(m.blocked("TCP", 80, "ingress"), 5);
+        m.observe_drops(&[(key, 2)].into()); // reset underneath: counted from zero
+        assert_eq!(m.blocked("TCP", 80, "ingress"), 7);
+        let text = m.render();
+        assert!(
+            text.contains(r#"npc_blocked_connections_total{protocol="TCP",dport="80",direction="ingress"} 7"#),
+            "{text}"
+        );
+    }
+}
