@@ -1,5 +1,7 @@
 //! Helpers for the privileged tests: they run the real datapath in the real kernel.
 
+pub mod cluster;
+pub mod fake_api;
 pub mod scenario;
 
 /// Fails (never skips) when the test cannot do what it exists to do.

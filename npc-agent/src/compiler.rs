@@ -317,7 +317,10 @@ impl Compiler {
                 ids.insert(key.clone(), *old);
             }
         }
-        self.identities.next = taken.last().map_or(FIRST_POD_IDENTITY, |m| m + 1).max(self.identities.next);
+        self.identities.next = taken
+            .last()
+            .map_or(FIRST_POD_IDENTITY, |m| m + 1)
+            .max(self.identities.next);
         self.identities.ids = ids;
 
         let set_of: BTreeMap<u32, &BTreeSet<IpBlock>> =
@@ -1320,14 +1323,22 @@ mod tests {
     #[test]
     fn a_restarted_compiler_adopts_the_kernel_numbering() {
         let y = base()
-            + &np("a", "p", "  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.0.1.0/24]}}, {podSelector: {}}]}]\n");
+            + &np(
+                "a",
+                "p",
+                "  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.0.1.0/24]}}, {podSelector: {}}]}]\n",
+            );
         let s = state(&y);
         // The old agent saw another cluster first, so its numbers differ from a fresh compile's.
         let mut old = Compiler::default();
         old.compile(&state(&(base() + &pod("0z", "z", "app: z", "10.9.9.9"))));
         let before = old.compile(&s).maps;
         let mut restarted = Compiler::default();
-        assert_ne!(restarted.clone().compile(&s).maps, before, "numberings differ without adoption");
+        assert_ne!(
+            restarted.clone().compile(&s).maps,
+            before,
+            "numberings differ without adoption"
+        );
         restarted.adopt(&s, &before.identities, &before.cidrs);
         let after = restarted.compile(&s).maps;
         assert_eq!(after.identities, before.identities);

@@ -6,8 +6,8 @@
 //! grows with what policy needs, not with what the API server sends. Every change pings
 //! `changed`; the agent coalesces bursts into one compile.
 //!
-//! Errors never stop a watcher: kube-rs relists (after `410 Gone` too) and backs off (0.8 s,
-//! 1.6 s, 3.2 s ... capped); each error and each relist is logged and counted, and the stores keep
+//! Errors never stop a watcher: kube-rs relists (after `410 Gone` too) and we back off
+//! ([`AgentBackoff`]); each error and each relist is logged and counted, and the stores keep
 //! the last state meanwhile, so enforcement carries on unchanged.
 use std::{fmt::Debug, sync::mpsc::Sender};
 
@@ -49,7 +49,13 @@ impl KubeStores {
     /// event that changed a store.
     pub fn start(client: Client, changed: Sender<()>, metrics: Metrics) -> Self {
         Self {
-            pods: watch("pods", Api::all(client.clone()), strip_pod, changed.clone(), metrics.clone()),
+            pods: watch(
+                "pods",
+                Api::all(client.clone()),
+                strip_pod,
+                changed.clone(),
+                metrics.clone(),
+            ),
             namespaces: watch(
                 "namespaces",
                 Api::all(client.clone()),
@@ -85,13 +91,17 @@ impl KubeStores {
         for ns in self.namespaces.state() {
             match model::namespace_from_k8s(&ns) {
                 Ok(n) => loaded.namespaces.push(n),
-                Err(e) => loaded.errors.push(error(format!("Namespace {}", name_of(&*ns)), e.to_string())),
+                Err(e) => loaded
+                    .errors
+                    .push(error(format!("Namespace {}", name_of(&*ns)), e.to_string())),
             }
         }
         for pod in self.pods.state() {
             match model::pod_from_k8s(&pod, DEFAULT_NAMESPACE) {
                 Ok(p) => loaded.pods.push(p),
-                Err(e) => loaded.errors.push(error(format!("Pod {}", name_of(&*pod)), e.to_string())),
+                Err(e) => loaded
+                    .errors
+                    .push(error(format!("Pod {}", name_of(&*pod)), e.to_string())),
             }
         }
         for np in self.policies.state() {
@@ -115,19 +125,13 @@ fn name_of<K: Resource>(k: &K) -> String {
     )
 }
 
-fn watch<K>(
-    resource: &'static str,
-    api: Api<K>,
-    strip: fn(&mut K),
-    changed: Sender<()>,
-    metrics: Metrics,
-) -> Store<K>
+fn watch<K>(resource: &'static str, api: Api<K>, strip: fn(&mut K), changed: Sender<()>, metrics: Metrics) -> Store<K>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
     let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
+        .backoff(AgentBackoff::default())
         .modify(strip)
         .reflect(writer);
     tokio::spawn(async move {
@@ -155,6 +159,46 @@ where
         }
     });
     reader
+}
+
+/// Retry delays after a failed list or watch: 0.5 s doubling to 10 s, ±20% jitter, back to
+/// 0.5 s after a success. kube's default goes to 30 s; a node agent should catch up sooner once
+/// the API server is back, and the jitter keeps a fleet of agents from retrying in step.
+#[derive(Clone, Debug)]
+struct AgentBackoff {
+    next: std::time::Duration,
+}
+
+impl AgentBackoff {
+    const FIRST: std::time::Duration = std::time::Duration::from_millis(500);
+    const MAX: std::time::Duration = std::time::Duration::from_secs(10);
+}
+
+impl Default for AgentBackoff {
+    fn default() -> Self {
+        Self { next: Self::FIRST }
+    }
+}
+
+impl Iterator for AgentBackoff {
+    type Item = std::time::Duration;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let base = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        // Jitter from the clock's low bits: no need for a random number generator here.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let factor = 0.8 + f64::from(nanos % 1000) / 2500.0;
+        Some(base.mul_f64(factor))
+    }
+}
+
+impl kube::runtime::utils::Backoff for AgentBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
 }
 
 /// What the compiler reads of a pod: name, namespace, labels, node, hostNetwork, named

@@ -51,6 +51,9 @@ pub struct LabOptions {
     pub pod_cidr: Ipv4Net,
     pub pin_root: PathBuf,
     pub legacy_default_deny: bool,
+    /// Run the in-process agent (the default). Without it the lab is only the fabric (node,
+    /// bridge, pods, listeners): for tests that run `npc-agent run` against it instead.
+    pub enforce: bool,
     /// How long a probe waits before calling a connection blocked.
     pub probe_timeout: Duration,
 }
@@ -67,6 +70,7 @@ impl LabOptions {
             pod_cidr: "10.244.0.0/16".parse().expect("valid literal"),
             pin_root: Self::pin_root_of(tag),
             legacy_default_deny: false,
+            enforce: true,
             probe_timeout: Duration::from_millis(1500),
         }
     }
@@ -98,7 +102,8 @@ pub struct Lab {
     // Field order is drop order: listeners before the namespaces they live in.
     listeners: BTreeMap<ObjectRef, Listeners>,
     pods: BTreeMap<ObjectRef, LabPod>,
-    datapath: Datapath,
+    /// None when the lab does not enforce (`LabOptions::enforce`).
+    datapath: Option<Datapath>,
     attacher: Attacher,
     node: Netns,
     state: State,
@@ -126,8 +131,14 @@ impl Lab {
         let node_cidr = format!("{node_addr}/{}", opts.pod_cidr.prefix_len());
         netns::ip(&["-n", node.name(), "addr", "add", &node_cidr, "dev", "br0"])?;
         netns::ip(&["-n", node.name(), "link", "set", "br0", "up"])?;
-        let _ = std::fs::remove_dir_all(&opts.pin_root);
-        let datapath = Datapath::load(&opts.pin_root)?;
+        if opts.enforce {
+            let _ = std::fs::remove_dir_all(&opts.pin_root);
+        }
+        let datapath = if opts.enforce {
+            Some(Datapath::load(&opts.pin_root)?)
+        } else {
+            None
+        };
         // The node agent's view: netlink in the node namespace, as on a Kubernetes node.
         let attacher = node.run(Attacher::new)??;
         let state = State {
@@ -155,12 +166,13 @@ impl Lab {
         self.node_addr
     }
 
+    /// The in-process agent's datapath (panics for a lab made with `enforce: false`).
     pub fn datapath(&self) -> &Datapath {
-        &self.datapath
+        self.datapath.as_ref().expect("this lab does not enforce")
     }
 
     pub fn datapath_mut(&mut self) -> &mut Datapath {
-        &mut self.datapath
+        self.datapath.as_mut().expect("this lab does not enforce")
     }
 
     pub fn state(&self) -> &State {
@@ -190,7 +202,9 @@ impl Lab {
         for id in gone {
             self.listeners.remove(&id);
             if let Some(pod) = self.pods.remove(&id) {
-                let _ = self.datapath.detach(pod.ifindex);
+                if let Some(dp) = self.datapath.as_mut() {
+                    let _ = dp.detach(pod.ifindex);
+                }
             }
         }
         for pod in &loaded.pods {
@@ -229,7 +243,10 @@ impl Lab {
         self.state = state;
         let compiled = self.compiler.compile(&self.state);
         let ifindexes: BTreeMap<ObjectRef, u32> = self.pods.iter().map(|(k, p)| (k.clone(), p.ifindex)).collect();
-        Ok(self.datapath.sync(&compiled.maps, |pod| ifindexes.get(pod).copied())?)
+        match self.datapath.as_mut() {
+            Some(dp) => Ok(dp.sync(&compiled.maps, |pod| ifindexes.get(pod).copied())?),
+            None => Ok(SyncStats::default()),
+        }
     }
 
     /// A namespace, a veth into the bridge, addresses, listeners, and our programs on the veth.
@@ -293,8 +310,10 @@ impl Lab {
                 link.name
             )));
         }
-        let datapath = &mut self.datapath;
-        let ifindex = self.node.run(|| datapath.attach(&link.name))??;
+        let ifindex = match self.datapath.as_mut() {
+            Some(datapath) => self.node.run(|| datapath.attach(&link.name))??,
+            None => link.ifindex,
+        };
         self.pods.insert(pod.object_ref(), LabPod { ns, veth, ifindex });
         Ok(())
     }
@@ -358,11 +377,15 @@ impl Drop for Lab {
     fn drop(&mut self) {
         self.listeners.clear();
         let ifindexes: Vec<u32> = self.pods.values().map(|p| p.ifindex).collect();
-        for i in ifindexes {
-            let _ = self.datapath.detach(i);
+        if let Some(dp) = self.datapath.as_mut() {
+            for i in ifindexes {
+                let _ = dp.detach(i);
+            }
         }
         self.pods.clear();
-        let _ = std::fs::remove_dir_all(&self.opts.pin_root);
+        if self.datapath.is_some() {
+            let _ = std::fs::remove_dir_all(&self.opts.pin_root);
+        }
     }
 }
 

@@ -1,12 +1,13 @@
 //! npc: an eBPF NetworkPolicy enforcer. See the README and docs/ for the design.
+pub mod agent;
 pub mod attacher;
 pub mod compiler;
 pub mod datapath;
 pub mod explain;
 pub mod kube_source;
-pub mod metrics;
 pub mod lab;
 pub mod manifests;
+pub mod metrics;
 pub mod model;
 pub mod netns;
 pub mod packet;

@@ -29,6 +29,25 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The node agent: watch the cluster, enforce NetworkPolicy on this node's pods.
+    Run {
+        /// Kubeconfig file (else $KUBECONFIG, else the in-cluster service account).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// This node's name (spec.nodeName of the pods to enforce on); from the downward API.
+        #[arg(long, env = "NODE_NAME", required_unless_present = "uninstall")]
+        node_name: Option<String>,
+        #[arg(long, default_value = "0.0.0.0:9655")]
+        metrics_addr: std::net::SocketAddr,
+        #[arg(long, default_value = DEFAULT_PIN_ROOT)]
+        pin_root: PathBuf,
+        /// Honour the legacy `net.beta.kubernetes.io/network-policy` DefaultDeny annotation.
+        #[arg(long)]
+        legacy_default_deny: bool,
+        /// Remove everything npc put on this node (programs, links, maps) and exit.
+        #[arg(long)]
+        uninstall: bool,
+    },
     /// Run the real datapath on this host in network namespaces, no cluster needed.
     Lab {
         #[command(subcommand)]
@@ -171,6 +190,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             walkthrough::run(&dir, &mut std::io::stdout())
         }
         Command::Inspect { pin_root } => inspect(&pin_root),
+        Command::Run {
+            kubeconfig,
+            node_name,
+            metrics_addr,
+            pin_root,
+            legacy_default_deny,
+            uninstall,
+        } => {
+            if uninstall {
+                npc_agent::datapath::uninstall(&pin_root)?;
+                println!("removed {} (programs detached, maps gone)", pin_root.display());
+                return Ok(());
+            }
+            let stop = Arc::new(AtomicBool::new(false));
+            for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
+            }
+            npc_agent::agent::run(
+                npc_agent::agent::AgentOptions {
+                    kubeconfig,
+                    node_name: node_name.context("--node-name (or NODE_NAME) is required")?,
+                    metrics_addr,
+                    pin_root,
+                    legacy_default_deny,
+                    coalesce: Duration::from_millis(100),
+                    resync: Duration::from_secs(2),
+                },
+                stop,
+            )
+        }
         Command::Explain {
             manifests,
             from,

@@ -99,7 +99,11 @@ impl Metrics {
             rejected.clone(),
         );
         let endpoints = Gauge::default();
-        registry.register("npc_endpoints", "Local pods with the datapath attached", endpoints.clone());
+        registry.register(
+            "npc_endpoints",
+            "Local pods with the datapath attached",
+            endpoints.clone(),
+        );
         let identities = Gauge::default();
         registry.register("npc_identities", "Distinct pod identities", identities.clone());
         let map_entries = Family::<MapLabels, Gauge>::default();
@@ -121,7 +125,11 @@ impl Metrics {
             sync_duration.clone(),
         );
         let map_writes = Counter::default();
-        registry.register("npc_map_writes", "Kernel map entries written or deleted", map_writes.clone());
+        registry.register(
+            "npc_map_writes",
+            "Kernel map entries written or deleted",
+            map_writes.clone(),
+        );
         let attach_errors = Counter::default();
         registry.register(
             "npc_attach_errors",
@@ -281,7 +289,12 @@ fn blocked_labels(key: &DropKey) -> BlockedLabels {
             other => other.to_string(),
         },
         dport: key.dport,
-        direction: if key.direction == DIR_INGRESS { "ingress" } else { "egress" }.into(),
+        direction: if key.direction == DIR_INGRESS {
+            "ingress"
+        } else {
+            "egress"
+        }
+        .into(),
     }
 }
 

@@ -6,7 +6,7 @@
 //! Per packet, in this order (the first step that decides, decides):
 //!
 //! 1. `NPC_ENDPOINTS[ifindex]` missing → not a pod of ours → pass.
-//! 2. Non-IP (ARP, ...) → pass. ICMPv6 neighbour discovery → pass. ICMP errors → pass (they
+//! 2. Non-IP (ARP, ...) → pass. ICMPv6 neighbour and multicast listener discovery → pass. ICMP errors → pass (they
 //!    belong to a connection; see docs/datapath.md). Non-first IP fragments → pass (they carry no
 //!    ports and cannot be reassembled without the first fragment, which is judged).
 //!    A packet that cannot be parsed → drop if the pod is isolated in this direction, else pass.
@@ -583,7 +583,11 @@ fn parse(ctx: &TcContext, pkt: &mut Packet) -> Parsed {
                 // errors about a connection, needed for path MTU discovery.
                 (PROTO_ICMP, 3 | 11 | 12) | (PROTO_ICMPV6, 1..=4) => return Parsed::AlwaysPass,
                 // Neighbour discovery: router/neighbour solicitation and advertisement, redirect.
-                (PROTO_ICMPV6, 133..=137) => return Parsed::AlwaysPass,
+                // Multicast listener discovery (MLD queries, reports, done; MLDv2 reports): link
+                // control traffic the kernel sends by itself, flooded by bridges to every pod.
+                // Policy never meant to filter it, and counting it as "blocked connections" would
+                // only make the headline metric noisy.
+                (PROTO_ICMPV6, 130..=137 | 143) => return Parsed::AlwaysPass,
                 _ => {}
             }
         }

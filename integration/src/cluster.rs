@@ -1,0 +1,192 @@
+//! A one-node "cluster" for node-agent tests: the lab's fabric (node namespace, bridge, pods with
+//! listeners; no in-process agent), a fake API server inside the node namespace serving those
+//! pods, and the real agent (`npc-agent run`'s code, or the binary) enforcing on the node.
+use std::{
+    net::IpAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use npc_agent::{
+    agent::{self, AgentOptions},
+    lab::{Lab, LabOptions},
+    manifests,
+    metrics::Metrics,
+    model::{ObjectRef, Pod, Protocol},
+    netns,
+};
+use serde_json::{Value, json};
+
+use crate::{fake_api::FakeApi, require_root, tag, wait_for};
+
+pub const NODE: &str = "lab-node";
+
+pub struct Cluster {
+    // Drop order: the agent, then the API server, then the fabric.
+    agent: Option<(Arc<AtomicBool>, JoinHandle<anyhow::Result<()>>)>,
+    pub metrics: Metrics,
+    pub api: FakeApi,
+    pub lab: Lab,
+    pub dir: PathBuf,
+    pub pin_root: PathBuf,
+}
+
+/// The API objects for a lab's namespaces and pods (pods on [`NODE`], with their lab addresses).
+pub fn objects(lab: &Lab) -> Vec<Value> {
+    let state = lab.state();
+    let mut out: Vec<Value> = state
+        .namespaces
+        .values()
+        .map(|ns| {
+            json!({"apiVersion": "v1", "kind": "Namespace",
+                   "metadata": {"name": ns.name, "labels": ns.labels}})
+        })
+        .collect();
+    out.extend(state.pods.values().map(pod_object));
+    out
+}
+
+pub fn pod_object(pod: &Pod) -> Value {
+    let ports: Vec<Value> = pod
+        .ports
+        .iter()
+        .map(|p| {
+            let mut v = json!({"containerPort": p.port, "protocol": p.protocol.as_str()});
+            if let Some(name) = &p.name {
+                v["name"] = json!(name);
+            }
+            v
+        })
+        .collect();
+    let ips: Vec<Value> = pod.ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect();
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod.name, "namespace": pod.namespace, "labels": pod.labels,
+                     "creationTimestamp": "2026-01-01T00:00:00Z",
+                     "managedFields": [{"manager": "kubectl", "operation": "Apply"}],
+                     "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"}},
+        "spec": {"nodeName": NODE, "containers": [{"name": "c", "image": "busybox", "ports": ports}]},
+        "status": {"phase": "Running", "podIP": pod.ips.first().map(IpAddr::to_string), "podIPs": ips},
+    })
+}
+
+/// A NetworkPolicy (or any object) from YAML.
+pub fn yaml(text: &str) -> Value {
+    serde_yaml::from_str(text).expect("test YAML")
+}
+
+impl Cluster {
+    /// Builds the fabric for `manifests` (namespaces and pods; policies are the API's business)
+    /// and starts the fake API server in the node namespace, serving every namespace and pod
+    /// except those in `unannounced` (the test adds them later).
+    pub fn new(name: &str, yaml_text: &str, unannounced: &[&str]) -> Self {
+        require_root();
+        let name = tag(name);
+        let loaded = manifests::parse_str("cluster.yaml".as_ref(), yaml_text);
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        let mut opts = LabOptions::new(&name);
+        opts.enforce = false;
+        let lab = Lab::up(opts, &loaded).expect("lab fabric");
+        let api = netns::run_in(lab.node_netns(), FakeApi::start).expect("enter the node namespace");
+        for object in objects(&lab) {
+            let id = format!(
+                "{}/{}",
+                object["metadata"]["namespace"].as_str().unwrap_or(""),
+                object["metadata"]["name"].as_str().unwrap_or("")
+            );
+            if !unannounced.contains(&id.as_str()) {
+                api.apply(object);
+            }
+        }
+        let dir = std::env::temp_dir().join(&name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let pin_root = PathBuf::from(format!("/sys/fs/bpf/{name}"));
+        let _ = std::fs::remove_dir_all(&pin_root);
+        Self {
+            agent: None,
+            metrics: Metrics::new(),
+            api,
+            lab,
+            dir,
+            pin_root,
+        }
+    }
+
+    pub fn options(&self) -> AgentOptions {
+        AgentOptions {
+            kubeconfig: Some(self.api.kubeconfig(&self.dir)),
+            node_name: NODE.into(),
+            metrics_addr: "127.0.0.1:0".parse().expect("addr"),
+            pin_root: self.pin_root.clone(),
+            legacy_default_deny: false,
+            coalesce: Duration::from_millis(50),
+            resync: Duration::from_millis(500),
+        }
+    }
+
+    /// Runs the agent in-process, in the node namespace, and waits for its first sync.
+    pub fn start_agent(&mut self) {
+        let opts = self.options();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, m, node) = (stop.clone(), self.metrics.clone(), self.lab.node_netns().to_string());
+        let handle = std::thread::spawn(move || {
+            netns::enter(&node)?;
+            agent::run_with(opts, s, m)
+        });
+        self.agent = Some((stop, handle));
+        let metrics = self.metrics.clone();
+        assert!(
+            wait_for(Duration::from_secs(30), || metrics.is_ready()),
+            "the agent never became ready"
+        );
+    }
+
+    pub fn stop_agent(&mut self) {
+        if let Some((stop, handle)) = self.agent.take() {
+            stop.store(true, Ordering::Relaxed);
+            handle.join().expect("agent thread").expect("agent ran cleanly");
+        }
+    }
+
+    pub fn probe(&self, from: &str, to: &str, port: u16, protocol: Protocol) -> bool {
+        self.lab
+            .probe(
+                &ObjectRef::parse(from).expect("ns/name"),
+                &ObjectRef::parse(to).expect("ns/name"),
+                port,
+                protocol,
+            )
+            .expect("probe")
+    }
+
+    /// Waits until a probe gives `allowed` (the agent applies changes asynchronously).
+    pub fn expect(&self, what: &str, from: &str, to: &str, port: u16, allowed: bool) {
+        assert!(
+            wait_for(Duration::from_secs(20), || self.probe(from, to, port, Protocol::Tcp)
+                == allowed),
+            "{what}: {from} -> {to}:{port} never became {}",
+            if allowed { "allowed" } else { "blocked" }
+        );
+    }
+
+    pub fn pod(&self, id: &str) -> Pod {
+        self.lab.state().pods[&ObjectRef::parse(id).expect("ns/name")].clone()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some((stop, handle)) = self.agent.take() {
+            stop.store(true, Ordering::Relaxed);
+            let _ = handle.join();
+        }
+        let _ = npc_agent::datapath::uninstall(&self.pin_root);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

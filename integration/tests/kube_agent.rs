@@ -1,0 +1,211 @@
+//! The node agent against a fake API server that speaks the real list/watch protocol, driven by
+//! the real kube-rs client, enforcing on real pods (lab fabric) with real traffic.
+use std::time::Duration;
+
+use npc_agent::{
+    datapath::Datapath,
+    model::{ObjectRef, addr_bytes},
+};
+use npc_integration::{
+    cluster::{Cluster, pod_object, yaml},
+    fake_api::Kind,
+    wait_for,
+};
+use serde_json::json;
+
+const FABRIC: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {team: a}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: other, labels: {team: x}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, labels: {app: web}}
+spec: {containers: [{name: c, ports: [{containerPort: 80}, {containerPort: 8080}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop, labels: {app: client}}
+spec: {containers: [{name: c}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: late, namespace: shop, labels: {app: late}}
+spec: {containers: [{name: c}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: outsider, namespace: other, labels: {app: client}}
+spec: {containers: [{name: c}]}
+"#;
+
+const DENY: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: shop}\nspec: {podSelector: {}}\n";
+
+fn allow(name: &str, from: &str, port: u16) -> serde_json::Value {
+    yaml(&format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  podSelector: {{matchLabels: {{app: web}}}}\n  ingress: [{{from: [{from}], ports: [{{port: {port}}}]}}]\n"
+    ))
+}
+
+#[test]
+fn initial_list_then_every_kind_of_change_applies() {
+    let mut c = Cluster::new("kube", FABRIC, &["shop/late"]);
+    c.api.apply(yaml(DENY));
+    c.start_agent();
+    // The initial list's deny-all is enforced from the first sync.
+    c.expect("initial deny-all", "shop/client", "shop/web", 80, false);
+
+    // Policy added, updated, deleted.
+    c.api
+        .apply(allow("allow", "{podSelector: {matchLabels: {app: client}}}", 80));
+    c.expect("policy added", "shop/client", "shop/web", 80, true);
+    c.api
+        .apply(allow("allow", "{podSelector: {matchLabels: {app: client}}}", 8080));
+    c.expect("policy updated to 8080", "shop/client", "shop/web", 80, false);
+    c.expect("policy updated to 8080", "shop/client", "shop/web", 8080, true);
+
+    // Namespace relabel: a namespaceSelector starts to match.
+    c.api.apply(allow(
+        "from-team-y",
+        "{namespaceSelector: {matchLabels: {team: y}}}",
+        80,
+    ));
+    c.expect("team y not yet", "other/outsider", "shop/web", 80, false);
+    c.api.apply(json!({"apiVersion": "v1", "kind": "Namespace",
+                       "metadata": {"name": "other", "labels": {"team": "y"}}}));
+    c.expect("namespace relabelled team=y", "other/outsider", "shop/web", 80, true);
+
+    // Pod relabel.
+    let mut client = c.pod("shop/client");
+    client.labels.insert("app".into(), "nobody".into());
+    c.api.apply(pod_object(&client));
+    c.expect("client relabelled", "shop/client", "shop/web", 8080, false);
+
+    // Pod added (until then its address was nobody's), then deleted.
+    c.api
+        .apply(allow("from-late", "{podSelector: {matchLabels: {app: late}}}", 80));
+    c.expect("late not announced yet", "shop/late", "shop/web", 80, false);
+    c.api.apply(pod_object(&c.pod("shop/late")));
+    c.expect("late announced", "shop/late", "shop/web", 80, true);
+    let dp = Datapath::load(&c.pin_root).expect("open the agent's pinned maps");
+    let late_addr = addr_bytes(c.pod("shop/late").ips[0]);
+    let identities = dp.kernel_numbering().expect("read maps").0;
+    assert!(identities.contains_key(&late_addr), "late's address has an identity");
+    let endpoints_before = dp.endpoints().expect("endpoints").len();
+    c.api.delete(Kind::Pod, "shop", "late");
+    c.expect("late deleted", "shop/late", "shop/web", 80, false);
+    assert!(
+        wait_for(Duration::from_secs(10), || !dp
+            .kernel_numbering()
+            .expect("read maps")
+            .0
+            .contains_key(&late_addr)),
+        "late's identity entry is removed"
+    );
+    assert_eq!(
+        dp.endpoints().expect("endpoints").len(),
+        endpoints_before - 1,
+        "late's endpoint is gone"
+    );
+
+    // Policies deleted: everything open again.
+    for name in ["deny", "allow", "from-team-y", "from-late"] {
+        c.api.delete(Kind::NetworkPolicy, "shop", name);
+    }
+    c.expect("all policies deleted", "shop/client", "shop/web", 80, true);
+    let text = c.metrics.render();
+    assert!(text.contains("npc_blocked_connections_total{"), "{text}");
+    assert!(text.contains("npc_endpoints 3"), "{text}");
+    assert!(
+        !text.contains("protocol=\"58\""),
+        "link control traffic is not counted as blocked: {text}"
+    );
+    c.stop_agent();
+}
+
+#[test]
+fn dropped_watches_410_gone_and_an_api_outage_are_survived() {
+    let mut c = Cluster::new("outage", FABRIC, &[]);
+    c.api.apply(yaml(DENY));
+    c.start_agent();
+    c.expect("deny-all", "shop/client", "shop/web", 80, false);
+
+    // A watch dropped mid-stream: the next change still arrives.
+    c.api.disconnect();
+    c.api
+        .apply(allow("allow", "{podSelector: {matchLabels: {app: client}}}", 80));
+    c.expect("after a dropped watch", "shop/client", "shop/web", 80, true);
+
+    // History compacted and the watch dropped: resuming gets 410 Gone, the client relists.
+    let relists = |c: &Cluster| {
+        c.metrics
+            .render()
+            .lines()
+            .filter(|l| l.starts_with("npc_kube_relists_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    // While the agent cannot watch, a change lands and history is compacted past it: resuming
+    // the watch from the last version it saw gets 410 Gone, and the client relists.
+    let before = relists(&c);
+    c.api.set_down(true);
+    c.api
+        .apply(allow("allow", "{podSelector: {matchLabels: {app: client}}}", 8080));
+    c.api.compact();
+    c.api.set_down(false);
+    c.expect("after 410 Gone", "shop/client", "shop/web", 8080, true);
+    assert!(relists(&c) > before, "a relist was counted");
+    let text = c.metrics.render();
+    assert!(
+        text.contains("npc_kube_watch_gone_total{resource=\"networkpolicies\"}"),
+        "{text}"
+    );
+
+    // The API server goes away: enforcement stays as it was.
+    c.api.set_down(true);
+    assert!(
+        wait_for(Duration::from_secs(20), || c
+            .metrics
+            .render()
+            .contains("npc_kube_watch_errors_total{")),
+        "errors are counted while the API server is down"
+    );
+    assert!(c.probe("shop/client", "shop/web", 8080, npc_agent::model::Protocol::Tcp));
+    assert!(!c.probe("shop/client", "shop/web", 80, npc_agent::model::Protocol::Tcp));
+    // It comes back with changes made meanwhile (every policy deleted): they apply.
+    c.api.delete(Kind::NetworkPolicy, "shop", "deny");
+    c.api.delete(Kind::NetworkPolicy, "shop", "allow");
+    c.api.set_down(false);
+    c.expect("after the outage", "shop/client", "shop/web", 80, true);
+    c.stop_agent();
+}
+
+#[test]
+fn bad_objects_are_counted_and_everything_else_is_enforced() {
+    let mut c = Cluster::new("bad", FABRIC, &["shop/late"]);
+    c.api.apply(yaml(DENY));
+    // A policy the compiler rejects (the fake server, unlike a real one, does not validate).
+    c.api.apply(yaml("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: broken, namespace: shop}\nspec: {podSelector: {}, ingress: [{ports: [{port: 90, endPort: 80}]}]}\n"));
+    // A pod with a malformed address.
+    let mut late = pod_object(&c.pod("shop/late"));
+    late["status"]["podIP"] = json!("10.0.0.300");
+    late["status"]["podIPs"] = json!([{"ip": "10.0.0.300"}]);
+    c.api.apply(late);
+    c.api
+        .apply(allow("allow", "{podSelector: {matchLabels: {app: client}}}", 80));
+    c.start_agent();
+    c.expect("the good policies apply", "shop/client", "shop/web", 80, true);
+    c.expect("the deny-all applies", "other/outsider", "shop/web", 80, false);
+    let text = c.metrics.render();
+    assert!(
+        text.contains("npc_rejected_objects{kind=\"NetworkPolicy\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("npc_rejected_objects{kind=\"Pod\"} 1"), "{text}");
+    let _ = ObjectRef::new("shop", "late");
+    c.stop_agent();
+}
