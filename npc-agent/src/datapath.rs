@@ -214,6 +214,9 @@ impl Drop for LogPump {
     }
 }
 
+/// (address → identity, ipBlock prefix → class) as found in the kernel maps.
+pub type KernelNumbering = (BTreeMap<[u8; 16], u32>, BTreeMap<CidrKey, u32>);
+
 /// Counts of what a sync wrote.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SyncStats {
@@ -479,7 +482,7 @@ impl Datapath {
     }
 
     /// What the identities and ipBlock-class maps hold now (to adopt a previous agent's numbering).
-    pub fn kernel_numbering(&self) -> Result<(BTreeMap<[u8; 16], u32>, BTreeMap<CidrKey, u32>), DatapathError> {
+    pub fn kernel_numbering(&self) -> Result<KernelNumbering, DatapathError> {
         let identities = self.identities.iter().collect::<Result<_, _>>()?;
         let cidrs = self
             .cidrs

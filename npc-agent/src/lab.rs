@@ -201,10 +201,10 @@ impl Lab {
         let gone: Vec<ObjectRef> = self.pods.keys().filter(|p| !wanted.contains(*p)).cloned().collect();
         for id in gone {
             self.listeners.remove(&id);
-            if let Some(pod) = self.pods.remove(&id) {
-                if let Some(dp) = self.datapath.as_mut() {
-                    let _ = dp.detach(pod.ifindex);
-                }
+            if let Some(pod) = self.pods.remove(&id)
+                && let Some(dp) = self.datapath.as_mut()
+            {
+                let _ = dp.detach(pod.ifindex);
             }
         }
         for pod in &loaded.pods {
