@@ -128,7 +128,7 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), DatapathError> {
         };
         // SAFETY: statfs into a zeroed struct with a valid C string.
         let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-        (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0) && st.f_type == libc::BPF_FS_MAGIC
+        (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0) && i128::from(st.f_type) == i128::from(libc::BPF_FS_MAGIC)
     };
     let root = Path::new("/sys/fs/bpf");
     if !on_bpffs(root) {

@@ -75,14 +75,19 @@ fn the_daemonset_runs_everywhere_with_least_privilege() {
     let i = install();
     let ds = &i.daemonsets[0];
     let spec = ds.spec.as_ref().unwrap();
-    assert_eq!(spec.update_strategy.as_ref().unwrap().type_.as_deref(), Some("RollingUpdate"));
+    assert_eq!(
+        spec.update_strategy.as_ref().unwrap().type_.as_deref(),
+        Some("RollingUpdate")
+    );
     let pod = spec.template.spec.as_ref().unwrap();
     assert_eq!(pod.host_network, Some(true));
     assert_eq!(pod.priority_class_name.as_deref(), Some("system-node-critical"));
     assert_eq!(pod.service_account_name, i.service_accounts[0].metadata.name);
     let tolerations = pod.tolerations.as_deref().unwrap();
     assert!(
-        tolerations.iter().any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none() && t.effect.is_none()),
+        tolerations
+            .iter()
+            .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none() && t.effect.is_none()),
         "tolerates every taint"
     );
     let c = &pod.containers[0];
@@ -119,7 +124,9 @@ fn the_daemonset_runs_everywhere_with_least_privilege() {
     assert_eq!(volume.host_path.as_ref().unwrap().path, "/sys/fs/bpf");
     // Probes on the agent's health endpoints, resources set.
     let path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
-        p.as_ref().and_then(|p| p.http_get.as_ref()).and_then(|h| h.path.clone())
+        p.as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .and_then(|h| h.path.clone())
     };
     assert_eq!(path(&c.liveness_probe).as_deref(), Some("/healthz"));
     assert_eq!(path(&c.readiness_probe).as_deref(), Some("/readyz"));

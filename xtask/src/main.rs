@@ -31,6 +31,12 @@ enum Cmd {
     },
     /// Setup, then replay the seed walk-through in the lab.
     Demo,
+    /// Build the agent's container image without a Docker daemon: a static (musl) binary in an
+    /// otherwise empty image, written as an OCI archive (umoci) at target/npc-agent-image.tar.
+    Image,
+    /// Install only what building needs (nightly, rust-src, bpf-linker): for container builds,
+    /// where there is no root, BPF or bpffs to check.
+    SetupBuild,
     /// Setup, then the benchmarks: compile time, entries and memory at 1k/10k/50k pods, and
     /// nanoseconds per packet in the kernel (BPF_PROG_TEST_RUN).
     Bench {
@@ -45,12 +51,19 @@ fn main() -> anyhow::Result<()> {
         Cmd::BuildEbpf => build_ebpf(),
         Cmd::Test { args } => {
             setup()?;
-            test(&args)
+            // The image test checks a freshly built archive.
+            let archive = image()?;
+            test(&args, &archive)
         }
         Cmd::Demo => {
             setup()?;
             demo()
         }
+        Cmd::Image => {
+            setup_build()?;
+            image().map(|_| ())
+        }
+        Cmd::SetupBuild => setup_build(),
         Cmd::Bench { sizes } => {
             setup()?;
             bench(&sizes)
@@ -98,11 +111,107 @@ fn setup() -> anyhow::Result<()> {
         );
     }
     ensure_bpffs()?;
-    ensure_nightly()?;
-    ensure_bpf_linker()?;
+    setup_build()?;
     ensure_tool("ip", "iproute2")?;
+    ensure_tool("nsenter", "util-linux")?;
     step("ready");
     Ok(())
+}
+
+fn setup_build() -> anyhow::Result<()> {
+    ensure_nightly()?;
+    ensure_bpf_linker()
+}
+
+pub const IMAGE_TARGET: &str = "x86_64-unknown-linux-musl";
+
+/// Builds target/npc-agent-image.tar (an OCI archive) and returns its path.
+fn image() -> anyhow::Result<PathBuf> {
+    let root = workspace_root();
+    ensure_tool("musl-gcc", "musl-tools")?;
+    ensure_tool("umoci", "umoci")?;
+    let targets = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    if !targets.lines().any(|l| l.trim() == IMAGE_TARGET) {
+        step(&format!(
+            "adding the {IMAGE_TARGET} target (static binaries for the image)"
+        ));
+        run(Command::new("rustup").args(["target", "add", IMAGE_TARGET]))?;
+    }
+    step("building the static agent binary");
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "npc-agent",
+            "--bin",
+            "npc-agent",
+            "--target",
+            IMAGE_TARGET,
+        ])
+        .env(format!("CC_{}", IMAGE_TARGET.replace('-', "_")), "musl-gcc"))?;
+    let binary = root.join(format!("target/{IMAGE_TARGET}/release/npc-agent"));
+    let version = env!("CARGO_PKG_VERSION");
+
+    let work = root.join("target/image");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let layout = work.join("oci");
+    let image_ref = format!("{}:{version}", layout.display());
+    let bundle = work.join("bundle");
+    step("assembling the image with umoci");
+    run(Command::new("umoci").args(["init", "--layout"]).arg(&layout))?;
+    run(Command::new("umoci").args(["new", "--image", &image_ref]))?;
+    run(Command::new("umoci")
+        .args(["unpack", "--image", &image_ref])
+        .arg(&bundle))?;
+    let bin_dir = bundle.join("rootfs/usr/local/bin");
+    std::fs::create_dir_all(&bin_dir)?;
+    std::fs::copy(&binary, bin_dir.join("npc-agent")).context("copying the agent into the image")?;
+    run(Command::new("umoci")
+        .args(["repack", "--image", &image_ref])
+        .arg(&bundle))?;
+    run(Command::new("umoci").args([
+        "config",
+        "--image",
+        &image_ref,
+        "--os",
+        "linux",
+        "--architecture",
+        "amd64",
+        "--config.entrypoint",
+        "/usr/local/bin/npc-agent",
+        "--config.cmd",
+        "run",
+        // Root inside the container: pins under the host's /sys/fs/bpf are root's. The
+        // DaemonSet grants only BPF, NET_ADMIN and PERFMON on top.
+        "--config.user",
+        "0:0",
+        "--config.label",
+        "org.opencontainers.image.title=npc-agent",
+        "--config.label",
+        &format!("org.opencontainers.image.version={version}"),
+        "--config.label",
+        "org.opencontainers.image.description=eBPF Kubernetes NetworkPolicy enforcer (node agent)",
+        "--config.label",
+        "org.opencontainers.image.licenses=Apache-2.0",
+    ]))?;
+    run(Command::new("umoci").args(["gc", "--layout"]).arg(&layout))?;
+    let archive = root.join("target/npc-agent-image.tar");
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&layout)
+        .arg("-cf")
+        .arg(&archive)
+        .arg("."))?;
+    eprintln!(
+        "image: {}
+push it with: skopeo copy oci-archive:{} docker://REGISTRY/npc-agent:{version}",
+        archive.display(),
+        archive.display()
+    );
+    Ok(archive)
 }
 
 fn ensure_bpffs() -> anyhow::Result<()> {
@@ -245,7 +354,7 @@ fn build_ebpf() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn test(extra: &[String]) -> anyhow::Result<()> {
+fn test(extra: &[String], image_archive: &Path) -> anyhow::Result<()> {
     // Network-namespace tests share the host's bpffs and iproute2 state: one test thread keeps
     // their output readable and their timing honest on a 2-core machine.
     let mut child = Command::new("cargo")
@@ -260,6 +369,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
             "--test-threads=1",
         ])
         .args(extra)
+        .env("NPC_IMAGE_ARCHIVE", image_archive)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .context("running cargo test")?;
