@@ -209,3 +209,37 @@ fn bad_objects_are_counted_and_everything_else_is_enforced() {
     let _ = ObjectRef::new("shop", "late");
     c.stop_agent();
 }
+
+#[test]
+fn explain_reads_a_live_cluster() {
+    // No pods in namespaces here: explain only reads the API (host network namespace).
+    let api = npc_integration::fake_api::FakeApi::start();
+    let dir = std::env::temp_dir().join(npc_integration::tag("explain"));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    api.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}));
+    for (name, app, ip) in [("web", "web", "10.1.0.1"), ("client", "client", "10.1.0.2")] {
+        api.apply(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "shop", "labels": {"app": app}},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "ports": [{"containerPort": 80}]}]},
+            "status": {"phase": "Running", "podIP": ip}}));
+    }
+    api.apply(yaml(DENY));
+    api.apply(allow("allow", "{podSelector: {matchLabels: {app: client}}}", 80));
+    let kubeconfig = api.kubeconfig(&dir);
+    let explain = |from: &str, port: &str| {
+        let out = std::process::Command::new(npc_integration::npc_agent_bin())
+            .args(["explain", "--kubeconfig"])
+            .arg(&kubeconfig)
+            .args(["--from", from, "--to", "shop/web", "--port", port, "--output", "json"])
+            .output()
+            .expect("run explain");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("JSON")
+    };
+    let e = explain("shop/client", "80");
+    assert_eq!(e["allowed"], true);
+    assert_eq!(e["ingress"]["reason"], "shop/allow ingress[0]");
+    let e = explain("shop/client", "81");
+    assert_eq!(e["allowed"], false);
+    let _ = std::fs::remove_dir_all(&dir);
+}

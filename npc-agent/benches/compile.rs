@@ -280,4 +280,61 @@ fn main() {
         "(Δ = kernel map entries a sync writes or deletes for that change; model B/pod = heap of the compiler's \
          input per pod; peak = heap a full compile needs at its high-water mark)"
     );
+    store_memory();
+}
+
+/// What the agent's pod store costs per pod: a realistic Pod as the API server sends it, kept
+/// whole versus stripped the way the kube source strips it before storing.
+fn store_memory() {
+    let full = || -> k8s_openapi::api::core::v1::Pod {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {
+                "name": "catalogue-6d8b9c7f5-x2x9q", "namespace": "sock-shop", "uid": "0f4c6a4e-3b0e-4c1e-9a61-5d1b0b8f7e21",
+                "resourceVersion": "123456", "creationTimestamp": "2026-01-01T00:00:00Z", "generateName": "catalogue-6d8b9c7f5-",
+                "labels": {"name": "catalogue", "pod-template-hash": "6d8b9c7f5"},
+                "annotations": {"kubectl.kubernetes.io/restartedAt": "2026-01-01T00:00:00Z"},
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "catalogue-6d8b9c7f5", "uid": "x", "controller": true}],
+                "managedFields": [{"manager": "kube-controller-manager", "operation": "Update", "apiVersion": "v1", "time": "2026-01-01T00:00:00Z", "fieldsType": "FieldsV1", "fieldsV1": {"f:metadata": {"f:labels": {".": {}, "f:name": {}}}, "f:spec": {"f:containers": {"k:{\"name\":\"catalogue\"}": {".": {}, "f:image": {}, "f:ports": {}}}}}}]
+            },
+            "spec": {
+                "nodeName": "node-17", "serviceAccountName": "default", "restartPolicy": "Always",
+                "containers": [{"name": "catalogue", "image": "weaveworksdemos/catalogue:0.3.5", "command": ["/app"], "args": ["-port=80"],
+                                "ports": [{"containerPort": 80, "name": "http"}],
+                                "env": [{"name": "ZIPKIN", "value": "http://zipkin:9411/api/v1/spans"}],
+                                "resources": {"limits": {"cpu": "200m", "memory": "200Mi"}, "requests": {"cpu": "100m", "memory": "100Mi"}},
+                                "livenessProbe": {"httpGet": {"path": "/health", "port": 80}, "initialDelaySeconds": 300},
+                                "volumeMounts": [{"name": "kube-api-access", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": true}]}],
+                "volumes": [{"name": "kube-api-access", "projected": {"sources": [{"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}}]}}],
+                "tolerations": [{"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}]
+            },
+            "status": {
+                "phase": "Running", "podIP": "10.244.17.23", "podIPs": [{"ip": "10.244.17.23"}], "hostIP": "192.168.1.17",
+                "qosClass": "Burstable", "startTime": "2026-01-01T00:00:00Z",
+                "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+                "containerStatuses": [{"name": "catalogue", "ready": true, "restartCount": 0, "image": "weaveworksdemos/catalogue:0.3.5",
+                                       "imageID": "docker-pullable://weaveworksdemos/catalogue@sha256:abc", "containerID": "containerd://def",
+                                       "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}]
+            }
+        }))
+        .expect("a valid Pod")
+    };
+    const N: usize = 1000;
+    let (whole, _, whole_bytes) = measure(|| (0..N).map(|_| full()).collect::<Vec<_>>());
+    drop(whole);
+    let (stripped, _, stripped_bytes) = measure(|| {
+        (0..N)
+            .map(|_| {
+                let mut p = full();
+                npc_agent::kube_source::strip_pod(&mut p);
+                p
+            })
+            .collect::<Vec<_>>()
+    });
+    drop(stripped);
+    println!(
+        "agent pod store: {} B/pod as the API server sends a pod, {} B/pod stripped (kube_source::strip_pod)",
+        whole_bytes / N,
+        stripped_bytes / N
+    );
 }

@@ -203,7 +203,7 @@ impl kube::runtime::utils::Backoff for AgentBackoff {
 
 /// What the compiler reads of a pod: name, namespace, labels, node, hostNetwork, named
 /// container ports, addresses, phase, creation time.
-fn strip_pod(pod: &mut Pod) {
+pub fn strip_pod(pod: &mut Pod) {
     strip_meta(pod.meta_mut(), false);
     if let Some(spec) = pod.spec.take() {
         pod.spec = Some(PodSpec {

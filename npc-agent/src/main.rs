@@ -56,9 +56,12 @@ enum Command {
     /// Why is a connection allowed or blocked? Prints the verdict of each side and the policy
     /// rule behind it, computed from the same maps the datapath reads.
     Explain {
-        /// A directory of manifests (Namespaces, Pods, NetworkPolicies), as for `lab`.
+        /// A directory of manifests (Namespaces, Pods, NetworkPolicies), as for `lab`. Without
+        /// it, the cluster of --kubeconfig (else $KUBECONFIG, else in-cluster).
         #[arg(long)]
-        manifests: PathBuf,
+        manifests: Option<PathBuf>,
+        #[arg(long, conflicts_with = "manifests")]
+        kubeconfig: Option<PathBuf>,
         /// NAMESPACE/POD or an IP address.
         #[arg(long)]
         from: String,
@@ -222,6 +225,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Explain {
             manifests,
+            kubeconfig,
             from,
             to,
             port,
@@ -229,10 +233,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             lab,
             output,
         } => {
-            let loaded = load_manifests(&manifests)?;
-            // Pods without status.podIP get the addresses a lab would give them.
-            let pod_cidr = lab::parse_pod_cidr(&lab.pod_cidr).map_err(anyhow::Error::msg)?;
-            let state = lab::lab_state(&loaded, pod_cidr, lab.legacy_default_deny);
+            let state = match manifests {
+                Some(dir) => {
+                    let loaded = load_manifests(&dir)?;
+                    // Pods without status.podIP get the addresses a lab would give them.
+                    let pod_cidr = lab::parse_pod_cidr(&lab.pod_cidr).map_err(anyhow::Error::msg)?;
+                    lab::lab_state(&loaded, pod_cidr, lab.legacy_default_deny)
+                }
+                None => {
+                    let loaded = cluster_snapshot(kubeconfig.as_deref())?;
+                    for e in &loaded.errors {
+                        eprintln!("error: {e} (ignored)");
+                    }
+                    npc_agent::model::State {
+                        legacy_default_deny: lab.legacy_default_deny,
+                        ..loaded.to_state()
+                    }
+                }
+            };
             let from = Endpoint::parse(&from).map_err(|e| anyhow::anyhow!("--from: {e}"))?;
             let to = Endpoint::parse(&to).map_err(|e| anyhow::anyhow!("--to: {e}"))?;
             let protocol = Protocol::parse(&protocol).context("--protocol")?;
@@ -244,6 +262,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// One consistent read of the cluster's pods, namespaces and policies (the agent's own watchers,
+/// stopped after their first list).
+fn cluster_snapshot(kubeconfig: Option<&Path>) -> anyhow::Result<Loaded> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let client = npc_agent::agent::client(kubeconfig).await?;
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let stores = npc_agent::kube_source::KubeStores::start(client, tx, npc_agent::metrics::Metrics::new());
+        tokio::time::timeout(Duration::from_secs(30), stores.wait_until_ready())
+            .await
+            .context("the API server did not answer the lists within 30 s")??;
+        Ok(stores.snapshot())
+    })
 }
 
 fn require_root() -> anyhow::Result<()> {
