@@ -294,8 +294,29 @@ fn agent_restarts_lose_no_connection_and_let_nothing_through() {
     );
     assert!(http_get(&c, "/healthz").is_some_and(|r| r.contains(" 200 ")));
 
-    // Uninstall: everything npc put on the node goes; the blocked pair is no longer blocked.
+    // Another tool's TC program on the same interface (here: a second datapath under its own pin
+    // root, enforcing the same policy) must survive our uninstall.
     stop(&mut agent, libc::SIGTERM);
+    // (No dots: bpffs refuses names that contain one.)
+    let other_root = std::path::PathBuf::from(format!("{}-other-tool", c.pin_root.display()));
+    let (server_if, server_ifindex) = c.lab.veth(&"app/server".parse_ref()).expect("server veth");
+    let server_if = server_if.to_string();
+    let mut state = c.lab.state().clone();
+    let policies = npc_agent::manifests::parse_str("p.yaml".as_ref(), POLICY);
+    state.policies = policies.to_state().policies;
+    let compiled = npc_agent::compiler::compile(&state);
+    let server = "app/server".parse_ref();
+    let mut other = netns::run_in(c.lab.node_netns(), || {
+        let mut dp = npc_agent::datapath::Datapath::load(&other_root).expect("other tool loads");
+        dp.attach(&server_if).expect("other tool attaches");
+        dp
+    })
+    .expect("node namespace");
+    other
+        .sync(&compiled.maps, |p| (*p == server).then_some(server_ifindex))
+        .expect("other tool syncs");
+
+    // Uninstall: everything npc put on the node goes, nothing else.
     let out = Command::new(npc_agent_bin())
         .args(["run", "--uninstall", "--pin-root"])
         .arg(&c.pin_root)
@@ -303,8 +324,16 @@ fn agent_restarts_lose_no_connection_and_let_nothing_through() {
         .expect("run --uninstall");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!c.pin_root.exists(), "pins left after --uninstall");
+    assert!(
+        !other.attached_ifindexes().is_empty(),
+        "the other tool's link is still pinned"
+    );
+    c.expect("the other tool still enforces", "app/intruder", "app/server", 80, false);
+    c.expect("the other tool still enforces", "app/client", "app/server", 80, true);
+    drop(other);
+    npc_agent::datapath::uninstall(&other_root).expect("remove the other tool");
     c.expect(
-        "after uninstall nothing is enforced",
+        "after both are gone nothing is enforced",
         "app/intruder",
         "app/server",
         80,

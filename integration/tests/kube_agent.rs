@@ -26,6 +26,7 @@ apiVersion: v1
 kind: Pod
 metadata: {name: web, namespace: shop, labels: {app: web}}
 spec: {containers: [{name: c, ports: [{containerPort: 80}, {containerPort: 8080}]}]}
+status: {podIP: 10.244.0.100}
 ---
 apiVersion: v1
 kind: Pod
@@ -206,7 +207,6 @@ fn bad_objects_are_counted_and_everything_else_is_enforced() {
         "{text}"
     );
     assert!(text.contains("npc_rejected_objects{kind=\"Pod\"} 1"), "{text}");
-    let _ = ObjectRef::new("shop", "late");
     c.stop_agent();
 }
 
@@ -242,4 +242,44 @@ fn explain_reads_a_live_cluster() {
     let e = explain("shop/client", "81");
     assert_eq!(e["allowed"], false);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_recreated_interface_is_attached_again() {
+    let mut c = Cluster::new("recreate", FABRIC, &[]);
+    c.api.apply(yaml(DENY));
+    c.api
+        .apply(allow("allow", "{podSelector: {matchLabels: {app: client}}}", 80));
+    c.start_agent();
+    c.expect("before", "other/outsider", "shop/web", 80, false);
+    c.expect("before", "shop/client", "shop/web", 80, true);
+    let dp = Datapath::load(&c.pin_root).expect("open the agent's pinned maps");
+    let before: Vec<u32> = dp.endpoints().expect("endpoints").keys().copied().collect();
+
+    // The CNI tears the pod's veth down and makes a new one, same address: no API event at all.
+    let fabric = npc_agent::manifests::parse_str("f.yaml".as_ref(), FABRIC);
+    let mut without = fabric.clone();
+    without.pods.retain(|p| p.name != "web");
+    c.lab.apply(&without).expect("remove web's interface");
+    c.lab.apply(&fabric).expect("recreate web's interface");
+    assert!(
+        wait_for(Duration::from_secs(15), || {
+            let now: Vec<u32> = dp.endpoints().expect("endpoints").keys().copied().collect();
+            now.len() == before.len() && now != before
+        }),
+        "the new interface got an endpoint"
+    );
+    // The other pods still have web's old MAC cached; a real CNI's new veth announces itself,
+    // the lab's does not: forget the old one.
+    for pod in ["shop/client", "other/outsider"] {
+        let ns = c
+            .lab
+            .pod_netns(&ObjectRef::parse(pod).expect("ns/name"))
+            .expect("netns")
+            .to_string();
+        npc_agent::netns::ip(&["-n", &ns, "neigh", "flush", "all"]).expect("flush neighbours");
+    }
+    c.expect("after", "shop/client", "shop/web", 80, true);
+    c.expect("after", "other/outsider", "shop/web", 80, false);
+    c.stop_agent();
 }

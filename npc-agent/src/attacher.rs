@@ -8,6 +8,8 @@
 //!    pod's MAC, and the bridge's forwarding database gives the port that MAC was learned on.
 //!    When either is missing (nothing talked to the pod yet), one UDP datagram to the discard port
 //!    makes the kernel resolve the address and the pod's answer teaches the bridge; then retry.
+//!    A neighbour entry whose MAC no bridge port knows is stale (the address moved to a new pod
+//!    or veth): it is deleted once so that the kernel resolves the new owner.
 //!
 //! Nothing here changes an interface: attaching is the datapath's job, and it only ever attaches
 //! to what this returns.
@@ -102,9 +104,11 @@ impl Attacher {
         let bridge = link_name(&link);
         let start = Instant::now();
         let mut nudged = false;
+        let mut forgotten = false;
         loop {
-            if let Some(mac) = self.neighbour_mac(ip, oif).await?
-                && let Some(port) = self.fdb_port(&mac, oif).await?
+            let neighbour = self.neighbour(ip, oif).await?;
+            if let Some((_, mac)) = &neighbour
+                && let Some(port) = self.fdb_port(mac, oif).await?
             {
                 let port_link = self.link(port).await?;
                 return Ok(PodLink {
@@ -112,6 +116,18 @@ impl Attacher {
                     name: link_name(&port_link),
                     bridge: Some(bridge),
                 });
+            }
+            // A MAC the bridge does not know: the address now belongs to a new pod (or a new
+            // veth) and the node still remembers the old one. Forget it, once, so the next
+            // nudge resolves the new owner.
+            if let Some((entry, _)) = neighbour
+                && nudged
+                && !forgotten
+                && start.elapsed() >= Duration::from_millis(200)
+            {
+                let _ = self.handle.neighbours().del(entry).execute().await;
+                forgotten = true;
+                nudged = false;
             }
             if start.elapsed() >= wait {
                 return Err(AttachError::NotLearned {
@@ -185,7 +201,8 @@ impl Attacher {
             .ok_or(AttachError::Netlink(rtnetlink::Error::RequestFailed))
     }
 
-    async fn neighbour_mac(&self, ip: IpAddr, bridge: u32) -> Result<Option<Vec<u8>>, AttachError> {
+    /// The neighbour entry for `ip` on the bridge, with the MAC it holds.
+    async fn neighbour(&self, ip: IpAddr, bridge: u32) -> Result<Option<(NeighbourMessage, Vec<u8>)>, AttachError> {
         let family = if ip.is_ipv4() {
             AddressFamily::Inet
         } else {
@@ -208,10 +225,13 @@ impl Attacher {
             if !dst_matches || n.header.ifindex != bridge {
                 return None;
             }
-            n.attributes.into_iter().find_map(|a| match a {
-                NeighbourAttribute::LinkLayerAddress(mac) if mac.len() == 6 && mac != [0; 6] => Some(mac),
+            let mac = n.attributes.iter().find_map(|a| match a {
+                NeighbourAttribute::LinkLayerAddress(mac) if mac.len() == 6 && mac.as_slice() != [0; 6] => {
+                    Some(mac.clone())
+                }
                 _ => None,
-            })
+            })?;
+            Some((n, mac))
         }))
     }
 
