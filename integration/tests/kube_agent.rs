@@ -283,3 +283,26 @@ fn a_recreated_interface_is_attached_again() {
     c.expect("after", "other/outsider", "shop/web", 80, false);
     c.stop_agent();
 }
+
+#[test]
+fn a_burst_of_events_is_one_compile_not_a_hundred() {
+    let mut c = Cluster::new("burst", FABRIC, &[]);
+    c.api.apply(yaml(DENY));
+    c.start_agent();
+    let syncs = |c: &Cluster| {
+        c.metrics
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix("npc_syncs_total ")?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = syncs(&c);
+    for port in (1001..=1099).chain([8080]) {
+        c.api
+            .apply(allow("allow", "{podSelector: {matchLabels: {app: client}}}", port));
+    }
+    c.expect("the last of the burst applies", "shop/client", "shop/web", 8080, true);
+    let turns = syncs(&c) - before;
+    assert!(turns < 20, "100 policy updates took {turns} compiles");
+    c.stop_agent();
+}

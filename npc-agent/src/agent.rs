@@ -115,14 +115,18 @@ pub fn run_with(opts: AgentOptions, stop: Arc<AtomicBool>, metrics: Metrics) -> 
         compiler: Compiler::default(),
         adopted: false,
         links: BTreeMap::new(),
+        unattached: 0,
         metrics: metrics.clone(),
     };
     agent.turn();
     while !stop.load(Ordering::Relaxed) {
-        if wait_for_change(&changed, agent.opts.coalesce, agent.opts.resync, &stop) {
-            agent.turn();
-        } else {
-            agent.refresh_counters();
+        match wait_for_change(&changed, agent.opts.coalesce, agent.opts.resync, &stop) {
+            Wake::Changed => agent.turn(),
+            // No event: compile again only when an interface needs attaching (a pod that could
+            // not be attached yet, or whose interface was recreated); otherwise just counters.
+            Wake::Tick if agent.needs_attach() => agent.turn(),
+            Wake::Tick => agent.refresh_counters(),
+            Wake::Stop => break,
         }
     }
     tracing::info!("stopping; the datapath stays pinned and keeps enforcing");
@@ -136,27 +140,39 @@ async fn wait_for_flag(stop: &AtomicBool) {
     }
 }
 
-/// Waits for a change (true), coalescing a burst, or for the resync period (false).
-fn wait_for_change(changed: &Receiver<()>, coalesce: Duration, resync: Duration, stop: &AtomicBool) -> bool {
+enum Wake {
+    Changed,
+    Tick,
+    Stop,
+}
+
+/// Waits for a change (coalescing a burst into one), the resync period, or the stop flag.
+fn wait_for_change(changed: &Receiver<()>, coalesce: Duration, resync: Duration, stop: &AtomicBool) -> Wake {
     let deadline = Instant::now() + resync;
-    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+    while Instant::now() < deadline {
+        if stop.load(Ordering::Relaxed) {
+            return Wake::Stop;
+        }
         match changed.recv_timeout(Duration::from_millis(100).min(resync)) {
             Ok(()) => {
                 // A burst (a relist, a rollout) becomes one compile.
                 let quiet_until = Instant::now() + coalesce;
-                while Instant::now() < quiet_until {
-                    if changed.recv_timeout(quiet_until - Instant::now()).is_err() {
+                while let Some(left) = quiet_until.checked_duration_since(Instant::now()) {
+                    if changed.recv_timeout(left).is_err() {
                         break;
                     }
                 }
-                return true;
+                return Wake::Changed;
             }
             Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return false,
+            Err(RecvTimeoutError::Disconnected) => return Wake::Stop,
         }
     }
-    // A periodic turn too: interfaces may have been recreated without any API event.
-    !stop.load(Ordering::Relaxed)
+    if stop.load(Ordering::Relaxed) {
+        Wake::Stop
+    } else {
+        Wake::Tick
+    }
 }
 
 struct Agent<'a> {
@@ -168,6 +184,8 @@ struct Agent<'a> {
     adopted: bool,
     /// Local pods we attached to, and where.
     links: BTreeMap<ObjectRef, (IpAddr, PodLink)>,
+    /// Local pods with an address that could not be attached on the last turn.
+    unattached: usize,
     metrics: Metrics,
 }
 
@@ -210,6 +228,7 @@ impl Agent<'_> {
 
         // Attach to every local pod with an address; forget pods that are gone.
         let mut ifindexes: BTreeMap<ObjectRef, u32> = BTreeMap::new();
+        self.unattached = 0;
         for pod in compiled.maps.endpoints.keys() {
             let Some(ip) = state.pods.get(pod).and_then(|p| p.ips.first().copied()) else {
                 continue; // no address yet: attached when it gets one
@@ -219,6 +238,7 @@ impl Agent<'_> {
                     ifindexes.insert(pod.clone(), ifindex);
                 }
                 Err(e) => {
+                    self.unattached += 1;
                     self.metrics.attach_failed();
                     tracing::warn!(pod = %pod, %ip, error = %e, "cannot attach yet; retrying");
                 }
@@ -264,6 +284,16 @@ impl Agent<'_> {
             self.metrics.set_map_entries(map, n);
         }
         self.refresh_counters();
+    }
+
+    /// Whether a turn would attach something: a pod left unattached, or an interface we are
+    /// attached to that is gone or was replaced (same name, new index, or no longer there).
+    fn needs_attach(&self) -> bool {
+        self.unattached > 0
+            || self
+                .links
+                .values()
+                .any(|(_, link)| ifindex_of(&link.name) != Some(link.ifindex))
     }
 
     fn refresh_counters(&mut self) {
