@@ -120,6 +120,11 @@ fn initial_list_then_every_kind_of_change_applies() {
     c.expect("all policies deleted", "shop/client", "shop/web", 80, true);
     let text = c.metrics.render();
     assert!(text.contains("npc_blocked_connections_total{"), "{text}");
+    assert!(
+        text.contains("npc_verdict_events_total{kind=\"drop\",reason=\"policy\"}"),
+        "the observer drained drop events: {text}"
+    );
+    assert!(text.contains("npc_map_capacity{map=\"policy\"}"), "{text}");
     assert!(text.contains("npc_endpoints 3"), "{text}");
     assert!(
         !text.contains("protocol=\"58\""),

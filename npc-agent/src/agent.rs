@@ -35,6 +35,7 @@ use crate::{
     kube_source::KubeStores,
     metrics::Metrics,
     model::{ObjectRef, State},
+    observer::{Observer, SharedNames},
 };
 
 #[derive(Clone, Debug)]
@@ -94,6 +95,20 @@ pub fn run_with(opts: AgentOptions, stop: Arc<AtomicBool>, metrics: Metrics) -> 
     let mut datapath = Datapath::load(&opts.pin_root)
         .with_context(|| format!("loading the datapath under {}", opts.pin_root.display()))?;
     let attacher = Attacher::new().context("opening netlink")?;
+    let names = SharedNames::default();
+    let _observer = datapath
+        .take_events()
+        .map(|events| Observer::start(events, names.clone(), metrics.clone(), 10));
+    for (map, capacity) in [
+        ("endpoints", npc_common::capacity::ENDPOINTS),
+        ("identities", npc_common::capacity::IDENTITIES),
+        ("cidrs", npc_common::capacity::CIDRS),
+        ("policy", npc_common::capacity::POLICY),
+        ("port_ranges", npc_common::capacity::PORT_RANGES),
+        ("conntrack", npc_common::capacity::CONNTRACK),
+    ] {
+        metrics.set_map_capacity(map, capacity);
+    }
 
     // First sync only after every initial list: a partial view would drop allowed traffic.
     tracing::info!("waiting for the initial lists of pods, namespaces and network policies");
@@ -116,6 +131,7 @@ pub fn run_with(opts: AgentOptions, stop: Arc<AtomicBool>, metrics: Metrics) -> 
         adopted: false,
         links: BTreeMap::new(),
         unattached: 0,
+        names,
         metrics: metrics.clone(),
     };
     agent.turn();
@@ -186,6 +202,8 @@ struct Agent<'a> {
     links: BTreeMap<ObjectRef, (IpAddr, PodLink)>,
     /// Local pods with an address that could not be attached on the last turn.
     unattached: usize,
+    /// For the observer's log lines.
+    names: SharedNames,
     metrics: Metrics,
 }
 
@@ -255,6 +273,14 @@ impl Agent<'_> {
             }
         }
 
+        {
+            let mut names = self.names.write().expect("not poisoned");
+            names.by_addr = crate::compiler::address_owners(&state)
+                .into_iter()
+                .map(|(ip, pod)| (ip, pod.object_ref()))
+                .collect();
+            names.by_ifindex = ifindexes.iter().map(|(pod, i)| (*i, pod.clone())).collect();
+        }
         match self.datapath.sync(&compiled.maps, |pod| ifindexes.get(pod).copied()) {
             Ok(stats) => {
                 self.metrics
@@ -276,6 +302,7 @@ impl Agent<'_> {
         self.metrics
             .set_counts(state.policies.len(), ifindexes.len(), compiled.identities.len());
         for (map, n) in [
+            ("endpoints", ifindexes.len()),
             ("identities", compiled.maps.identities.len()),
             ("cidrs", compiled.maps.cidrs.len()),
             ("policy", compiled.maps.policy.len()),
@@ -304,6 +331,7 @@ impl Agent<'_> {
         }
         if let Ok(ct) = self.datapath.conntrack_entries() {
             self.metrics.set_conntrack_entries(ct.len());
+            self.metrics.set_map_entries("conntrack", ct.len());
         }
     }
 

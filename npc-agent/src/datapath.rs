@@ -15,7 +15,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, MapData, MapError, PerCpuHashMap,
+        Array, HashMap, MapData, MapError, PerCpuHashMap, RingBuf,
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
@@ -237,6 +237,8 @@ pub struct Datapath {
     conntrack: HashMap<MapData, ConntrackKey, ConntrackValue>,
     drops: PerCpuHashMap<MapData, DropKey, u64>,
     config: Array<MapData, Config>,
+    /// The verdict events ring buffer, until the observer takes it.
+    events: Option<RingBuf<MapData>>,
     _log: Option<LogPump>,
 }
 
@@ -274,6 +276,7 @@ impl Datapath {
             conntrack: take_map!(ebpf, map_names::CONNTRACK),
             drops: take_map!(ebpf, map_names::DROPS),
             config: take_map!(ebpf, map_names::CONFIG),
+            events: Some(take_map!(ebpf, map_names::EVENTS)),
             ebpf,
             pin_root: pin_root.to_path_buf(),
             _log: log,
@@ -479,6 +482,11 @@ impl Datapath {
             stats.epoch_bumped = true;
         }
         Ok(stats)
+    }
+
+    /// The verdict events ring buffer (for the observer; once).
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
     }
 
     /// What the identities and ipBlock-class maps hold now (to adopt a previous agent's numbering).

@@ -10,6 +10,7 @@ pub mod manifests;
 pub mod metrics;
 pub mod model;
 pub mod netns;
+pub mod observer;
 pub mod packet;
 pub mod policy;
 pub mod reference;

@@ -43,6 +43,12 @@ pub struct MapLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    pub kind: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: String,
 }
@@ -62,6 +68,8 @@ struct Inner {
     endpoints: Gauge,
     identities: Gauge,
     map_entries: Family<MapLabels, Gauge>,
+    map_capacity: Family<MapLabels, Gauge>,
+    verdict_events: Family<EventLabels, Counter>,
     conntrack_entries: Gauge,
     syncs: Counter,
     sync_errors: Counter,
@@ -108,6 +116,18 @@ impl Metrics {
         registry.register("npc_identities", "Distinct pod identities", identities.clone());
         let map_entries = Family::<MapLabels, Gauge>::default();
         registry.register("npc_map_entries", "Entries in each policy map", map_entries.clone());
+        let map_capacity = Family::<MapLabels, Gauge>::default();
+        registry.register(
+            "npc_map_capacity",
+            "Maximum entries of each map (pressure = npc_map_entries / npc_map_capacity)",
+            map_capacity.clone(),
+        );
+        let verdict_events = Family::<EventLabels, Counter>::default();
+        registry.register(
+            "npc_verdict_events",
+            "Verdict events read from the datapath's ring buffer (drops, audit-mode would-drops), by reason",
+            verdict_events.clone(),
+        );
         let conntrack_entries = Gauge::default();
         registry.register(
             "npc_conntrack_entries",
@@ -160,6 +180,8 @@ impl Metrics {
                 endpoints,
                 identities,
                 map_entries,
+                map_capacity,
+                verdict_events,
                 conntrack_entries,
                 syncs,
                 sync_errors,
@@ -225,6 +247,34 @@ impl Metrics {
             .map_entries
             .get_or_create(&MapLabels { map: map.into() })
             .set(n as i64);
+    }
+
+    pub fn set_map_capacity(&self, map: &str, n: u32) {
+        self.inner
+            .map_capacity
+            .get_or_create(&MapLabels { map: map.into() })
+            .set(i64::from(n));
+    }
+
+    pub fn verdict_event(&self, kind: u8, reason: u8) {
+        let kind = match kind {
+            npc_common::event_kind::DROP => "drop",
+            npc_common::event_kind::AUDIT => "audit",
+            _ => "other",
+        };
+        let reason = match reason {
+            npc_common::drop_reason::POLICY => "policy",
+            npc_common::drop_reason::UNPARSEABLE => "unparseable",
+            npc_common::drop_reason::POLICY_CHANGED => "policy_changed",
+            _ => "other",
+        };
+        self.inner
+            .verdict_events
+            .get_or_create(&EventLabels {
+                kind: kind.into(),
+                reason: reason.into(),
+            })
+            .inc();
     }
 
     pub fn set_conntrack_entries(&self, n: usize) {
