@@ -125,12 +125,23 @@ fn unknown_interface_passes_untouched() {
 }
 
 #[test]
-fn allowed_tcp_syn_passes_and_is_not_counted() {
+fn allowed_tcp_syn_passes_and_is_counted_as_allowed_not_dropped() {
     let mut fx = Fixture::new("allowed");
     fx.apply(POLICIES);
     let syn = packet::tcp(ip("10.0.0.20"), ip("10.0.0.10"), 40000, 80, TCP_SYN);
     assert_eq!(fx.run(Hook::ToPod, &syn), PASS);
     assert_eq!(fx.drops(DIR_INGRESS, PROTO_TCP, 80), 0);
+    assert_eq!(
+        fx.t.dp.allowed_connections().unwrap(),
+        (1, 0),
+        "one new connection at ingress"
+    );
+    // Its next packet is a conntrack hit, not a new connection; a denied one is not counted.
+    let ack = packet::tcp(ip("10.0.0.20"), ip("10.0.0.10"), 40000, 80, TCP_ACK);
+    assert_eq!(fx.run(Hook::ToPod, &ack), PASS);
+    let denied = packet::tcp(ip("10.0.0.99"), ip("10.0.0.10"), 40001, 80, TCP_SYN);
+    assert_eq!(fx.run(Hook::ToPod, &denied), SHOT);
+    assert_eq!(fx.t.dp.allowed_connections().unwrap(), (1, 0));
 }
 
 #[test]

@@ -125,6 +125,10 @@ fn initial_list_then_every_kind_of_change_applies() {
         "the observer drained drop events: {text}"
     );
     assert!(text.contains("npc_map_capacity{map=\"policy\"}"), "{text}");
+    assert!(
+        text.contains("npc_allowed_connections_total{direction=\"ingress\"}"),
+        "{text}"
+    );
     assert!(text.contains("npc_endpoints 3"), "{text}");
     assert!(
         !text.contains("protocol=\"58\""),

@@ -329,6 +329,9 @@ impl Agent<'_> {
         if let Ok(drops) = self.datapath.drops() {
             self.metrics.observe_drops(&drops);
         }
+        if let Ok(allowed) = self.datapath.allowed_connections() {
+            self.metrics.observe_allowed(allowed);
+        }
         if let Ok(ct) = self.datapath.conntrack_entries() {
             self.metrics.set_conntrack_entries(ct.len());
             self.metrics.set_map_entries("conntrack", ct.len());

@@ -15,7 +15,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, MapData, MapError, PerCpuHashMap, RingBuf,
+        Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf,
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
@@ -237,6 +237,7 @@ pub struct Datapath {
     conntrack: HashMap<MapData, ConntrackKey, ConntrackValue>,
     drops: PerCpuHashMap<MapData, DropKey, u64>,
     config: Array<MapData, Config>,
+    stats: PerCpuArray<MapData, u64>,
     /// The verdict events ring buffer, until the observer takes it.
     events: Option<RingBuf<MapData>>,
     _log: Option<LogPump>,
@@ -277,6 +278,7 @@ impl Datapath {
             drops: take_map!(ebpf, map_names::DROPS),
             config: take_map!(ebpf, map_names::CONFIG),
             events: Some(take_map!(ebpf, map_names::EVENTS)),
+            stats: take_map!(ebpf, map_names::STATS),
             ebpf,
             pin_root: pin_root.to_path_buf(),
             _log: log,
@@ -482,6 +484,15 @@ impl Datapath {
             stats.epoch_bumped = true;
         }
         Ok(stats)
+    }
+
+    /// New connections allowed so far, summed over CPUs: (at ingress, at egress).
+    pub fn allowed_connections(&self) -> Result<(u64, u64), DatapathError> {
+        let sum = |slot: u32| -> Result<u64, DatapathError> { Ok(self.stats.get(&slot, 0)?.iter().sum()) };
+        Ok((
+            sum(npc_common::stats::ALLOWED_INGRESS)?,
+            sum(npc_common::stats::ALLOWED_EGRESS)?,
+        ))
     }
 
     /// The verdict events ring buffer (for the observer; once).

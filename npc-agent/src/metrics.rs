@@ -33,6 +33,11 @@ pub struct BlockedLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResourceLabels {
     pub resource: String,
 }
@@ -63,6 +68,8 @@ struct Inner {
     registry: Registry,
     blocked: Family<BlockedLabels, Counter>,
     last_drops: Mutex<BTreeMap<DropKey, u64>>,
+    allowed: Family<DirectionLabels, Counter>,
+    last_allowed: Mutex<(u64, u64)>,
     policies: Gauge,
     rejected: Family<KindLabels, Gauge>,
     endpoints: Gauge,
@@ -97,6 +104,12 @@ impl Metrics {
             "npc_blocked_connections",
             "Connections (new flows) dropped by network policy",
             blocked.clone(),
+        );
+        let allowed = Family::<DirectionLabels, Counter>::default();
+        registry.register(
+            "npc_allowed_connections",
+            "New connections allowed and tracked, by the enforcement point that judged them",
+            allowed.clone(),
         );
         let policies = Gauge::default();
         registry.register("npc_policies", "NetworkPolicies enforced", policies.clone());
@@ -175,6 +188,8 @@ impl Metrics {
                 registry,
                 blocked,
                 last_drops: Mutex::new(BTreeMap::new()),
+                allowed,
+                last_allowed: Mutex::new((0, 0)),
                 policies,
                 rejected,
                 endpoints,
@@ -216,6 +231,23 @@ impl Metrics {
             }
             last.insert(*key, *now);
         }
+    }
+
+    /// Adds what the kernel's allowed-connection counters grew by since the last call.
+    pub fn observe_allowed(&self, (ingress, egress): (u64, u64)) {
+        let mut last = self.inner.last_allowed.lock().expect("not poisoned");
+        for (direction, now, before) in [("ingress", ingress, last.0), ("egress", egress, last.1)] {
+            let delta = if now >= before { now - before } else { now };
+            if delta > 0 {
+                self.inner
+                    .allowed
+                    .get_or_create(&DirectionLabels {
+                        direction: direction.into(),
+                    })
+                    .inc_by(delta);
+            }
+        }
+        *last = (ingress, egress);
     }
 
     pub fn blocked(&self, protocol: &str, dport: u16, direction: &str) -> u64 {

@@ -22,7 +22,8 @@ pub mod map_names {
     pub const DROPS: &str = "NPC_DROPS";
     pub const EVENTS: &str = "NPC_EVENTS";
     pub const CONFIG: &str = "NPC_CONFIG";
-    pub const ALL: [&str; 9] = [
+    pub const STATS: &str = "NPC_STATS";
+    pub const ALL: [&str; 10] = [
         ENDPOINTS,
         IDENTITIES,
         CIDRS,
@@ -32,7 +33,17 @@ pub mod map_names {
         DROPS,
         EVENTS,
         CONFIG,
+        STATS,
     ];
+}
+
+/// Slots of `NPC_STATS`, a per-CPU array of counters.
+pub mod stats {
+    /// New connections allowed (and tracked) at a pod's ingress.
+    pub const ALLOWED_INGRESS: u32 = 0;
+    /// New connections allowed (and tracked) at a pod's egress.
+    pub const ALLOWED_EGRESS: u32 = 1;
+    pub const COUNT: u32 = 4;
 }
 
 /// Program names, as the agent looks them up in the object.

@@ -33,7 +33,7 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
     maps::{
-        Array, HashMap, LruHashMap, PerCpuHashMap, RingBuf,
+        Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf,
         lpm_trie::{Key, LpmTrie},
     },
     programs::TcContext,
@@ -43,7 +43,7 @@ use npc_common::{
     CIDR_CLASS_BASE, Config, ConntrackKey, ConntrackValue, DIR_EGRESS, DIR_INGRESS, DropKey, EndpointInfo, PORT_ANY,
     PORT_RANGE_FIXED_BITS, PROTO_ANY, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyKey,
     PolicyValue, PortRangeKey, VerdictEvent, capacity, ct_state, ct_timeout, drop_reason, endpoint_flags, event_kind,
-    log_level, mode, peer,
+    log_level, mode, peer, stats,
 };
 
 #[map]
@@ -64,6 +64,8 @@ static NPC_DROPS: PerCpuHashMap<DropKey, u64> = PerCpuHashMap::pinned(capacity::
 static NPC_EVENTS: RingBuf = RingBuf::pinned(capacity::EVENTS_BYTES, 0);
 #[map]
 static NPC_CONFIG: Array<Config> = Array::pinned(1, 0);
+#[map]
+static NPC_STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -234,6 +236,15 @@ fn judge(ctx: &TcContext, hook: &Hook, pkt: &Packet) -> i32 {
     };
     if allowed(&query) == NOT_ALLOWED {
         return deny(ctx, hook, pkt, drop_reason::POLICY);
+    }
+    let slot = if direction == DIR_INGRESS {
+        stats::ALLOWED_INGRESS
+    } else {
+        stats::ALLOWED_EGRESS
+    };
+    if let Some(count) = NPC_STATS.get_ptr_mut(slot) {
+        // SAFETY: a per-CPU slot: no other CPU writes it, and this program is not re-entered.
+        unsafe { *count += 1 };
     }
     // A lone RST or a mid-stream packet of a connection we never saw (an agent upgrade, or
     // isolation switched on) still passes when policy allows it; track only what can continue.
