@@ -80,40 +80,53 @@ impl KubeStores {
     /// everything else is returned.
     pub fn snapshot(&self) -> Loaded {
         let mut loaded = Loaded::default();
-        let source = std::path::Path::new("kubernetes");
-        let error = |object: String, e: String| ManifestError {
-            file: source.to_path_buf(),
-            document: 0,
-            object: Some(object),
-            field: String::new(),
-            message: e,
-        };
-        for ns in self.namespaces.state() {
-            match model::namespace_from_k8s(&ns) {
-                Ok(n) => loaded.namespaces.push(n),
-                Err(e) => loaded
-                    .errors
-                    .push(error(format!("Namespace {}", name_of(&*ns)), e.to_string())),
-            }
-        }
-        for pod in self.pods.state() {
-            match model::pod_from_k8s(&pod, DEFAULT_NAMESPACE) {
-                Ok(p) => loaded.pods.push(p),
-                Err(e) => loaded
-                    .errors
-                    .push(error(format!("Pod {}", name_of(&*pod)), e.to_string())),
-            }
-        }
-        for np in self.policies.state() {
-            match Policy::from_k8s(&np, DEFAULT_NAMESPACE) {
-                Ok(p) => loaded.policies.push(p),
-                Err(e) => loaded
-                    .errors
-                    .push(error(format!("NetworkPolicy {}", name_of(&*np)), e.to_string())),
-            }
-        }
+        loaded.namespaces = convert(
+            &self.namespaces,
+            "Namespace",
+            model::namespace_from_k8s,
+            &mut loaded.errors,
+        );
+        loaded.pods = convert(
+            &self.pods,
+            "Pod",
+            |p| model::pod_from_k8s(p, DEFAULT_NAMESPACE),
+            &mut loaded.errors,
+        );
+        loaded.policies = convert(
+            &self.policies,
+            "NetworkPolicy",
+            |p| Policy::from_k8s(p, DEFAULT_NAMESPACE),
+            &mut loaded.errors,
+        );
         loaded
     }
+}
+
+/// Converts every object of a store; the ones that fail become errors naming kind, object and
+/// field (the error's own text), and the rest are returned.
+fn convert<K, T, E: std::fmt::Display>(
+    store: &Store<K>,
+    kind: &str,
+    f: impl Fn(&K) -> Result<T, E>,
+    errors: &mut Vec<ManifestError>,
+) -> Vec<T>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    let mut out = Vec::new();
+    for object in store.state() {
+        match f(&object) {
+            Ok(t) => out.push(t),
+            Err(e) => errors.push(ManifestError {
+                file: "kubernetes".into(),
+                document: 0,
+                object: Some(format!("{kind} {}", name_of(&*object))),
+                field: String::new(),
+                message: e.to_string(),
+            }),
+        }
+    }
+    out
 }
 
 fn name_of<K: Resource>(k: &K) -> String {
