@@ -40,6 +40,12 @@ impl TestDatapath {
     }
 }
 
+impl TestDatapath {
+    pub fn pin_root(&self) -> &std::path::Path {
+        &self.pin_root
+    }
+}
+
 impl Drop for TestDatapath {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.pin_root);

@@ -490,3 +490,60 @@ fn egress_policy_allows_only_its_destinations() {
     assert_eq!(fx.drops(DIR_EGRESS, PROTO_TCP, 8080), 1);
     assert_eq!(fx.drops(DIR_EGRESS, PROTO_TCP, 8081), 1);
 }
+
+#[test]
+fn inspect_decodes_every_map() {
+    let mut fx = Fixture::new("inspect");
+    fx.apply(POLICIES);
+    let syn = packet::tcp(ip("10.0.0.20"), ip("10.0.0.10"), 40000, 80, TCP_SYN);
+    assert_eq!(fx.run(Hook::ToPod, &syn), PASS);
+    let denied = packet::tcp(ip("10.0.0.99"), ip("10.0.0.10"), 40001, 81, TCP_SYN);
+    assert_eq!(fx.run(Hook::ToPod, &denied), SHOT);
+
+    let snap = npc_agent::inspect::Snapshot::read(&fx.t.dp, 10).expect("read the maps");
+    assert_eq!(snap.endpoints.len(), 1);
+    let server = &snap.endpoints[0];
+    assert_eq!((server.ifindex, server.addr), (1, ip("10.0.0.10")));
+    assert!(server.ingress_isolated && server.egress_isolated);
+    let client_id = snap
+        .identities
+        .iter()
+        .find(|i| i.addr == ip("10.0.0.20"))
+        .expect("the client's address has an identity")
+        .identity
+        .clone();
+    assert!(
+        snap.allows.iter().any(|a| a.identity == server.identity
+            && a.direction == "ingress"
+            && a.peer == format!("identity {client_id}")
+            && a.protocol == "TCP"
+            && a.ports == "80"),
+        "{:?}",
+        snap.allows
+    );
+    assert_eq!(snap.conntrack_total, 1);
+    assert_eq!(snap.conntrack[0].src, "10.0.0.20:40000");
+    assert_eq!(snap.conntrack[0].state, "syn-sent");
+    assert_eq!(snap.allowed_connections.ingress, 1);
+    assert!(snap.drops.iter().any(|d| d.dport == 81 && d.count == 1));
+
+    // The CLI prints the same, as a table and as JSON.
+    let out = std::process::Command::new(npc_integration::npc_agent_bin())
+        .args(["inspect", "--pin-root"])
+        .arg(fx.t.pin_root())
+        .output()
+        .expect("run inspect");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("isolated: ingress, egress") && text.contains("10.0.0.20:40000 -> 10.0.0.10:80 syn-sent"),
+        "{text}"
+    );
+    let out = std::process::Command::new(npc_integration::npc_agent_bin())
+        .args(["inspect", "--output", "json", "--pin-root"])
+        .arg(fx.t.pin_root())
+        .output()
+        .expect("run inspect");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["conntrack_total"], 1);
+}

@@ -217,6 +217,9 @@ impl Drop for LogPump {
 /// (address → identity, ipBlock prefix → class) as found in the kernel maps.
 pub type KernelNumbering = (BTreeMap<[u8; 16], u32>, BTreeMap<CidrKey, u32>);
 
+/// (exact allow entries, port-range entries as (prefix length, key, value)).
+pub type PolicyEntries = (Vec<(PolicyKey, PolicyValue)>, Vec<(u32, PortRangeKey, PolicyValue)>);
+
 /// Counts of what a sync wrote.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SyncStats {
@@ -493,6 +496,22 @@ impl Datapath {
             sum(npc_common::stats::ALLOWED_INGRESS)?,
             sum(npc_common::stats::ALLOWED_EGRESS)?,
         ))
+    }
+
+    /// Every allow entry: exact ones, and port ranges as (prefix length, key, value).
+    pub fn policy_entries(&self) -> Result<PolicyEntries, DatapathError> {
+        let exact = self.policy.iter().collect::<Result<_, _>>()?;
+        let ranges = self
+            .port_ranges
+            .iter()
+            .map(|r| r.map(|(k, v)| (k.prefix_len(), k.data(), v)))
+            .collect::<Result<_, _>>()?;
+        Ok((exact, ranges))
+    }
+
+    /// Whether a datapath is pinned under `pin_root` (without creating one).
+    pub fn is_pinned(pin_root: &Path) -> bool {
+        pin_root.join(map_names::ENDPOINTS).exists()
     }
 
     /// The verdict events ring buffer (for the observer; once).

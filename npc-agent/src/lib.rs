@@ -4,6 +4,7 @@ pub mod attacher;
 pub mod compiler;
 pub mod datapath;
 pub mod explain;
+pub mod inspect;
 pub mod kube_source;
 pub mod lab;
 pub mod manifests;

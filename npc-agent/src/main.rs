@@ -16,7 +16,7 @@ use npc_agent::{
     explain::{self, Endpoint},
     lab::{self, Lab, LabOptions, LabRecord, Probe},
     manifests::{self, Loaded},
-    model::{Protocol, addr_from_bytes},
+    model::Protocol,
     walkthrough,
 };
 
@@ -77,10 +77,16 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         output: Output,
     },
-    /// Decoded dump of the pinned maps.
+    /// The pinned maps, decoded: endpoints, identities, ipBlock classes, allow entries,
+    /// tracked connections, counters.
     Inspect {
         #[arg(long, default_value = DEFAULT_PIN_ROOT)]
         pin_root: PathBuf,
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
+        /// List at most this many tracked connections (all are counted).
+        #[arg(long, default_value_t = 50)]
+        conntrack_limit: usize,
     },
 }
 
@@ -192,7 +198,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             require_root()?;
             walkthrough::run(&dir, &mut std::io::stdout())
         }
-        Command::Inspect { pin_root } => inspect(&pin_root),
+        Command::Inspect {
+            pin_root,
+            output,
+            conntrack_limit,
+        } => inspect(&pin_root, output, conntrack_limit),
         Command::Run {
             kubeconfig,
             node_name,
@@ -438,30 +448,19 @@ fn print_probes(probes: &[Probe], output: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn inspect(pin_root: &Path) -> anyhow::Result<()> {
+fn inspect(pin_root: &Path, output: Output, conntrack_limit: usize) -> anyhow::Result<()> {
+    if !Datapath::is_pinned(pin_root) {
+        bail!(
+            "nothing is pinned under {}: is the agent running there (see its --pin-root)?",
+            pin_root.display()
+        );
+    }
     let dp =
         Datapath::load(pin_root).with_context(|| format!("opening the maps pinned under {}", pin_root.display()))?;
-    let config = dp.config()?;
-    println!(
-        "config: log_level={} mode={} epoch={}",
-        config.log_level, config.mode, config.epoch
-    );
-    println!("endpoints:");
-    for (ifindex, ep) in dp.endpoints()? {
-        println!(
-            "  ifindex {ifindex}: identity {} flags {:#x} addr {}",
-            ep.identity,
-            ep.flags,
-            addr_from_bytes(ep.addr)
-        );
+    let snapshot = npc_agent::inspect::Snapshot::read(&dp, conntrack_limit)?;
+    match output {
+        Output::Table => print!("{snapshot}"),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&snapshot)?),
     }
-    println!("drops:");
-    for (k, count) in dp.drops()? {
-        println!(
-            "  direction {} protocol {} dport {}: {count}",
-            k.direction, k.protocol, k.dport
-        );
-    }
-    println!("conntrack: {} entries", dp.conntrack_entries()?.len());
     Ok(())
 }
