@@ -156,29 +156,26 @@ fn agent_restarts_lose_no_connection_and_let_nothing_through() {
             if unsafe { libc::poll(&mut pfd, 1, 100) } <= 0 {
                 continue;
             }
-            match listener.accept() {
-                Ok((mut conn, _)) => {
-                    let s = s.clone();
-                    std::thread::spawn(move || {
-                        let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
-                        let mut buf = [0u8; 64];
-                        while !s.load(Ordering::Relaxed) {
-                            match conn.read(&mut buf) {
-                                Ok(0) => break,
-                                Ok(n) => {
-                                    if conn.write_all(&buf[..n]).is_err() {
-                                        break;
-                                    }
+            if let Ok((mut conn, _)) = listener.accept() {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
+                    let mut buf = [0u8; 64];
+                    while !s.load(Ordering::Relaxed) {
+                        match conn.read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(n) => {
+                                if conn.write_all(&buf[..n]).is_err() {
+                                    break;
                                 }
-                                Err(e)
-                                    if e.kind() == std::io::ErrorKind::WouldBlock
-                                        || e.kind() == std::io::ErrorKind::TimedOut => {}
-                                Err(_) => break,
                             }
+                            Err(e)
+                                if e.kind() == std::io::ErrorKind::WouldBlock
+                                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+                            Err(_) => break,
                         }
-                    });
-                }
-                Err(_) => {}
+                    }
+                });
             }
         }
     });
