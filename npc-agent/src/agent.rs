@@ -275,10 +275,7 @@ impl Agent<'_> {
 
         {
             let mut names = self.names.write().expect("not poisoned");
-            names.by_addr = crate::compiler::address_owners(&state)
-                .into_iter()
-                .map(|(ip, pod)| (ip, pod.object_ref()))
-                .collect();
+            names.by_addr = compiled.address_owners.clone();
             names.by_ifindex = ifindexes.iter().map(|(pod, i)| (*i, pod.clone())).collect();
         }
         match self.datapath.sync(&compiled.maps, |pod| ifindexes.get(pod).copied()) {

@@ -142,6 +142,8 @@ pub struct Compiled {
     pub identities: BTreeMap<u32, IdentityKey>,
     /// Each policy pod's identity (the one of its first address; the one its endpoint carries).
     pub pod_identity: BTreeMap<ObjectRef, u32>,
+    /// Which pod owns each address ([`address_owners`]).
+    pub address_owners: BTreeMap<IpAddr, ObjectRef>,
 }
 
 impl Compiled {
@@ -384,6 +386,7 @@ impl Compiler {
                 .map(|(_, k)| k)
                 .expect("every address of a policy pod has a key");
             out.maps.identities.insert(addr_bytes(ip), ids[key]);
+            out.address_owners.insert(ip, pod.object_ref());
         }
         for ip in &state.node_addrs {
             out.maps.identities.insert(addr_bytes(*ip), peer::HOST);
