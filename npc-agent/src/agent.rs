@@ -132,6 +132,7 @@ pub fn run_with(opts: AgentOptions, stop: Arc<AtomicBool>, metrics: Metrics) -> 
         links: BTreeMap::new(),
         unattached: 0,
         names,
+        conntrack_counted: None,
         metrics: metrics.clone(),
     };
     agent.turn();
@@ -155,6 +156,9 @@ async fn wait_for_flag(stop: &AtomicBool) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// How often the agent counts the conntrack table for `npc_map_entries{map="conntrack"}`.
+const CONNTRACK_COUNT_EVERY: Duration = Duration::from_secs(30);
 
 enum Wake {
     Changed,
@@ -204,6 +208,8 @@ struct Agent<'a> {
     unattached: usize,
     /// For the observer's log lines.
     names: SharedNames,
+    /// When the conntrack table was last counted.
+    conntrack_counted: Option<Instant>,
     metrics: Metrics,
 }
 
@@ -329,9 +335,13 @@ impl Agent<'_> {
         if let Ok(allowed) = self.datapath.allowed_connections() {
             self.metrics.observe_allowed(allowed);
         }
-        if let Ok(ct) = self.datapath.conntrack_entries() {
-            self.metrics.set_conntrack_entries(ct.len());
-            self.metrics.set_map_entries("conntrack", ct.len());
+        // Counting the conntrack table walks all of it (up to 262k entries): not on every turn.
+        let due = self
+            .conntrack_counted
+            .is_none_or(|at| at.elapsed() >= CONNTRACK_COUNT_EVERY);
+        if due && let Ok(n) = self.datapath.conntrack_count() {
+            self.metrics.set_map_entries("conntrack", n);
+            self.conntrack_counted = Some(Instant::now());
         }
     }
 

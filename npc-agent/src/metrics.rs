@@ -77,7 +77,6 @@ struct Inner {
     map_entries: Family<MapLabels, Gauge>,
     map_capacity: Family<MapLabels, Gauge>,
     verdict_events: Family<EventLabels, Counter>,
-    conntrack_entries: Gauge,
     syncs: Counter,
     sync_errors: Counter,
     sync_duration: Histogram,
@@ -141,12 +140,6 @@ impl Metrics {
             "Verdict events read from the datapath's ring buffer (drops, audit-mode would-drops), by reason",
             verdict_events.clone(),
         );
-        let conntrack_entries = Gauge::default();
-        registry.register(
-            "npc_conntrack_entries",
-            "Tracked connections (LRU map)",
-            conntrack_entries.clone(),
-        );
         let syncs = Counter::default();
         registry.register("npc_syncs", "Compiles synced into the kernel maps", syncs.clone());
         let sync_errors = Counter::default();
@@ -197,7 +190,6 @@ impl Metrics {
                 map_entries,
                 map_capacity,
                 verdict_events,
-                conntrack_entries,
                 syncs,
                 sync_errors,
                 sync_duration,
@@ -307,10 +299,6 @@ impl Metrics {
                 reason: reason.into(),
             })
             .inc();
-    }
-
-    pub fn set_conntrack_entries(&self, n: usize) {
-        self.inner.conntrack_entries.set(n as i64);
     }
 
     pub fn synced(&self, seconds: f64, writes: usize) {
