@@ -131,10 +131,8 @@ impl Lab {
         let node_cidr = format!("{node_addr}/{}", opts.pod_cidr.prefix_len());
         netns::ip(&["-n", node.name(), "addr", "add", &node_cidr, "dev", "br0"])?;
         netns::ip(&["-n", node.name(), "link", "set", "br0", "up"])?;
-        if opts.enforce {
-            let _ = std::fs::remove_dir_all(&opts.pin_root);
-        }
         let datapath = if opts.enforce {
+            let _ = std::fs::remove_dir_all(&opts.pin_root);
             Some(Datapath::load(&opts.pin_root)?)
         } else {
             None
