@@ -1,0 +1,290 @@
+//! What the compiler needs to know of the cluster, stripped of everything else.
+//!
+//! Sources (files, kube) turn Kubernetes objects into these; the compiler never sees a raw object.
+use std::{collections::BTreeMap, fmt, net::IpAddr};
+
+use k8s_openapi::api::core::v1::{Namespace as K8sNamespace, Pod as K8sPod};
+
+use crate::policy::Policy;
+
+pub type Labels = BTreeMap<String, String>;
+
+/// `namespace/name`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectRef {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// Parses `ns/name`.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (ns, name) = s.split_once('/')?;
+        (!ns.is_empty() && !name.is_empty()).then(|| Self::new(ns, name))
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: Labels,
+    pub annotations: Labels,
+}
+
+impl Namespace {
+    /// The API server adds `kubernetes.io/metadata.name` to every namespace; files may not.
+    pub fn new(name: impl Into<String>, mut labels: Labels, annotations: Labels) -> Self {
+        let name = name.into();
+        labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.clone());
+        Self {
+            name,
+            labels,
+            annotations,
+        }
+    }
+}
+
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// A protocol a port can be declared or allowed for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "TCP" => Some(Self::Tcp),
+            "UDP" => Some(Self::Udp),
+            "SCTP" => Some(Self::Sctp),
+            _ => None,
+        }
+    }
+
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => npc_common::PROTO_TCP,
+            Self::Udp => npc_common::PROTO_UDP,
+            Self::Sctp => npc_common::PROTO_SCTP,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
+        }
+    }
+
+    /// The protocol whose IP protocol number is `n`, when it is one a NetworkPolicy can name.
+    pub fn from_number(n: u8) -> Option<Self> {
+        [Self::Tcp, Self::Udp, Self::Sctp].into_iter().find(|p| p.number() == n)
+    }
+}
+
+/// The name of IP protocol number `n` ("TCP", "UDP", "SCTP") as the agent prints it in logs,
+/// metrics and `inspect`; `None` for a protocol a NetworkPolicy cannot name.
+pub fn protocol_name(n: u8) -> Option<&'static str> {
+    Protocol::from_number(n).map(Protocol::as_str)
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A container port a pod declares.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ContainerPort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub labels: Labels,
+    pub ips: Vec<IpAddr>,
+    pub node: Option<String>,
+    pub host_network: bool,
+    /// Succeeded or Failed pods hold no address that policy should care about.
+    pub terminated: bool,
+    pub ports: Vec<ContainerPort>,
+    /// `metadata.creationTimestamp` in Unix seconds (0 when absent, as in hand-written files):
+    /// when two pods claim one address, the newest owns it.
+    pub created: i64,
+}
+
+impl Pod {
+    pub fn object_ref(&self) -> ObjectRef {
+        ObjectRef::new(&self.namespace, &self.name)
+    }
+}
+
+/// Everything the compiler reads.
+#[derive(Clone, Debug, Default)]
+pub struct State {
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub pods: BTreeMap<ObjectRef, Pod>,
+    pub policies: BTreeMap<ObjectRef, Policy>,
+    /// Addresses of this node: traffic from them to a local pod is always allowed.
+    pub node_addrs: Vec<IpAddr>,
+    /// Which pods are local: `None` = all (the lab), `Some(node)` = those with `spec.nodeName == node`.
+    pub node_name: Option<String>,
+    /// Honour the pre-v1 `net.beta.kubernetes.io/network-policy` DefaultDeny namespace annotation.
+    pub legacy_default_deny: bool,
+}
+
+impl State {
+    pub fn is_local(&self, pod: &Pod) -> bool {
+        match &self.node_name {
+            None => true,
+            Some(node) => pod.node.as_deref() == Some(node.as_str()),
+        }
+    }
+}
+
+/// A Kubernetes object turned into the model was not usable.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ObjectError {
+    #[error("{field}: {message}")]
+    Field { field: String, message: String },
+}
+
+fn field_err(field: impl Into<String>, message: impl Into<String>) -> ObjectError {
+    ObjectError::Field {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+pub fn namespace_from_k8s(ns: &K8sNamespace) -> Result<Namespace, ObjectError> {
+    let name = ns
+        .metadata
+        .name
+        .clone()
+        .ok_or_else(|| field_err("metadata.name", "missing"))?;
+    Ok(Namespace::new(
+        name,
+        ns.metadata.labels.clone().unwrap_or_default(),
+        ns.metadata.annotations.clone().unwrap_or_default(),
+    ))
+}
+
+/// Converts a Pod. `default_namespace` applies when the object has none (files).
+pub fn pod_from_k8s(pod: &K8sPod, default_namespace: &str) -> Result<Pod, ObjectError> {
+    let name = pod
+        .metadata
+        .name
+        .clone()
+        .ok_or_else(|| field_err("metadata.name", "missing"))?;
+    let namespace = pod
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| default_namespace.to_string());
+    let spec = pod.spec.as_ref();
+    let mut ports = Vec::new();
+    for (c, container) in spec
+        .map(|s| s.containers.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        for (p, port) in container.ports.as_deref().unwrap_or_default().iter().enumerate() {
+            let field = format!("spec.containers[{c}].ports[{p}]");
+            let number = u16::try_from(port.container_port)
+                .ok()
+                .filter(|n| *n != 0)
+                .ok_or_else(|| {
+                    field_err(
+                        format!("{field}.containerPort"),
+                        format!("{} is not a port (1-65535)", port.container_port),
+                    )
+                })?;
+            let protocol = match port.protocol.as_deref() {
+                None => Protocol::Tcp,
+                Some(s) => Protocol::parse(s).ok_or_else(|| {
+                    field_err(
+                        format!("{field}.protocol"),
+                        format!("unknown protocol {s:?} (TCP, UDP or SCTP)"),
+                    )
+                })?,
+            };
+            ports.push(ContainerPort {
+                name: port.name.clone(),
+                port: number,
+                protocol,
+            });
+        }
+    }
+    let status = pod.status.as_ref();
+    let mut ips = Vec::new();
+    let listed: Vec<(String, String)> = match status.and_then(|s| s.pod_ips.as_ref()) {
+        Some(list) if !list.is_empty() => list
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| (format!("status.podIPs[{i}].ip"), ip.ip.clone()))
+            .collect(),
+        _ => status
+            .and_then(|s| s.pod_ip.clone())
+            .map(|ip| vec![("status.podIP".to_string(), ip)])
+            .unwrap_or_default(),
+    };
+    for (field, ip) in listed {
+        let addr: IpAddr = ip
+            .parse()
+            .map_err(|_| field_err(field, format!("{ip:?} is not an IP address")))?;
+        if !ips.contains(&addr) {
+            ips.push(addr);
+        }
+    }
+    let phase = status.and_then(|s| s.phase.as_deref());
+    Ok(Pod {
+        namespace,
+        name,
+        labels: pod.metadata.labels.clone().unwrap_or_default(),
+        ips,
+        node: spec.and_then(|s| s.node_name.clone()),
+        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+        terminated: matches!(phase, Some("Succeeded" | "Failed")),
+        ports,
+        created: pod.metadata.creation_timestamp.as_ref().map_or(0, |t| t.0.as_second()),
+    })
+}
+
+/// The 16-byte form every map uses (IPv4 mapped into IPv6).
+pub fn addr_bytes(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => npc_common::v4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+pub fn addr_from_bytes(bytes: [u8; 16]) -> IpAddr {
+    let v6 = std::net::Ipv6Addr::from(bytes);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
