@@ -13,11 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use npc_agent::{
-    compiler::{Compiled, Compiler},
-    model::{ContainerPort, Labels, Namespace, ObjectRef, Pod, Protocol, State},
-    policy::{IpBlock, NamespaceScope, Peer, Policy, PortSpec, Rule, Selector},
-};
+use npc_policy::compiler::{Compiled, Compiler};
+use npc_policy::model::{ContainerPort, Labels, Namespace, ObjectRef, Pod, Protocol, State};
+use npc_policy::policy::{IpBlock, NamespaceScope, Peer, Policy, PortSpec, Rule, Selector};
 
 /// Counts live heap bytes and their high-water mark.
 struct Counting;
@@ -197,7 +195,7 @@ fn ms(d: Duration) -> f64 {
 fn main() {
     // `cargo bench` passes --bench; a size list may follow (e.g. `-- 1000 5000`).
     let sizes: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
-    // `cargo test --all-targets` runs this binary without `--bench`: a quick smoke run then.
+    // `cargo bench` passes `--bench`; run by hand without it, the binary makes a quick run.
     let benching = std::env::args().any(|a| a == "--bench");
     let sizes = match (sizes.is_empty(), benching) {
         (false, _) => sizes,
@@ -326,7 +324,7 @@ fn store_memory() {
         (0..N)
             .map(|_| {
                 let mut p = full();
-                npc_agent::kube_source::strip_pod(&mut p);
+                npc_agent::source::kube::strip_pod(&mut p);
                 p
             })
             .collect::<Vec<_>>()

@@ -1,18 +1,14 @@
-//! npc: an eBPF NetworkPolicy enforcer. See the README and docs/ for the design.
-pub mod agent;
-pub mod attacher;
-pub mod compiler;
+//! npc: an eBPF NetworkPolicy enforcer. The folders are the data flow (see the README):
+//!
+//! ```text
+//!  source (kube | files) ──▶ npc_policy (model, compiler) ──▶ datapath::sync (MapSync) ──▶ BPF maps
+//!                                                                  ▲          ◀── npc-ebpf programs
+//!  node: the loop (enforcer, wake), attacher, observer, metrics ───┘
+//!  lab: the node loop with the files source and a fabric of network namespaces
+//!  cli: one file per subcommand
+//! ```
+pub mod cli;
 pub mod datapath;
-pub mod explain;
-pub mod inspect;
-pub mod kube_source;
 pub mod lab;
-pub mod manifests;
-pub mod metrics;
-pub mod model;
-pub mod netns;
-pub mod observer;
-pub mod packet;
-pub mod policy;
-pub mod reference;
-pub mod walkthrough;
+pub mod node;
+pub mod source;

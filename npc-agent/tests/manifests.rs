@@ -17,7 +17,7 @@ struct Install {
     daemonsets: Vec<DaemonSet>,
 }
 
-fn typed<T: serde::de::DeserializeOwned>(v: serde_yaml::Value, file: &Path) -> T {
+fn typed<T: serde::de::DeserializeOwned>(v: serde_yaml_ng::Value, file: &Path) -> T {
     serde_path_to_error::deserialize(v).unwrap_or_else(|e| panic!("{}: {e}", file.display()))
 }
 
@@ -33,8 +33,8 @@ fn install() -> Install {
     assert!(!files.is_empty());
     for file in files {
         let text = std::fs::read_to_string(&file).expect("read");
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let v = serde_yaml::Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+            let v = serde_yaml_ng::Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
             match v["kind"].as_str() {
                 Some("ServiceAccount") => out.service_accounts.push(typed(v, &file)),
                 Some("ClusterRole") => out.roles.push(typed(v, &file)),

@@ -9,7 +9,9 @@
 //! Errors never stop a watcher: kube-rs relists (after `410 Gone` too) and we back off
 //! ([`AgentBackoff`]); each error and each relist is logged and counted, and the stores keep
 //! the last state meanwhile, so enforcement carries on unchanged.
-use std::{fmt::Debug, sync::mpsc::Sender};
+use std::fmt::Debug;
+
+use tokio::sync::mpsc::UnboundedSender as Sender;
 
 use futures::StreamExt as _;
 use k8s_openapi::{
@@ -28,13 +30,11 @@ use kube::{
     },
 };
 
-use crate::{
-    compiler::LEGACY_ANNOTATION,
-    manifests::{DEFAULT_NAMESPACE, Loaded, ManifestError},
-    metrics::Metrics,
-    model,
-    policy::Policy,
-};
+use crate::node::metrics::Metrics;
+use npc_policy::compiler::LEGACY_ANNOTATION;
+use npc_policy::files::{DEFAULT_NAMESPACE, Loaded, ManifestError};
+use npc_policy::model;
+use npc_policy::policy::Policy;
 
 /// The three stores, filled by watchers running on the tokio runtime.
 #[derive(Clone)]

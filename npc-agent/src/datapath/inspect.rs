@@ -5,15 +5,14 @@
 use std::{fmt, net::IpAddr};
 
 use npc_common::{
-    CIDR_CLASS_BASE, DIR_INGRESS, PORT_ANY, PORT_RANGE_FIXED_BITS, PROTO_ANY, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP,
-    PROTO_TCP, PROTO_UDP, ct_state, endpoint_flags, peer,
+    CIDR_CLASS_BASE, PORT_ANY, PORT_RANGE_FIXED_BITS, PROTO_ANY, PROTO_ICMP, PROTO_ICMPV6, ct_state, endpoint_flags,
+    peer,
 };
 use serde::Serialize;
 
-use crate::{
-    datapath::{Datapath, DatapathError},
-    model::addr_from_bytes,
-};
+use super::{Datapath, DatapathError};
+use npc_policy::model::{addr_from_bytes, protocol_name};
+use npc_policy::policy::direction_name;
 
 #[derive(Debug, Serialize)]
 pub struct Snapshot {
@@ -89,19 +88,12 @@ pub struct AllowedCounters {
     pub egress: u64,
 }
 
-fn direction(d: u8) -> &'static str {
-    if d == DIR_INGRESS { "ingress" } else { "egress" }
-}
-
 fn protocol(p: u8) -> String {
     match p {
         PROTO_ANY => "any".into(),
-        PROTO_TCP => "TCP".into(),
-        PROTO_UDP => "UDP".into(),
-        PROTO_SCTP => "SCTP".into(),
         PROTO_ICMP => "ICMP".into(),
         PROTO_ICMPV6 => "ICMPv6".into(),
-        other => other.to_string(),
+        other => protocol_name(other).map_or_else(|| other.to_string(), str::to_string),
     }
 }
 
@@ -169,7 +161,7 @@ impl Snapshot {
             .into_iter()
             .map(|(k, v)| Allow {
                 identity: k.identity,
-                direction: direction(k.direction),
+                direction: direction_name(k.direction),
                 peer: peer_name(k.peer),
                 protocol: protocol(k.protocol),
                 ports: if k.port == PORT_ANY {
@@ -186,7 +178,7 @@ impl Snapshot {
             let last = u32::from(first) + (1u32 << (16 - bits)) - 1;
             Allow {
                 identity: k.identity,
-                direction: direction(k.direction),
+                direction: direction_name(k.direction),
                 peer: peer_name(k.peer),
                 protocol: protocol(k.protocol),
                 ports: format!("{first}-{last}"),
@@ -212,7 +204,7 @@ impl Snapshot {
                     ct_state::TCP_CLOSED => "closed",
                     _ => "?",
                 },
-                opened: direction(v.direction),
+                opened: direction_name(v.direction),
                 epoch: v.epoch,
             })
             .collect();
@@ -220,7 +212,7 @@ impl Snapshot {
             .drops()?
             .into_iter()
             .map(|(k, count)| Counter {
-                direction: direction(k.direction),
+                direction: direction_name(k.direction),
                 protocol: protocol(k.protocol),
                 dport: k.dport,
                 count,
@@ -242,6 +234,26 @@ impl Snapshot {
     }
 }
 
+/// A borderless table of `rows`, one column per field (named as in the JSON output), laid out
+/// by comfy-table, indented, without trailing blanks.
+fn table<T: Serialize>(rows: &[T]) -> String {
+    let mut t = comfy_table::Table::new();
+    t.load_style(comfy_table::presets::NOTHING).force_no_tty();
+    for (i, row) in rows.iter().enumerate() {
+        let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(row) else {
+            continue;
+        };
+        if i == 0 {
+            t.set_header(fields.keys().map(|k| k.replace('_', " ")));
+        }
+        t.add_row(fields.values().map(|v| match v {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        }));
+    }
+    t.lines().map(|l| format!("  {}\n", l.trim_end())).collect()
+}
+
 impl fmt::Display for Snapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mode = if self.mode == npc_common::mode::AUDIT {
@@ -251,61 +263,26 @@ impl fmt::Display for Snapshot {
         };
         writeln!(f, "policy epoch {} ({mode} mode)", self.epoch)?;
         writeln!(f, "endpoints ({}):", self.endpoints.len())?;
-        for e in &self.endpoints {
-            let iso = match (e.ingress_isolated, e.egress_isolated) {
-                (true, true) => "isolated: ingress, egress",
-                (true, false) => "isolated: ingress",
-                (false, true) => "isolated: egress",
-                (false, false) => "not isolated",
-            };
-            writeln!(
-                f,
-                "  ifindex {:<5} {:<39} identity {:<6} {iso}",
-                e.ifindex, e.addr, e.identity
-            )?;
-        }
+        f.write_str(&table(&self.endpoints))?;
         writeln!(f, "addresses ({}):", self.identities.len())?;
-        for i in &self.identities {
-            writeln!(f, "  {:<39} identity {}", i.addr, i.identity)?;
-        }
+        f.write_str(&table(&self.identities))?;
         writeln!(f, "ipBlock prefixes ({}):", self.cidr_classes.len())?;
-        for c in &self.cidr_classes {
-            writeln!(f, "  {:<43} class {}", c.prefix, c.class)?;
-        }
+        f.write_str(&table(&self.cidr_classes))?;
         writeln!(f, "allow entries ({}):", self.allows.len())?;
-        for a in &self.allows {
-            writeln!(
-                f,
-                "  identity {:<6} {:<7} from/to {:<22} {:<6} {:<12} rule {}",
-                a.identity, a.direction, a.peer, a.protocol, a.ports, a.rule
-            )?;
-        }
+        f.write_str(&table(&self.allows))?;
         writeln!(
             f,
             "conntrack ({} tracked, {} shown):",
             self.conntrack_total,
             self.conntrack.len()
         )?;
-        for c in &self.conntrack {
-            writeln!(
-                f,
-                "  ifindex {:<5} {:<6} {} -> {} {} (opened at {}, epoch {})",
-                c.ifindex, c.protocol, c.src, c.dst, c.state, c.opened, c.epoch
-            )?;
-        }
+        f.write_str(&table(&self.conntrack))?;
         writeln!(
             f,
             "new connections allowed: {} at ingress, {} at egress",
             self.allowed_connections.ingress, self.allowed_connections.egress
         )?;
         writeln!(f, "drops:")?;
-        for d in &self.drops {
-            writeln!(
-                f,
-                "  {:<7} {:<6} dport {:<5} {}",
-                d.direction, d.protocol, d.dport, d.count
-            )?;
-        }
-        Ok(())
+        f.write_str(&table(&self.drops))
     }
 }

@@ -13,7 +13,8 @@ use std::{
     },
 };
 
-use npc_common::{DIR_INGRESS, DropKey, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+use npc_common::DropKey;
+use npc_policy::{model::protocol_name, policy::direction_name};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{
@@ -24,6 +25,13 @@ use prometheus_client::{
     },
     registry::Registry,
 };
+
+/// `npc_build_info`: how this node attaches (`tcx` on 6.6+, `clsact` before) and its kernel.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub attach: String,
+    pub kernel: String,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BlockedLabels {
@@ -89,6 +97,12 @@ struct Inner {
     heartbeat: AtomicU64,
 }
 
+/// Registers `metric` under `name` and hands back the shared handle.
+fn register<M: prometheus_client::registry::Metric + Clone>(r: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    r.register(name, help, metric.clone());
+    metric
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -97,88 +111,114 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::default();
-        let blocked = Family::<BlockedLabels, Counter>::default();
-        registry.register(
+        let mut r = Registry::default();
+        let blocked: Family<BlockedLabels, Counter> = register(
+            &mut r,
             "npc_blocked_connections",
             "Connections (new flows) dropped by network policy",
-            blocked.clone(),
+            Default::default(),
         );
-        let allowed = Family::<DirectionLabels, Counter>::default();
-        registry.register(
+        let allowed: Family<DirectionLabels, Counter> = register(
+            &mut r,
             "npc_allowed_connections",
             "New connections allowed and tracked, by the enforcement point that judged them",
-            allowed.clone(),
+            Default::default(),
         );
-        let policies = Gauge::default();
-        registry.register("npc_policies", "NetworkPolicies enforced", policies.clone());
-        let rejected = Family::<KindLabels, Gauge>::default();
-        registry.register(
+        let policies: Gauge = register(&mut r, "npc_policies", "NetworkPolicies enforced", Default::default());
+        let rejected: Family<KindLabels, Gauge> = register(
+            &mut r,
             "npc_rejected_objects",
             "Objects the agent cannot use (a policy that fails validation, a pod with a malformed address), by kind",
-            rejected.clone(),
+            Default::default(),
         );
-        let endpoints = Gauge::default();
-        registry.register(
+        let endpoints: Gauge = register(
+            &mut r,
             "npc_endpoints",
             "Local pods with the datapath attached",
-            endpoints.clone(),
+            Default::default(),
         );
-        let identities = Gauge::default();
-        registry.register("npc_identities", "Distinct pod identities", identities.clone());
-        let map_entries = Family::<MapLabels, Gauge>::default();
-        registry.register("npc_map_entries", "Entries in each policy map", map_entries.clone());
-        let map_capacity = Family::<MapLabels, Gauge>::default();
-        registry.register(
+        let identities: Gauge = register(&mut r, "npc_identities", "Distinct pod identities", Default::default());
+        let map_entries: Family<MapLabels, Gauge> = register(
+            &mut r,
+            "npc_map_entries",
+            "Entries in each policy map",
+            Default::default(),
+        );
+        let map_capacity: Family<MapLabels, Gauge> = register(
+            &mut r,
             "npc_map_capacity",
             "Maximum entries of each map (pressure = npc_map_entries / npc_map_capacity)",
-            map_capacity.clone(),
+            Default::default(),
         );
-        let verdict_events = Family::<EventLabels, Counter>::default();
-        registry.register(
+        let verdict_events: Family<EventLabels, Counter> = register(
+            &mut r,
             "npc_verdict_events",
             "Verdict events read from the datapath's ring buffer (drops, audit-mode would-drops), by reason",
-            verdict_events.clone(),
+            Default::default(),
         );
-        let syncs = Counter::default();
-        registry.register("npc_syncs", "Compiles synced into the kernel maps", syncs.clone());
-        let sync_errors = Counter::default();
-        registry.register("npc_sync_errors", "Syncs that failed (retried)", sync_errors.clone());
-        let sync_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
-        registry.register(
+        let syncs: Counter = register(
+            &mut r,
+            "npc_syncs",
+            "Compiles synced into the kernel maps",
+            Default::default(),
+        );
+        let sync_errors: Counter = register(
+            &mut r,
+            "npc_sync_errors",
+            "Syncs that failed (retried)",
+            Default::default(),
+        );
+        let sync_duration = register(
+            &mut r,
             "npc_sync_duration_seconds",
             "Compile and map sync time",
-            sync_duration.clone(),
+            Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
         );
-        let map_writes = Counter::default();
-        registry.register(
+        let map_writes: Counter = register(
+            &mut r,
             "npc_map_writes",
             "Kernel map entries written or deleted",
-            map_writes.clone(),
+            Default::default(),
         );
-        let attach_errors = Counter::default();
-        registry.register(
+        let attach_errors: Counter = register(
+            &mut r,
             "npc_attach_errors",
             "Local pods whose interface could not be found or attached (retried)",
-            attach_errors.clone(),
+            Default::default(),
         );
-        let kube_errors = Family::<ResourceLabels, Counter>::default();
-        registry.register(
+        let kube_errors: Family<ResourceLabels, Counter> = register(
+            &mut r,
             "npc_kube_watch_errors",
             "Failed lists and watches (the last state stays enforced; retried with backoff)",
-            kube_errors.clone(),
+            Default::default(),
         );
-        let kube_gone = Family::<ResourceLabels, Counter>::default();
-        registry.register(
+        let kube_gone: Family<ResourceLabels, Counter> = register(
+            &mut r,
             "npc_kube_watch_gone",
             "Watches answered 410 Gone (too old a resourceVersion: relisted)",
-            kube_gone.clone(),
+            Default::default(),
         );
-        let kube_relists = Family::<ResourceLabels, Counter>::default();
-        registry.register("npc_kube_relists", "Full lists of a resource", kube_relists.clone());
+        let build_info: Family<BuildLabels, Gauge> = register(
+            &mut r,
+            "npc_build_info",
+            "Always 1: the attach path (tcx or clsact) and kernel release of this node",
+            Default::default(),
+        );
+        build_info
+            .get_or_create(&BuildLabels {
+                attach: crate::datapath::AttachPath::current().label().into(),
+                kernel: crate::datapath::kernel_release(),
+            })
+            .set(1);
+        let kube_relists: Family<ResourceLabels, Counter> = register(
+            &mut r,
+            "npc_kube_relists",
+            "Full lists of a resource",
+            Default::default(),
+        );
         Self {
             inner: Arc::new(Inner {
-                registry,
+                registry: r,
                 blocked,
                 last_drops: Mutex::new(BTreeMap::new()),
                 allowed,
@@ -352,24 +392,16 @@ impl Metrics {
 
 fn blocked_labels(key: &DropKey) -> BlockedLabels {
     BlockedLabels {
-        protocol: match key.protocol {
-            PROTO_TCP => "TCP".into(),
-            PROTO_UDP => "UDP".into(),
-            PROTO_SCTP => "SCTP".into(),
-            other => other.to_string(),
-        },
+        protocol: protocol_name(key.protocol).map_or_else(|| key.protocol.to_string(), str::to_string),
         dport: key.dport,
-        direction: if key.direction == DIR_INGRESS {
-            "ingress"
-        } else {
-            "egress"
-        }
-        .into(),
+        direction: direction_name(key.direction).into(),
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use npc_common::{DIR_INGRESS, PROTO_TCP};
+
     use super::*;
 
     #[test]

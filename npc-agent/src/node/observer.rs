@@ -8,22 +8,19 @@
 use std::{
     collections::BTreeMap,
     net::IpAddr,
-    os::fd::AsRawFd as _,
-    sync::{
-        Arc, RwLock,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, RwLock},
     thread::JoinHandle,
     time::{Duration, Instant},
 };
 
 use aya::maps::{MapData, RingBuf};
-use npc_common::{DIR_INGRESS, PROTO_SCTP, PROTO_TCP, PROTO_UDP, VerdictEvent, drop_reason, event_kind};
+use npc_common::{VerdictEvent, drop_reason, event_kind};
+use tokio::io::{Interest, unix::AsyncFd};
+use tokio_util::sync::CancellationToken;
 
-use crate::{
-    metrics::Metrics,
-    model::{ObjectRef, addr_from_bytes},
-};
+use crate::node::metrics::Metrics;
+use npc_policy::model::{ObjectRef, addr_from_bytes, protocol_name};
+use npc_policy::policy::direction_name;
 
 /// Who is behind an address or an interface, as of the agent's last turn.
 #[derive(Clone, Debug, Default)]
@@ -41,12 +38,7 @@ pub fn describe(ev: &VerdictEvent, names: &Names) -> String {
         Some(pod) => format!(" ({pod})"),
         None => String::new(),
     };
-    let protocol = match ev.protocol {
-        PROTO_TCP => "TCP".to_string(),
-        PROTO_UDP => "UDP".to_string(),
-        PROTO_SCTP => "SCTP".to_string(),
-        other => format!("protocol {other}"),
-    };
+    let protocol = protocol_name(ev.protocol).map_or_else(|| format!("protocol {}", ev.protocol), str::to_string);
     let endpoint = |ip: IpAddr, port: u16| match ip {
         IpAddr::V6(_) => format!("[{ip}]:{port}"),
         IpAddr::V4(_) => format!("{ip}:{port}"),
@@ -56,11 +48,7 @@ pub fn describe(ev: &VerdictEvent, names: &Names) -> String {
     } else {
         "blocked"
     };
-    let direction = if ev.direction == DIR_INGRESS {
-        "ingress"
-    } else {
-        "egress"
-    };
+    let direction = direction_name(ev.direction);
     let at = names
         .by_ifindex
         .get(&ev.ifindex)
@@ -122,28 +110,66 @@ impl RateLimit {
 }
 
 /// The draining thread; stops (and joins) on drop.
+///
+/// The ring buffer's fd is watched with tokio's `AsyncFd` on a small runtime of the thread's own:
+/// it wakes on data, on the once-a-second summary of held-back lines, or on stop, and never
+/// polls on a timer.
 pub struct Observer {
-    stop: Arc<AtomicBool>,
+    stop: CancellationToken,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Observer {
-    pub fn start(mut events: RingBuf<MapData>, names: SharedNames, metrics: Metrics, per_second: u32) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut limit = RateLimit::new(per_second, per_second * 2);
-            let mut last_summary = Instant::now();
-            let fd = events.as_raw_fd();
-            while !s.load(Ordering::Relaxed) {
-                let mut pfd = libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
+    pub fn start(events: RingBuf<MapData>, names: SharedNames, metrics: Metrics, per_second: u32) -> Self {
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("npc-observer".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(r) => r,
+                    Err(e) => return tracing::error!(error = %e, "observer: no runtime; verdict events are not logged"),
                 };
-                // SAFETY: one valid pollfd; a timeout so that the stop flag is seen.
-                unsafe { libc::poll(&mut pfd, 1, 200) };
-                while let Some(item) = events.next() {
+                runtime.block_on(drain(events, names, metrics, per_second, token));
+            })
+            .expect("spawning the observer thread");
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+async fn drain(
+    events: RingBuf<MapData>,
+    names: SharedNames,
+    metrics: Metrics,
+    per_second: u32,
+    stop: CancellationToken,
+) {
+    // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged, until it is dropped,
+    // and the AsyncFd owns the ring buffer.
+    let mut events = match unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) } {
+        Ok(fd) => fd,
+        Err(e) => return tracing::error!(error = %e, "observer: cannot watch the events ring buffer"),
+    };
+    let mut limit = RateLimit::new(per_second, per_second * 2);
+    let mut summary = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = summary.tick() => {
+                let held = limit.take_held_back();
+                if held > 0 {
+                    tracing::warn!(
+                        "... and {held} more blocked packets (log rate limit; all are counted in npc_blocked_connections_total)"
+                    );
+                }
+            }
+            ready = events.readable_mut() => {
+                let Ok(mut guard) = ready else { return };
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
                     if item.len() < size_of::<VerdictEvent>() {
                         continue;
                     }
@@ -156,27 +182,15 @@ impl Observer {
                         tracing::warn!("{}", describe(&ev, &names));
                     }
                 }
-                if last_summary.elapsed() >= Duration::from_secs(1) {
-                    let held = limit.take_held_back();
-                    if held > 0 {
-                        tracing::warn!(
-                            "... and {held} more blocked packets (log rate limit; all are counted in npc_blocked_connections_total)"
-                        );
-                    }
-                    last_summary = Instant::now();
-                }
+                guard.clear_ready();
             }
-        });
-        Self {
-            stop,
-            thread: Some(thread),
         }
     }
 }
 
 impl Drop for Observer {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.cancel();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -185,6 +199,8 @@ impl Drop for Observer {
 
 #[cfg(test)]
 mod tests {
+    use npc_common::{DIR_INGRESS, PROTO_TCP};
+
     use super::*;
 
     fn event() -> VerdictEvent {

@@ -7,11 +7,9 @@ use std::{io::Write, path::Path};
 
 use anyhow::Context as _;
 
-use crate::{
-    lab::{Lab, LabOptions},
-    manifests::{self, Loaded},
-    model::{ObjectRef, Protocol},
-};
+use crate::lab::{Lab, LabOptions};
+use npc_policy::files::{self, Loaded};
+use npc_policy::model::{ObjectRef, Protocol};
 
 pub struct Step {
     pub title: &'static str,
@@ -65,7 +63,7 @@ pub fn load_step(dir: &Path, step: &Step) -> anyhow::Result<Loaded> {
     for file in step.files {
         let path = dir.join(file);
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        loaded.extend(manifests::parse_str(&path, &text));
+        loaded.extend(files::parse_str(&path, &text));
     }
     if let Some(e) = loaded.errors.first() {
         anyhow::bail!("{e}");

@@ -1,0 +1,370 @@
+//! The kernel side as the agent sees it: the loaded object and its pinned maps.
+//!
+//! - this file: loading (programs, maps pinned by name) and reading the maps back;
+//! - [`sync`]: MapSync, writing [`npc_policy::compiler::DesiredMaps`] into the maps in an order that never opens a hole;
+//! - [`links`]: attaching the programs to an interface and detaching them (TCX links or clsact
+//!   filters, [`nl`] for the netlink requests aya lacks);
+//! - [`inspect`]: every pinned map decoded for people (`npc-agent inspect`);
+//! - [`test_run`]: running a program on a crafted packet (BPF_PROG_TEST_RUN);
+//! - [`bpffs`], [`log`]: the bpf filesystem, and the datapath's own log lines.
+mod bpffs;
+pub mod inspect;
+mod links;
+mod log;
+mod nl;
+mod sync;
+mod test_run;
+
+use self::log::LogPump;
+pub use self::{
+    bpffs::ensure_bpffs,
+    links::{AttachPath, NL_PRIORITY, ifindex_of, kernel_release, uninstall},
+};
+use std::{
+    collections::BTreeMap,
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::LpmTrie},
+    programs::{ProgramError, SchedClassifier, TcAttachType, links::LinkError},
+};
+use npc_common::{
+    Config, ConntrackKey, ConntrackValue, DropKey, EndpointInfo, PolicyKey, PolicyValue, PortRangeKey, map_names,
+    program_names,
+};
+
+use npc_policy::compiler::CidrKey;
+
+/// The eBPF object, built by build.rs with aya-build.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/npc"));
+
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/npc";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program: {0}")]
+    Program(#[from] ProgramError),
+    #[error("eBPF map: {0}")]
+    Map(#[from] MapError),
+    #[error("link: {0}")]
+    Link(#[from] LinkError),
+    #[error("pinning: {0}")]
+    Pin(#[from] aya::pin::PinError),
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+    #[error("map {0} is missing from the object")]
+    MissingMap(&'static str),
+    #[error("program {0} is missing from the object")]
+    MissingProgram(&'static str),
+    #[error("interface {0:?} not found")]
+    NoInterface(String),
+    #[error("{0}")]
+    Environment(String),
+}
+
+impl DatapathError {
+    /// A short label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Load(_) => "load",
+            Self::Program(_) => "program",
+            Self::Map(_) => "map",
+            Self::Link(_) | Self::Pin(_) => "link",
+            Self::Io { .. } => "io",
+            Self::MissingMap(_) | Self::MissingProgram(_) => "object",
+            Self::NoInterface(_) => "interface",
+            Self::Environment(_) => "environment",
+        }
+    }
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DatapathError {
+    move |source| DatapathError::Io {
+        what: what.into(),
+        source,
+    }
+}
+
+/// Which hook of the host-side veth.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Hook {
+    /// tc ingress: packets from the pod (its egress policy).
+    FromPod,
+    /// tc egress: packets to the pod (its ingress policy).
+    ToPod,
+}
+
+impl Hook {
+    fn program(self) -> &'static str {
+        match self {
+            Self::FromPod => program_names::FROM_POD,
+            Self::ToPod => program_names::TO_POD,
+        }
+    }
+
+    fn attach_type(self) -> TcAttachType {
+        match self {
+            Self::FromPod => TcAttachType::Ingress,
+            Self::ToPod => TcAttachType::Egress,
+        }
+    }
+
+    fn pin_suffix(self) -> &'static str {
+        match self {
+            Self::FromPod => "from_pod",
+            Self::ToPod => "to_pod",
+        }
+    }
+}
+/// The ids of every BPF program loaded in the kernel (for tests that check what is left).
+pub fn loaded_program_ids() -> Vec<u32> {
+    aya::programs::loaded_programs()
+        .filter_map(|p| p.ok().map(|p| p.id()))
+        .collect()
+}
+
+/// (address → identity, ipBlock prefix → class) as found in the kernel maps.
+pub type KernelNumbering = (BTreeMap<[u8; 16], u32>, BTreeMap<CidrKey, u32>);
+
+/// (exact allow entries, port-range entries as (prefix length, key, value)).
+pub type PolicyEntries = (Vec<(PolicyKey, PolicyValue)>, Vec<(u32, PortRangeKey, PolicyValue)>);
+
+/// Counts of what a sync wrote.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SyncStats {
+    pub upserts: usize,
+    pub deletes: usize,
+    /// The policy epoch was bumped (policy changed): tracked connections get re-checked.
+    pub epoch_bumped: bool,
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_root: PathBuf,
+    endpoints: HashMap<MapData, u32, EndpointInfo>,
+    identities: HashMap<MapData, [u8; 16], u32>,
+    cidrs: LpmTrie<MapData, [u8; 16], u32>,
+    policy: HashMap<MapData, PolicyKey, PolicyValue>,
+    port_ranges: LpmTrie<MapData, PortRangeKey, PolicyValue>,
+    conntrack: HashMap<MapData, ConntrackKey, ConntrackValue>,
+    drops: PerCpuHashMap<MapData, DropKey, u64>,
+    config: Array<MapData, Config>,
+    stats: PerCpuArray<MapData, u64>,
+    /// The verdict events ring buffer, until the observer takes it.
+    events: Option<RingBuf<MapData>>,
+    _log: Option<LogPump>,
+}
+
+macro_rules! take_map {
+    ($ebpf:expr, $name:expr) => {
+        $ebpf
+            .take_map($name)
+            .ok_or(DatapathError::MissingMap($name))?
+            .try_into()?
+    };
+}
+
+impl Datapath {
+    /// Loads the programs and opens (or creates) the maps pinned under `pin_root`. Maps pinned by
+    /// an earlier agent are reused, so enforcement carries on across restarts.
+    ///
+    /// A load that fails removes the pins it created (and `pin_root`, if it created that), so a
+    /// failed start leaves nothing behind; pins it found (an earlier agent's) stay, for a later
+    /// start to adopt. The programs it loaded go with the dropped object.
+    pub fn load(pin_root: &Path) -> Result<Self, DatapathError> {
+        let path = AttachPath::current();
+        tracing::info!(
+            attach = path.label(),
+            kernel = %kernel_release(),
+            "attach path: {}",
+            match path {
+                AttachPath::Tcx => "TCX links (Linux 6.6+)",
+                AttachPath::Clsact => "clsact qdisc and netlink cls_bpf filters (no TCX before Linux 6.6)",
+            }
+        );
+        let existed = pin_root.exists();
+        ensure_bpffs(pin_root)?;
+        let names = || -> std::collections::BTreeSet<std::ffi::OsString> {
+            std::fs::read_dir(pin_root)
+                .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+                .unwrap_or_default()
+        };
+        let before = names();
+        let loaded = Self::load_pinned(pin_root);
+        if let Err(e) = &loaded {
+            let created: Vec<_> = names().into_iter().filter(|n| !before.contains(n)).collect();
+            tracing::warn!(error = %e, pins = created.len(), "loading failed: removing the pins this load created");
+            for name in created {
+                let path = pin_root.join(name);
+                let _ = std::fs::remove_file(&path).or_else(|_| std::fs::remove_dir_all(&path));
+            }
+            if !existed {
+                let _ = std::fs::remove_dir(pin_root);
+            }
+        }
+        loaded
+    }
+
+    fn load_pinned(pin_root: &Path) -> Result<Self, DatapathError> {
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_root)
+            .load(EBPF_OBJECT)?;
+        let log = LogPump::start(&mut ebpf);
+        for hook in [Hook::FromPod, Hook::ToPod] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(hook.program())
+                .ok_or(DatapathError::MissingProgram(hook.program()))?
+                .try_into()?;
+            prog.load()?;
+        }
+        let dp = Self {
+            endpoints: take_map!(ebpf, map_names::ENDPOINTS),
+            identities: take_map!(ebpf, map_names::IDENTITIES),
+            cidrs: take_map!(ebpf, map_names::CIDRS),
+            policy: take_map!(ebpf, map_names::POLICY),
+            port_ranges: take_map!(ebpf, map_names::PORT_RANGES),
+            conntrack: take_map!(ebpf, map_names::CONNTRACK),
+            drops: take_map!(ebpf, map_names::DROPS),
+            config: take_map!(ebpf, map_names::CONFIG),
+            events: Some(take_map!(ebpf, map_names::EVENTS)),
+            stats: take_map!(ebpf, map_names::STATS),
+            ebpf,
+            pin_root: pin_root.to_path_buf(),
+            _log: log,
+        };
+        std::fs::create_dir_all(dp.links_dir()).map_err(io_err("creating the links directory"))?;
+        Ok(dp)
+    }
+
+    pub fn pin_root(&self) -> &Path {
+        &self.pin_root
+    }
+
+    fn links_dir(&self) -> PathBuf {
+        self.pin_root.join("links")
+    }
+
+    fn link_pin(&self, ifindex: u32, hook: Hook) -> PathBuf {
+        self.links_dir().join(format!("if{ifindex}_{}", hook.pin_suffix()))
+    }
+
+    fn program(&mut self, hook: Hook) -> Result<&mut SchedClassifier, DatapathError> {
+        Ok(self
+            .ebpf
+            .program_mut(hook.program())
+            .ok_or(DatapathError::MissingProgram(hook.program()))?
+            .try_into()?)
+    }
+
+    /// Attaches both programs to a host-side interface (in the calling thread's network
+    /// namespace). On kernels with TCX the links are pinned, so they outlive this process; an
+    pub fn config(&self) -> Result<Config, DatapathError> {
+        Ok(self.config.get(&0, 0)?)
+    }
+
+    pub fn set_config(&mut self, config: Config) -> Result<(), DatapathError> {
+        Ok(self.config.set(0, config, 0)?)
+    }
+
+    /// New connections allowed so far, summed over CPUs: (at ingress, at egress).
+    pub fn allowed_connections(&self) -> Result<(u64, u64), DatapathError> {
+        let sum = |slot: u32| -> Result<u64, DatapathError> { Ok(self.stats.get(&slot, 0)?.iter().sum()) };
+        Ok((
+            sum(npc_common::stats::ALLOWED_INGRESS)?,
+            sum(npc_common::stats::ALLOWED_EGRESS)?,
+        ))
+    }
+
+    /// Every allow entry: exact ones, and port ranges as (prefix length, key, value).
+    pub fn policy_entries(&self) -> Result<PolicyEntries, DatapathError> {
+        let exact = self.policy.iter().collect::<Result<_, _>>()?;
+        let ranges = self
+            .port_ranges
+            .iter()
+            .map(|r| r.map(|(k, v)| (k.prefix_len(), k.data(), v)))
+            .collect::<Result<_, _>>()?;
+        Ok((exact, ranges))
+    }
+
+    /// Whether a datapath is pinned under `pin_root` (without creating one).
+    pub fn is_pinned(pin_root: &Path) -> bool {
+        pin_root.join(map_names::ENDPOINTS).exists()
+    }
+
+    /// The verdict events ring buffer (for the observer; once).
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    /// What the identities and ipBlock-class maps hold now (to adopt a previous agent's numbering).
+    pub fn kernel_numbering(&self) -> Result<KernelNumbering, DatapathError> {
+        let identities = self.identities.iter().collect::<Result<_, _>>()?;
+        let cidrs = self
+            .cidrs
+            .iter()
+            .map(|r| {
+                r.map(|(k, v)| {
+                    (
+                        CidrKey {
+                            prefix_len: k.prefix_len(),
+                            addr: k.data(),
+                        },
+                        v,
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok((identities, cidrs))
+    }
+
+    /// Drop counters summed over CPUs.
+    pub fn drops(&self) -> Result<BTreeMap<DropKey, u64>, DatapathError> {
+        let mut out = BTreeMap::new();
+        for entry in self.drops.iter() {
+            let (key, values) = entry?;
+            out.insert(key, values.iter().sum());
+        }
+        Ok(out)
+    }
+
+    pub fn drop_count(&self, key: DropKey) -> u64 {
+        self.drops.get(&key, 0).map(|v| v.iter().sum()).unwrap_or(0)
+    }
+
+    pub fn conntrack_entries(&self) -> Result<Vec<(ConntrackKey, ConntrackValue)>, DatapathError> {
+        Ok(self.conntrack.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// How many connections are tracked: walks the keys only (one syscall per entry, where
+    /// [`Self::conntrack_entries`] takes two), still proportional to the table.
+    pub fn conntrack_count(&self) -> Result<usize, DatapathError> {
+        let mut n = 0;
+        for key in self.conntrack.keys() {
+            key?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    pub fn endpoints(&self) -> Result<BTreeMap<u32, EndpointInfo>, DatapathError> {
+        Ok(self.endpoints.iter().collect::<Result<_, _>>()?)
+    }
+}
+
+/// The drop counters pinned under `pin_root`, summed over CPUs, read without loading anything
+/// (another process's datapath: `lab probe`, tests that prove a block).
+pub fn pinned_drops(pin_root: &Path) -> Result<BTreeMap<DropKey, u64>, DatapathError> {
+    let data = MapData::from_pin(pin_root.join(map_names::DROPS))?;
+    let drops: PerCpuHashMap<MapData, DropKey, u64> = aya::maps::Map::PerCpuHashMap(data).try_into()?;
+    let mut out = BTreeMap::new();
+    for entry in drops.iter() {
+        let (key, values) = entry?;
+        out.insert(key, values.iter().sum());
+    }
+    Ok(out)
+}

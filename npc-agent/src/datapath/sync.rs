@@ -1,0 +1,171 @@
+//! MapSync: the compiled [`DesiredMaps`] written into the kernel maps, in an order that never
+//! opens a hole.
+use std::collections::BTreeMap;
+
+use aya::{
+    maps::{
+        HashMap, MapData, MapError,
+        lpm_trie::{Key, LpmTrie},
+    },
+    sys::SyscallError,
+};
+use npc_common::{EndpointInfo, PolicyValue};
+use npc_policy::{
+    compiler::{CidrKey, DesiredMaps, RangeKey},
+    model::ObjectRef,
+};
+
+use super::{Datapath, DatapathError, SyncStats};
+
+impl Datapath {
+    /// Writes `desired` into the maps. `ifindex_of` says which interface a local pod is behind
+    /// (pods it does not know are not enforced yet).
+    ///
+    /// Order: upserts from the inside out (policy entries and ranges, then ipBlock classes, then
+    /// peer identities, then endpoints), so that an endpoint or peer never points at entries that
+    /// are not there yet; then deletes the other way round. In between, the datapath sees the
+    /// union of old and new allows, never less. Last, the epoch is bumped when policy changed, so
+    /// tracked connections are judged again under the new rules.
+    pub fn sync(
+        &mut self,
+        desired: &DesiredMaps,
+        ifindex_of: impl Fn(&ObjectRef) -> Option<u32>,
+    ) -> Result<SyncStats, DatapathError> {
+        let mut stats = SyncStats::default();
+        let endpoints: BTreeMap<u32, EndpointInfo> = desired
+            .endpoints
+            .iter()
+            .filter_map(|(pod, info)| ifindex_of(pod).map(|i| (i, *info)))
+            .collect();
+        let cidrs: BTreeMap<CidrKey, u32> = desired.cidrs.clone();
+        let ranges: BTreeMap<RangeKey, PolicyValue> = desired.port_ranges.clone();
+
+        let policy_diff = diff_hash(&self.policy, &desired.policy)?;
+        let ranges_diff = diff_lpm(&self.port_ranges, &ranges, |k| RangeKey {
+            prefix_len: k.prefix_len(),
+            key: k.data(),
+        })?;
+        let cidrs_diff = diff_lpm(&self.cidrs, &cidrs, |k| CidrKey {
+            prefix_len: k.prefix_len(),
+            addr: k.data(),
+        })?;
+        let identities_diff = diff_hash(&self.identities, &desired.identities)?;
+        let endpoints_diff = diff_hash(&self.endpoints, &endpoints)?;
+        let policy_changed = !policy_diff.is_empty()
+            || !ranges_diff.is_empty()
+            || !cidrs_diff.is_empty()
+            || !identities_diff.is_empty()
+            || !endpoints_diff.is_empty();
+
+        for (k, v) in &policy_diff.upsert {
+            self.policy.insert(k, v, 0)?;
+        }
+        for (k, v) in &ranges_diff.upsert {
+            self.port_ranges.insert(&Key::new(k.prefix_len, k.key), v, 0)?;
+        }
+        for (k, v) in &cidrs_diff.upsert {
+            self.cidrs.insert(&Key::new(k.prefix_len, k.addr), v, 0)?;
+        }
+        for (k, v) in &identities_diff.upsert {
+            self.identities.insert(k, v, 0)?;
+        }
+        for (k, v) in &endpoints_diff.upsert {
+            self.endpoints.insert(k, v, 0)?;
+        }
+        for k in &endpoints_diff.delete {
+            ignore_missing(self.endpoints.remove(k))?;
+        }
+        for k in &identities_diff.delete {
+            ignore_missing(self.identities.remove(k))?;
+        }
+        for k in &cidrs_diff.delete {
+            ignore_missing(self.cidrs.remove(&Key::new(k.prefix_len, k.addr)))?;
+        }
+        for k in &ranges_diff.delete {
+            ignore_missing(self.port_ranges.remove(&Key::new(k.prefix_len, k.key)))?;
+        }
+        for k in &policy_diff.delete {
+            ignore_missing(self.policy.remove(k))?;
+        }
+        stats.upserts = policy_diff.upsert.len()
+            + ranges_diff.upsert.len()
+            + cidrs_diff.upsert.len()
+            + identities_diff.upsert.len()
+            + endpoints_diff.upsert.len();
+        stats.deletes = policy_diff.delete.len()
+            + ranges_diff.delete.len()
+            + cidrs_diff.delete.len()
+            + identities_diff.delete.len()
+            + endpoints_diff.delete.len();
+        if policy_changed {
+            let mut config = self.config()?;
+            config.epoch = config.epoch.wrapping_add(1);
+            self.set_config(config)?;
+            stats.epoch_bumped = true;
+        }
+        Ok(stats)
+    }
+}
+
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(SyscallError { io_error, .. })) if io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+struct Diff<K, V> {
+    upsert: Vec<(K, V)>,
+    delete: Vec<K>,
+}
+
+impl<K, V> Diff<K, V> {
+    fn is_empty(&self) -> bool {
+        self.upsert.is_empty() && self.delete.is_empty()
+    }
+}
+
+fn diff_hash<K, V>(current: &HashMap<MapData, K, V>, desired: &BTreeMap<K, V>) -> Result<Diff<K, V>, MapError>
+where
+    K: aya::Pod + Ord,
+    V: aya::Pod + PartialEq,
+{
+    let mut have = BTreeMap::new();
+    for entry in current.iter() {
+        let (k, v) = entry?;
+        have.insert(k, v);
+    }
+    Ok(diff(&have, desired))
+}
+
+fn diff_lpm<D, K, V>(
+    current: &LpmTrie<MapData, D, V>,
+    desired: &BTreeMap<K, V>,
+    from_key: impl Fn(Key<D>) -> K,
+) -> Result<Diff<K, V>, MapError>
+where
+    D: aya::Pod,
+    K: Ord + Clone,
+    V: aya::Pod + PartialEq,
+{
+    let mut have = BTreeMap::new();
+    for entry in current.iter() {
+        let (k, v) = entry?;
+        have.insert(from_key(k), v);
+    }
+    Ok(diff(&have, desired))
+}
+
+fn diff<K: Ord + Clone, V: PartialEq + Copy>(have: &BTreeMap<K, V>, want: &BTreeMap<K, V>) -> Diff<K, V> {
+    Diff {
+        upsert: want
+            .iter()
+            .filter(|(k, v)| have.get(k) != Some(v))
+            .map(|(k, v)| (k.clone(), *v))
+            .collect(),
+        delete: have.keys().filter(|k| !want.contains_key(k)).cloned().collect(),
+    }
+}

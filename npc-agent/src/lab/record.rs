@@ -1,0 +1,264 @@
+//! What a running lab writes down (`/run/npc/lab-<name>.json`) so that `lab probe` and `lab down`
+//! in other processes can find it, the probes made from that record, and clean-up after a crash.
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use npc_common::DropKey;
+use npc_policy::model::Protocol;
+use serde::{Deserialize, Serialize};
+
+use super::{LabError, LabOptions, Probe, connect, netns};
+use crate::datapath::pinned_drops;
+
+/// A running lab as `lab up` writes it down for `lab probe` and `lab down` (other processes).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabRecord {
+    pub pid: u32,
+    pub tag: String,
+    pub pin_root: PathBuf,
+    pub node_netns: String,
+    pub probe_timeout_ms: u64,
+    pub pods: Vec<RecordPod>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordPod {
+    /// `ns/name`.
+    pub id: String,
+    pub netns: String,
+    pub ips: Vec<IpAddr>,
+    /// (port, "TCP" | "UDP" | "SCTP").
+    pub ports: Vec<(u16, String)>,
+}
+
+impl LabRecord {
+    /// Where the record of the lab named `tag` lives.
+    pub fn path(tag: &str) -> PathBuf {
+        PathBuf::from(format!("/run/npc/lab-{tag}.json"))
+    }
+
+    pub fn load(tag: &str) -> Result<Option<Self>, LabError> {
+        let path = Self::path(tag);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| LabError::Record {
+                path,
+                message: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(LabError::Record {
+                path,
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    /// Writes the record atomically (a reader never sees half of it).
+    pub fn save(&self) -> Result<(), LabError> {
+        let path = Self::path(&self.tag);
+        let err = |e: std::io::Error| LabError::Record {
+            path: path.clone(),
+            message: e.to_string(),
+        };
+        std::fs::create_dir_all(path.parent().expect("has a parent")).map_err(err)?;
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self).expect("serialisable")).map_err(err)?;
+        std::fs::rename(&tmp, &path).map_err(err)
+    }
+
+    /// Is the process that wrote this record still running?
+    pub fn alive(&self) -> bool {
+        // SAFETY: signal 0 only checks that the process exists.
+        unsafe { libc::kill(self.pid as i32, 0) == 0 }
+    }
+
+    fn pod(&self, id: &str) -> Result<&RecordPod, LabError> {
+        self.pods
+            .iter()
+            .find(|p| p.id == id)
+            .ok_or_else(|| LabError::Setup(format!("no pod {id} in the lab")))
+    }
+
+    /// One probe: a TCP connection that gets the listener's reply, or a UDP echo, within the
+    /// probe timeout, from inside the source pod's namespace.
+    ///
+    /// "Blocked" is proven, not inferred: a probe that gets no answer counts as blocked only when
+    /// the datapath's drop counter for its port moved; otherwise the fabric is broken and this
+    /// says so (in a lab that does not enforce, nothing can be proven and none is asked).
+    pub fn probe(&self, from: &str, to: &str, port: u16, protocol: Protocol) -> Result<bool, LabError> {
+        let before = self.drops()?;
+        let ok = self.probe_unproven(from, to, port, protocol)?;
+        if !ok {
+            self.prove_blocked(before.as_ref(), &[(port, protocol, 1)])?;
+        }
+        Ok(ok)
+    }
+
+    fn probe_unproven(&self, from: &str, to: &str, port: u16, protocol: Protocol) -> Result<bool, LabError> {
+        let src = self.pod(from)?;
+        let dst = self.pod(to)?;
+        let addr =
+            probe_addr(src, dst).ok_or_else(|| LabError::Setup(format!("{from} and {to} share no address family")))?;
+        let timeout = Duration::from_millis(self.probe_timeout_ms);
+        Ok(netns::run_in(&src.netns, || {
+            connect(SocketAddr::new(addr, port), protocol, timeout)
+        })?)
+    }
+
+    /// Every ordered pair of distinct pods, on every port/protocol the destination declares
+    /// (SCTP aside: no SCTP sockets on these kernels; the datapath tests cover it), concurrently.
+    pub fn probe_all(&self) -> Result<Vec<Probe>, LabError> {
+        let mut plan = Vec::new();
+        for dst in &self.pods {
+            for (port, protocol) in &dst.ports {
+                let Some(protocol) = Protocol::parse(protocol).filter(|p| *p != Protocol::Sctp) else {
+                    continue;
+                };
+                // Pairs that share no address family (an IPv6-only pod and an IPv4-only one)
+                // cannot talk at all: nothing to probe.
+                for src in self
+                    .pods
+                    .iter()
+                    .filter(|s| s.id != dst.id && probe_addr(s, dst).is_some())
+                {
+                    plan.push((src.id.as_str(), dst.id.as_str(), *port, protocol));
+                }
+            }
+        }
+        plan.sort();
+        plan.dedup();
+        let before = self.drops()?;
+        let results: Vec<Result<bool, LabError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = plan
+                .iter()
+                .map(|(from, to, port, protocol)| s.spawn(move || self.probe_unproven(from, to, *port, *protocol)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(LabError::Setup("a probe thread panicked".into())))
+                })
+                .collect()
+        });
+        let probes: Vec<Probe> = plan
+            .into_iter()
+            .zip(results)
+            .map(|((from, to, port, protocol), ok)| {
+                Ok(Probe {
+                    from: from.to_string(),
+                    to: to.to_string(),
+                    port,
+                    protocol: protocol.to_string(),
+                    result: if ok? { "allowed" } else { "blocked" }.to_string(),
+                })
+            })
+            .collect::<Result<_, LabError>>()?;
+        // Probes run at once, so drops are proven per port and protocol: every blocked probe
+        // drops at least its first packet.
+        let mut blocked: BTreeMap<(u16, Protocol), usize> = BTreeMap::new();
+        for p in probes.iter().filter(|p| p.result == "blocked") {
+            let protocol = Protocol::parse(&p.protocol).expect("we wrote it");
+            *blocked.entry((p.port, protocol)).or_default() += 1;
+        }
+        let expected: Vec<(u16, Protocol, u64)> = blocked.into_iter().map(|((p, pr), n)| (p, pr, n as u64)).collect();
+        self.prove_blocked(before.as_ref(), &expected)?;
+        Ok(probes)
+    }
+
+    /// The drop counters of this lab's datapath (None when it enforces nothing).
+    fn drops(&self) -> Result<Option<BTreeMap<DropKey, u64>>, LabError> {
+        if !self.pin_root.join(npc_common::map_names::DROPS).exists() {
+            return Ok(None);
+        }
+        Ok(Some(pinned_drops(&self.pin_root)?))
+    }
+
+    /// Checks that at least `n` drops were counted on each (port, protocol) since `before`.
+    fn prove_blocked(
+        &self,
+        before: Option<&BTreeMap<DropKey, u64>>,
+        expected: &[(u16, Protocol, u64)],
+    ) -> Result<(), LabError> {
+        let (Some(before), Some(after)) = (before, self.drops()?) else {
+            return Ok(());
+        };
+        for &(port, protocol, n) in expected {
+            let counted = |m: &BTreeMap<DropKey, u64>| -> u64 {
+                m.iter()
+                    .filter(|(k, _)| k.dport == port && k.protocol == protocol.number())
+                    .map(|(_, v)| *v)
+                    .sum()
+            };
+            let moved = counted(&after).saturating_sub(counted(before));
+            if moved < n {
+                return Err(LabError::Setup(format!(
+                    "{n} probes on {port}/{protocol} got no answer, but the datapath counted only {moved} drops there: \
+                     the fabric is broken, not policy"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The destination address a probe from `src` uses: `dst`'s first address of a family `src` has.
+pub fn probe_addr(src: &RecordPod, dst: &RecordPod) -> Option<IpAddr> {
+    dst.ips
+        .iter()
+        .find(|d| src.ips.iter().any(|s| s.is_ipv4() == d.is_ipv4()))
+        .copied()
+}
+
+/// Removes everything a lab named `tag` may have left: its process (asked to stop, then killed),
+/// network namespaces (and with the node namespace its bridge and veths), pinned maps, programs
+/// and links, and the record. Safe to run any number of times; returns what it removed.
+pub fn down(tag: &str) -> Result<Vec<String>, LabError> {
+    let mut removed = Vec::new();
+    let record = LabRecord::load(tag).unwrap_or(None);
+    if let Some(record) = &record
+        && record.alive()
+        && record.pid != std::process::id()
+    {
+        // SAFETY: plain signals to the lab's own process.
+        unsafe { libc::kill(record.pid as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while record.alive() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if record.alive() {
+            // SAFETY: as above.
+            unsafe { libc::kill(record.pid as i32, libc::SIGKILL) };
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while record.alive() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        removed.push(format!("process {}", record.pid));
+    }
+    // Pod namespaces first, the node (with the bridge) last.
+    let mut namespaces = netns::list_with_prefix(&format!("{tag}-"));
+    namespaces.sort_by_key(|n| n.ends_with("-node"));
+    for ns in namespaces {
+        netns::delete(&ns)?;
+        removed.push(format!("netns {ns}"));
+    }
+    let pin_root = record
+        .as_ref()
+        .map(|r| r.pin_root.clone())
+        .unwrap_or_else(|| LabOptions::pin_root_of(tag));
+    if pin_root.exists() {
+        std::fs::remove_dir_all(&pin_root)
+            .map_err(|e| LabError::Setup(format!("removing {}: {e}", pin_root.display())))?;
+        removed.push(format!("pins {}", pin_root.display()));
+    }
+    let path = LabRecord::path(tag);
+    if path.exists() {
+        let _ = std::fs::remove_file(&path);
+        removed.push(format!("record {}", path.display()));
+    }
+    Ok(removed)
+}

@@ -1,0 +1,256 @@
+//! One turn of the node's loop: the cluster as a source sees it → State → compile → attach or
+//! detach local pods (Attacher) → MapSync → metrics. The agent (kube source) and the lab (files
+//! source and a fabric) both turn exactly this.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use npc_policy::{
+    compiler::Compiler,
+    files::Loaded,
+    model::{ObjectRef, State},
+};
+
+use crate::{
+    datapath::{Datapath, DatapathError, SyncStats, ifindex_of},
+    node::{
+        attacher::{Attacher, PodLink},
+        metrics::Metrics,
+        observer::{Observer, SharedNames},
+    },
+};
+
+/// How often the conntrack table is counted for `npc_map_entries{map="conntrack"}`: it walks
+/// the whole table (up to 262k entries), so not on every turn.
+const CONNTRACK_COUNT_EVERY: Duration = Duration::from_secs(30);
+
+/// What the node is, for the compiler and the attacher.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    /// `spec.nodeName` of the pods enforced here; None: every pod is local (the lab).
+    pub node_name: Option<String>,
+    pub legacy_default_deny: bool,
+    /// How long a turn waits for a bridge to learn a new pod's interface before leaving it for
+    /// the next turn.
+    pub resolve_wait: Duration,
+}
+
+pub struct Enforcer {
+    node: NodeOptions,
+    datapath: Datapath,
+    attacher: Attacher,
+    compiler: Compiler,
+    adopted: bool,
+    /// Local pods we attached to, and where.
+    links: BTreeMap<ObjectRef, (IpAddr, PodLink)>,
+    /// Local pods with an address that could not be attached on the last turn.
+    unattached: usize,
+    /// For the observer's log lines.
+    names: SharedNames,
+    conntrack_counted: Option<Instant>,
+    metrics: Metrics,
+    /// Drains the verdict events while the enforcer lives.
+    _observer: Option<Observer>,
+}
+
+impl Enforcer {
+    /// `attacher` must be bound to the node's network namespace (it resolves pod interfaces
+    /// there); turns must run on a thread in that namespace too (attaching looks names up).
+    pub fn new(node: NodeOptions, mut datapath: Datapath, attacher: Attacher, metrics: Metrics) -> Self {
+        let names = SharedNames::default();
+        let observer = datapath
+            .take_events()
+            .map(|events| Observer::start(events, names.clone(), metrics.clone(), 10));
+        for (map, capacity) in [
+            ("endpoints", npc_common::capacity::ENDPOINTS),
+            ("identities", npc_common::capacity::IDENTITIES),
+            ("cidrs", npc_common::capacity::CIDRS),
+            ("policy", npc_common::capacity::POLICY),
+            ("port_ranges", npc_common::capacity::PORT_RANGES),
+            ("conntrack", npc_common::capacity::CONNTRACK),
+        ] {
+            metrics.set_map_capacity(map, capacity);
+        }
+        Self {
+            node,
+            datapath,
+            attacher,
+            compiler: Compiler::default(),
+            adopted: false,
+            links: BTreeMap::new(),
+            unattached: 0,
+            names,
+            conntrack_counted: None,
+            metrics,
+            _observer: observer,
+        }
+    }
+
+    pub fn datapath(&self) -> &Datapath {
+        &self.datapath
+    }
+
+    pub fn datapath_mut(&mut self) -> &mut Datapath {
+        &mut self.datapath
+    }
+
+    /// The interface a local pod was attached to on the last turn.
+    pub fn link(&self, pod: &ObjectRef) -> Option<&PodLink> {
+        self.links.get(pod).map(|(_, link)| link)
+    }
+
+    /// Compiles `loaded` for this node, attaches to every local pod that has an address, detaches
+    /// from pods that are gone, and syncs the maps. A pod that cannot be attached yet is counted
+    /// and retried on the next turn ([`Self::needs_attach`]).
+    pub fn turn(&mut self, loaded: &Loaded) -> Result<SyncStats, DatapathError> {
+        let start = Instant::now();
+        self.beat();
+        for e in &loaded.errors {
+            tracing::warn!("{e} (ignored; everything else is enforced)");
+        }
+        self.metrics.set_rejected("NetworkPolicy", loaded.rejected_policies());
+        self.metrics.set_rejected(
+            "Pod",
+            loaded
+                .errors
+                .iter()
+                .filter(|e| e.object.as_deref().is_some_and(|o| o.starts_with("Pod ")))
+                .count(),
+        );
+        let node_addrs = self.attacher.local_addresses().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "listing this node's addresses");
+            Vec::new()
+        });
+        let state = State {
+            node_name: self.node.node_name.clone(),
+            node_addrs,
+            legacy_default_deny: self.node.legacy_default_deny,
+            ..loaded.to_state()
+        };
+        if !self.adopted {
+            match self.datapath.kernel_numbering() {
+                Ok((identities, cidrs)) => self.compiler.adopt(&state, &identities, &cidrs),
+                Err(e) => tracing::warn!(error = %e, "reading the previous agent's maps; starting afresh"),
+            }
+            self.adopted = true;
+        }
+        let compiled = self.compiler.compile(&state);
+
+        let mut ifindexes: BTreeMap<ObjectRef, u32> = BTreeMap::new();
+        self.unattached = 0;
+        for pod in compiled.maps.endpoints.keys() {
+            let Some(ip) = state.pods.get(pod).and_then(|p| p.ips.first().copied()) else {
+                continue; // no address yet: attached when it gets one
+            };
+            match self.ensure_attached(pod, ip) {
+                Ok(ifindex) => {
+                    ifindexes.insert(pod.clone(), ifindex);
+                }
+                Err(e) => {
+                    self.unattached += 1;
+                    self.metrics.attach_failed();
+                    tracing::warn!(pod = %pod, %ip, error = %e, "cannot attach yet; retrying");
+                }
+            }
+        }
+        self.links.retain(|pod, _| ifindexes.contains_key(pod));
+        let wanted: BTreeSet<u32> = ifindexes.values().copied().collect();
+        for ifindex in self.datapath.attached_ifindexes() {
+            if !wanted.contains(&ifindex) {
+                // Only our own pinned links: another tool's filters are never touched.
+                if let Err(e) = self.datapath.detach(ifindex) {
+                    tracing::warn!(ifindex, error = %e, "detaching from a gone pod");
+                }
+            }
+        }
+
+        {
+            let mut names = self.names.write().expect("not poisoned");
+            names.by_addr = compiled.address_owners.clone();
+            names.by_ifindex = ifindexes.iter().map(|(pod, i)| (*i, pod.clone())).collect();
+        }
+        let synced = self.datapath.sync(&compiled.maps, |pod| ifindexes.get(pod).copied());
+        match &synced {
+            Ok(stats) => {
+                self.metrics
+                    .synced(start.elapsed().as_secs_f64(), stats.upserts + stats.deletes);
+                tracing::info!(
+                    pods = state.pods.len(),
+                    policies = state.policies.len(),
+                    endpoints = ifindexes.len(),
+                    writes = stats.upserts,
+                    deletes = stats.deletes,
+                    "synced"
+                );
+            }
+            Err(e) => {
+                self.metrics.sync_failed();
+                tracing::error!(error = %e, "sync failed; retrying on the next turn");
+            }
+        }
+        self.metrics
+            .set_counts(state.policies.len(), ifindexes.len(), compiled.identities.len());
+        for (map, n) in [
+            ("endpoints", ifindexes.len()),
+            ("identities", compiled.maps.identities.len()),
+            ("cidrs", compiled.maps.cidrs.len()),
+            ("policy", compiled.maps.policy.len()),
+            ("port_ranges", compiled.maps.port_ranges.len()),
+        ] {
+            self.metrics.set_map_entries(map, n);
+        }
+        self.refresh_counters();
+        synced
+    }
+
+    /// Whether a turn would attach something: a pod left unattached, or an interface we are
+    /// attached to that is gone or was replaced (same name, new index, or no longer there).
+    pub fn needs_attach(&self) -> bool {
+        self.unattached > 0
+            || self
+                .links
+                .values()
+                .any(|(_, link)| ifindex_of(&link.name) != Some(link.ifindex))
+    }
+
+    /// Reads the datapath's counters into the metrics.
+    pub fn refresh_counters(&mut self) {
+        self.beat();
+        if let Ok(drops) = self.datapath.drops() {
+            self.metrics.observe_drops(&drops);
+        }
+        if let Ok(allowed) = self.datapath.allowed_connections() {
+            self.metrics.observe_allowed(allowed);
+        }
+        let due = self
+            .conntrack_counted
+            .is_none_or(|at| at.elapsed() >= CONNTRACK_COUNT_EVERY);
+        if due && let Ok(n) = self.datapath.conntrack_count() {
+            self.metrics.set_map_entries("conntrack", n);
+            self.conntrack_counted = Some(Instant::now());
+        }
+    }
+
+    fn beat(&self) {
+        self.metrics
+            .beat(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()));
+    }
+
+    /// The pod's interface, attached; re-resolved when the pod's address changed or its
+    /// interface was recreated.
+    fn ensure_attached(&mut self, pod: &ObjectRef, ip: IpAddr) -> anyhow::Result<u32> {
+        if let Some((known_ip, link)) = self.links.get(pod)
+            && *known_ip == ip
+            && ifindex_of(&link.name) == Some(link.ifindex)
+        {
+            return Ok(link.ifindex);
+        }
+        let link = self.attacher.resolve(ip, self.node.resolve_wait)?;
+        let ifindex = self.datapath.attach(&link.name)?;
+        tracing::info!(pod = %pod, %ip, interface = %link.name, ifindex, "attached");
+        self.links.insert(pod.clone(), (ip, link));
+        Ok(ifindex)
+    }
+}
