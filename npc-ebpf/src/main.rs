@@ -31,11 +31,8 @@ use core::mem::size_of;
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_ns,
-    macros::{classifier, map},
-    maps::{
-        Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf,
-        lpm_trie::{Key, LpmTrie},
-    },
+    macros::{btf_map, classifier, map},
+    maps::RingBuf,
     programs::TcContext,
 };
 use aya_log_ebpf::debug;
@@ -46,26 +43,32 @@ use npc_common::{
     log_level, mode, peer, stats,
 };
 
-#[map]
-static NPC_ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0);
-#[map]
-static NPC_IDENTITIES: HashMap<[u8; 16], u32> = HashMap::pinned(capacity::IDENTITIES, 0);
-#[map]
-static NPC_CIDRS: LpmTrie<[u8; 16], u32> = LpmTrie::pinned(capacity::CIDRS, 0);
-#[map]
-static NPC_POLICY: HashMap<PolicyKey, PolicyValue> = HashMap::pinned(capacity::POLICY, 0);
-#[map]
-static NPC_PORT_RANGES: LpmTrie<PortRangeKey, PolicyValue> = LpmTrie::pinned(capacity::PORT_RANGES, 0);
-#[map]
-static NPC_CONNTRACK: LruHashMap<ConntrackKey, ConntrackValue> = LruHashMap::pinned(capacity::CONNTRACK, 0);
-#[map]
-static NPC_DROPS: PerCpuHashMap<DropKey, u64> = PerCpuHashMap::pinned(capacity::DROPS, 0);
+mod maps;
+use maps::{Array, HashMap, LpmKey, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap};
+
+// Every map but the ring buffer is BTF-defined (see maps.rs): the kernel records its key and value
+// types, so `bpftool map dump` prints fields by name. All are pinned by name under the pin root.
+#[btf_map]
+static NPC_ENDPOINTS: HashMap<u32, EndpointInfo, { capacity::ENDPOINTS as usize }> = HashMap::new();
+#[btf_map]
+static NPC_IDENTITIES: HashMap<[u8; 16], u32, { capacity::IDENTITIES as usize }> = HashMap::new();
+#[btf_map]
+static NPC_CIDRS: LpmTrie<[u8; 16], u32, { capacity::CIDRS as usize }> = LpmTrie::new();
+#[btf_map]
+static NPC_POLICY: HashMap<PolicyKey, PolicyValue, { capacity::POLICY as usize }> = HashMap::new();
+#[btf_map]
+static NPC_PORT_RANGES: LpmTrie<PortRangeKey, PolicyValue, { capacity::PORT_RANGES as usize }> = LpmTrie::new();
+#[btf_map]
+static NPC_CONNTRACK: LruHashMap<ConntrackKey, ConntrackValue, { capacity::CONNTRACK as usize }> = LruHashMap::new();
+#[btf_map]
+static NPC_DROPS: PerCpuHashMap<DropKey, u64, { capacity::DROPS as usize }> = PerCpuHashMap::new();
+/// A ring buffer has no key or value type (BTF or otherwise): it stays a legacy map.
 #[map]
 static NPC_EVENTS: RingBuf = RingBuf::pinned(capacity::EVENTS_BYTES, 0);
-#[map]
-static NPC_CONFIG: Array<Config> = Array::pinned(1, 0);
-#[map]
-static NPC_STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
+#[btf_map]
+static NPC_CONFIG: Array<Config, 1> = Array::new();
+#[btf_map]
+static NPC_STATS: PerCpuArray<u64, { stats::COUNT as usize }> = PerCpuArray::new();
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -123,14 +126,14 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: plain-old-data value; a concurrent update by the agent can at worst give us a mix
     // of old and new fields of a value that is consistent either way.
-    let Some(endpoint) = (unsafe { NPC_ENDPOINTS.get(ifindex) }).copied() else {
+    let Some(endpoint) = (unsafe { NPC_ENDPOINTS.get(&ifindex) }).copied() else {
         return TC_ACT_UNSPEC;
     };
     let hook = Hook {
         ifindex,
         direction,
         endpoint,
-        config: NPC_CONFIG.get(0).copied().unwrap_or_default(),
+        config: unsafe { NPC_CONFIG.get(&0) }.copied().unwrap_or_default(),
     };
     let mut pkt = Packet {
         protocol: 0,
@@ -206,14 +209,7 @@ fn judge(ctx: &TcContext, hook: &Hook, pkt: &Packet) -> i32 {
         if entry.epoch != config.epoch {
             // The policy changed since this connection was judged: judge it again, as opened.
             let origin = entry.direction;
-            let query = Query {
-                peer_addr: if origin == DIR_INGRESS { key.src } else { key.dst },
-                identity: endpoint.identity,
-                flags: endpoint.flags,
-                port: key.dport,
-                protocol: key.protocol,
-                direction: origin,
-            };
+            let query = Query::new(endpoint, origin, key.src, key.dst, key.dport, key.protocol);
             if allowed(&query) == NOT_ALLOWED {
                 let _ = NPC_CONNTRACK.remove(&key);
                 return deny(ctx, hook, pkt, drop_reason::POLICY_CHANGED);
@@ -226,14 +222,7 @@ fn judge(ctx: &TcContext, hook: &Hook, pkt: &Packet) -> i32 {
     }
 
     // A new connection.
-    let query = Query {
-        peer_addr: if direction == DIR_INGRESS { pkt.src } else { pkt.dst },
-        identity: endpoint.identity,
-        flags: endpoint.flags,
-        port: pkt.dport,
-        protocol: pkt.protocol,
-        direction,
-    };
+    let query = Query::new(endpoint, direction, pkt.src, pkt.dst, pkt.dport, pkt.protocol);
     if allowed(&query) == NOT_ALLOWED {
         return deny(ctx, hook, pkt, drop_reason::POLICY);
     }
@@ -242,7 +231,7 @@ fn judge(ctx: &TcContext, hook: &Hook, pkt: &Packet) -> i32 {
     } else {
         stats::ALLOWED_EGRESS
     };
-    if let Some(count) = NPC_STATS.get_ptr_mut(slot) {
+    if let Some(count) = NPC_STATS.get_ptr_mut(&slot) {
         // SAFETY: a per-CPU slot: no other CPU writes it, and this program is not re-entered.
         unsafe { *count += 1 };
     }
@@ -311,6 +300,22 @@ struct Query {
     direction: u8,
 }
 
+impl Query {
+    /// The question for a connection from `src` to `dst`:`port` opened in `direction` (the peer
+    /// is the source at ingress, the destination at egress).
+    #[inline(always)]
+    fn new(endpoint: &EndpointInfo, direction: u8, src: [u8; 16], dst: [u8; 16], port: u16, protocol: u8) -> Self {
+        Self {
+            peer_addr: if direction == DIR_INGRESS { src } else { dst },
+            identity: endpoint.identity,
+            flags: endpoint.flags,
+            port,
+            protocol,
+            direction,
+        }
+    }
+}
+
 const NOT_ALLOWED: i64 = -1;
 /// No such peer (never a valid id: classes stay below it).
 const NO_PEER: u32 = u32::MAX;
@@ -339,7 +344,7 @@ fn allowed(q: &Query) -> i64 {
     if q.flags & isolated_flag == 0 {
         return 0;
     }
-    let cidr_class = match NPC_CIDRS.get(Key::new(128, q.peer_addr)) {
+    let cidr_class = match unsafe { NPC_CIDRS.get(&LpmKey::new(128, q.peer_addr)) } {
         Some(class) => CIDR_CLASS_BASE | *class,
         None => NO_PEER,
     };
@@ -374,7 +379,7 @@ fn allowed(q: &Query) -> i64 {
                 protocol: q.protocol,
                 port_be: q.port.to_be_bytes(),
             };
-            if let Some(v) = NPC_PORT_RANGES.get(Key::new(PORT_RANGE_FIXED_BITS + 16, range_key)) {
+            if let Some(v) = unsafe { NPC_PORT_RANGES.get(&LpmKey::new(PORT_RANGE_FIXED_BITS + 16, range_key)) } {
                 return i64::from(v.rule);
             }
         }
@@ -385,12 +390,8 @@ fn allowed(q: &Query) -> i64 {
 /// Count, report and (unless auditing) drop. Not inlined, for the stack (see [`allowed`]).
 #[inline(never)]
 fn deny(ctx: &TcContext, hook: &Hook, pkt: &Packet, reason: u8) -> i32 {
-    let Hook {
-        ifindex,
-        direction,
-        ref endpoint,
-        ref config,
-    } = *hook;
+    let (ifindex, direction) = (hook.ifindex, hook.direction);
+    let (endpoint, config) = (&hook.endpoint, &hook.config);
     let (protocol, dport) = (pkt.protocol, pkt.dport);
     let key = DropKey {
         direction,
@@ -405,6 +406,14 @@ fn deny(ctx: &TcContext, hook: &Hook, pkt: &Packet, reason: u8) -> i32 {
         }
     }
     let audit = config.mode == mode::AUDIT;
+    // The identity lookup's key is a stack copy of the peer's address: kernels before 6.2 (6.1:
+    // "R2 type=alloc_mem expected=fp, pkt, pkt_meta, map_key, map_value") refuse a map key that
+    // points into a reserved ring-buffer record.
+    let peer_addr: [u8; 16] = if direction == DIR_INGRESS { pkt.src } else { pkt.dst };
+    // SAFETY: the value is copied out at once; the agent only replaces entries whole.
+    let peer_identity = unsafe { NPC_IDENTITIES.get(&peer_addr) }
+        .copied()
+        .unwrap_or(peer::WORLD);
     if let Some(mut slot) = NPC_EVENTS.reserve::<VerdictEvent>(0) {
         // Fill the reserved record in place: building a VerdictEvent on the stack first would
         // cost 52 bytes of the 512 we have.
@@ -415,12 +424,7 @@ fn deny(ctx: &TcContext, hook: &Hook, pkt: &Packet, reason: u8) -> i32 {
             (*ev).src = pkt.src;
             (*ev).dst = pkt.dst;
             (*ev).sport = pkt.sport;
-            let peer_addr = if direction == DIR_INGRESS {
-                &(*ev).src
-            } else {
-                &(*ev).dst
-            };
-            (*ev).peer_identity = NPC_IDENTITIES.get(peer_addr).copied().unwrap_or(peer::WORLD);
+            (*ev).peer_identity = peer_identity;
             (*ev).ifindex = ifindex;
             (*ev).local_identity = endpoint.identity;
             (*ev).dport = dport;
