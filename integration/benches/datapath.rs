@@ -10,14 +10,14 @@
 //! Needs root and BPF, like the datapath tests.
 use std::{net::IpAddr, time::Duration};
 
-use npc_agent::{
-    compiler,
-    datapath::Hook,
-    manifests,
-    model::{ObjectRef, State},
-    packet::{self, L4, TCP_ACK, TCP_SYN},
-};
-use npc_integration::TestDatapath;
+use npc_agent::datapath::Hook;
+use npc_integration::packet::{self, L4, TCP_ACK, TCP_SYN};
+use npc_integration::{TestDatapath, compile_for};
+use npc_policy::files as manifests;
+use npc_policy::model::ObjectRef;
+
+const PASS: i32 = -1; // TC_ACT_UNSPEC: pass (to the next program, if any)
+const SHOT: i32 = 2; // TC_ACT_SHOT
 
 fn cluster(pods: usize) -> String {
     // One server with a policy; many client pods in other namespaces fill the identity map.
@@ -49,18 +49,12 @@ enum Kind {
 }
 
 fn main() {
-    // `cargo test --all-targets` runs this binary without `--bench`: a quick smoke run then.
+    // `cargo bench` passes `--bench`; run by hand without it, the binary makes a quick run.
     let benching = std::env::args().any(|a| a == "--bench");
     let (repeat, fresh): (u32, u16) = if benching { (1_000_000, 20_000) } else { (1_000, 100) };
     let mut t = TestDatapath::load("bench");
     let dp = &mut t.dp;
-    let loaded = manifests::parse_str("bench.yaml".as_ref(), &cluster(10_000));
-    assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
-    let state = State {
-        node_name: Some("n0".into()),
-        ..loaded.to_state()
-    };
-    let compiled = compiler::compile(&state);
+    let compiled = compile_for("n0", &[("bench.yaml", &cluster(10_000))]);
     let server = ObjectRef::new("srv", "server");
     // Calibration, before any endpoint exists: a packet on an interface that is not a pod's, timed
     // once per run and a million times in a row. The difference is what a single run costs the
@@ -84,7 +78,9 @@ fn main() {
     let server_ip = ip("10.0.0.1");
     let client = ip("10.1.0.7");
     let outside = ip("172.20.0.9");
-    let cases: Vec<(&str, Hook, Vec<u8>, Kind)> = vec![
+    // Every case says the verdict it times, and is checked for it before it is timed: a
+    // benchmark of a packet that was silently dropped (or passed) measures the wrong path.
+    let cases: Vec<(&str, Hook, Vec<u8>, Kind, i32)> = vec![
         (
             "new TCP connection allowed (pod identity, named port): policy lookups + conntrack insert",
             Hook::ToPod,
@@ -92,6 +88,7 @@ fn main() {
             Kind::Fresh(Box::new(move |sport| {
                 packet::tcp(client, server_ip, sport, 80, TCP_SYN)
             })),
+            PASS,
         ),
         (
             "new TCP connection allowed by an endPort range (LPM)",
@@ -100,6 +97,7 @@ fn main() {
             Kind::Fresh(Box::new(move |sport| {
                 packet::tcp(client, server_ip, sport, 9050, TCP_SYN)
             })),
+            PASS,
         ),
         (
             "new UDP flow allowed by an ipBlock (LPM class)",
@@ -108,18 +106,21 @@ fn main() {
             Kind::Fresh(Box::new(move |sport| {
                 packet::ip(outside, server_ip, L4::Udp { sport, dport: 53 })
             })),
+            PASS,
         ),
         (
             "established TCP (conntrack hit)",
             Hook::ToPod,
             packet::tcp(client, server_ip, 1000, 80, TCP_ACK),
             Kind::Steady,
+            PASS,
         ),
         (
             "denied TCP (every lookup misses; counted; event emitted)",
             Hook::ToPod,
             packet::tcp(ip("192.0.2.1"), server_ip, 40002, 22, TCP_SYN),
             Kind::Steady,
+            SHOT,
         ),
         (
             "new connection out of a pod not isolated for egress (tracked for its replies)",
@@ -128,12 +129,14 @@ fn main() {
             Kind::Fresh(Box::new(move |sport| {
                 packet::tcp(server_ip, client, sport, 443, TCP_SYN)
             })),
+            PASS,
         ),
         (
             "a packet on an interface that is not a pod's (endpoint lookup only)",
             Hook::FromPod,
             packet::tcp(server_ip, client, 40003, 443, TCP_SYN),
             Kind::Unenforced,
+            PASS,
         ),
     ];
     // The established case needs its connection first.
@@ -152,14 +155,27 @@ fn main() {
         overhead.as_nanos()
     );
     println!("{:>8}  case", "ns/pkt");
-    for (name, hook, pkt, kind) in &cases {
+    for (name, hook, pkt, kind, verdict) in &cases {
+        let check = |dp: &npc_agent::datapath::Datapath, pkt: &[u8]| {
+            let got = dp.test_run(*hook, pkt).expect("test run");
+            assert_eq!(
+                got, *verdict,
+                "{name}: the packet it times gets verdict {got}, not {verdict}"
+            );
+        };
         let per_packet = match kind {
-            Kind::Steady => dp.bench_run(*hook, pkt, repeat).expect("bench run"),
+            Kind::Steady => {
+                check(dp, pkt);
+                dp.bench_run(*hook, pkt, repeat).expect("bench run")
+            }
             Kind::Unenforced => {
                 dp.sync(&compiled.maps, |_| None).expect("sync without endpoints");
+                check(dp, pkt);
                 dp.bench_run(*hook, pkt, repeat).expect("bench run")
             }
             Kind::Fresh(make) => {
+                // A source port the timed packets never use: the first packet of a new flow.
+                check(dp, &make(19_999));
                 let mut total = Duration::ZERO;
                 for i in 0..fresh {
                     total += dp.bench_run(*hook, &make(20_000 + i), 1).expect("bench run");

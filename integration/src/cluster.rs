@@ -1,34 +1,28 @@
 //! A one-node "cluster" for node-agent tests: the lab's fabric (node namespace, bridge, pods with
 //! listeners; no in-process agent), a fake API server inside the node namespace serving those
 //! pods, and the real agent (`npc-agent run`'s code, or the binary) enforcing on the node.
-use std::{
-    net::IpAddr,
-    path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread::JoinHandle,
-    time::Duration,
-};
+use std::{net::IpAddr, path::PathBuf, time::Duration};
 
-use npc_agent::{
-    agent::{self, AgentOptions},
-    lab::{Lab, LabOptions},
-    manifests,
-    metrics::Metrics,
-    model::{ObjectRef, Pod, Protocol},
-    netns,
-};
+use npc_agent::lab::netns;
+use npc_agent::lab::{Lab, LabOptions};
+use npc_agent::node::agent::{self, AgentOptions};
+use npc_agent::node::metrics::Metrics;
+use npc_agent::node::wake::Timing;
+use npc_policy::files as manifests;
+use npc_policy::model::{ObjectRef, Pod, Protocol};
 use serde_json::{Value, json};
 
-use crate::{fake_api::FakeApi, require_root, tag, wait_for};
+use crate::Stoppable;
+use crate::fake_api::FakeApi;
+use crate::require_root;
+use crate::tag;
+use crate::wait_for;
 
 pub const NODE: &str = "lab-node";
 
 pub struct Cluster {
     // Drop order: the agent, then the API server, then the fabric.
-    agent: Option<(Arc<AtomicBool>, JoinHandle<anyhow::Result<()>>)>,
+    agent: Option<Stoppable<anyhow::Result<()>>>,
     pub metrics: Metrics,
     pub api: FakeApi,
     pub lab: Lab,
@@ -77,7 +71,7 @@ pub fn pod_object(pod: &Pod) -> Value {
 
 /// A NetworkPolicy (or any object) from YAML.
 pub fn yaml(text: &str) -> Value {
-    serde_yaml::from_str(text).expect("test YAML")
+    serde_yaml_ng::from_str(text).expect("test YAML")
 }
 
 impl Cluster {
@@ -125,21 +119,21 @@ impl Cluster {
             metrics_addr: "127.0.0.1:0".parse().expect("addr"),
             pin_root: self.pin_root.clone(),
             legacy_default_deny: false,
-            coalesce: Duration::from_millis(50),
-            resync: Duration::from_millis(500),
+            timing: Timing {
+                coalesce: Duration::from_millis(50),
+                resync: Duration::from_millis(500),
+            },
         }
     }
 
     /// Runs the agent in-process, in the node namespace, and waits for its first sync.
     pub fn start_agent(&mut self) {
         let opts = self.options();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (s, m, node) = (stop.clone(), self.metrics.clone(), self.lab.node_netns().to_string());
-        let handle = std::thread::spawn(move || {
+        let (m, node) = (self.metrics.clone(), self.lab.node_netns().to_string());
+        self.agent = Some(Stoppable::spawn(move |stop| {
             netns::enter(&node)?;
-            agent::run_with(opts, s, m)
-        });
-        self.agent = Some((stop, handle));
+            agent::run_with(opts, stop, m)
+        }));
         let metrics = self.metrics.clone();
         assert!(
             wait_for(Duration::from_secs(30), || metrics.is_ready()),
@@ -148,9 +142,8 @@ impl Cluster {
     }
 
     pub fn stop_agent(&mut self) {
-        if let Some((stop, handle)) = self.agent.take() {
-            stop.store(true, Ordering::Relaxed);
-            handle.join().expect("agent thread").expect("agent ran cleanly");
+        if let Some(agent) = self.agent.take() {
+            agent.stop_and_join().expect("agent ran cleanly");
         }
     }
 
@@ -165,7 +158,8 @@ impl Cluster {
             .expect("probe")
     }
 
-    /// Waits until a probe gives `allowed` (the agent applies changes asynchronously).
+    /// Waits until a probe gives `allowed` (the agent applies changes asynchronously). A block
+    /// is proven by the agent's datapath: one more probe must move its drop counter for the port.
     pub fn expect(&self, what: &str, from: &str, to: &str, port: u16, allowed: bool) {
         assert!(
             wait_for(Duration::from_secs(20), || self.probe(from, to, port, Protocol::Tcp)
@@ -173,6 +167,25 @@ impl Cluster {
             "{what}: {from} -> {to}:{port} never became {}",
             if allowed { "allowed" } else { "blocked" }
         );
+        if !allowed {
+            let drops = || -> u64 {
+                npc_agent::datapath::pinned_drops(&self.pin_root)
+                    .expect("read the agent's drop counters")
+                    .iter()
+                    .filter(|(k, _)| k.dport == port && k.protocol == npc_common::PROTO_TCP)
+                    .map(|(_, v)| *v)
+                    .sum()
+            };
+            let before = drops();
+            assert!(
+                !self.probe(from, to, port, Protocol::Tcp),
+                "{what}: {from} -> {to}:{port} got through"
+            );
+            assert!(
+                drops() > before,
+                "{what}: {from} -> {to}:{port} timed out but the datapath counted no drop (a broken fabric?)"
+            );
+        }
     }
 
     pub fn pod(&self, id: &str) -> Pod {
@@ -182,10 +195,7 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        if let Some((stop, handle)) = self.agent.take() {
-            stop.store(true, Ordering::Relaxed);
-            let _ = handle.join();
-        }
+        drop(self.agent.take());
         let _ = npc_agent::datapath::uninstall(&self.pin_root);
         let _ = std::fs::remove_dir_all(&self.dir);
     }

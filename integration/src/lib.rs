@@ -2,7 +2,7 @@
 
 pub mod cluster;
 pub mod fake_api;
-pub mod scenario;
+pub mod packet;
 
 /// Fails (never skips) when the test cannot do what it exists to do.
 pub fn require_root() {
@@ -52,6 +52,21 @@ impl Drop for TestDatapath {
     }
 }
 
+/// Parses `docs` (file name, YAML text) as the files source does, fails on any error, and
+/// compiles them as the agent on `node` would.
+pub fn compile_for(node: &str, docs: &[(&str, &str)]) -> npc_policy::compiler::Compiled {
+    let mut loaded = npc_policy::files::Loaded::default();
+    for (name, text) in docs {
+        loaded.extend(npc_policy::files::parse_str(name.as_ref(), text));
+    }
+    assert!(loaded.errors.is_empty(), "test manifests: {:?}", loaded.errors);
+    let state = npc_policy::model::State {
+        node_name: Some(node.into()),
+        ..loaded.to_state()
+    };
+    npc_policy::compiler::compile(&state)
+}
+
 /// The `npc-agent` binary of this build (cargo builds it next to the test binaries' `deps/`).
 pub fn npc_agent_bin() -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
@@ -86,5 +101,47 @@ pub fn wait_for(deadline: std::time::Duration, mut cond: impl FnMut() -> bool) -
             return false;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A thread that runs until told to stop: stopped and joined on [`Self::stop_and_join`] or drop.
+pub struct Stoppable<T> {
+    stop: tokio_util::sync::CancellationToken,
+    handle: Option<std::thread::JoinHandle<T>>,
+}
+
+impl<T: Send + 'static> Stoppable<T> {
+    /// Runs `f` on a thread of its own with the token that stops it.
+    pub fn spawn(f: impl FnOnce(tokio_util::sync::CancellationToken) -> T + Send + 'static) -> Self {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let token = stop.clone();
+        Self {
+            stop,
+            handle: Some(std::thread::spawn(move || f(token))),
+        }
+    }
+
+    /// Whether the thread has been asked to stop (for loops that poll rather than wait).
+    pub fn token(&self) -> tokio_util::sync::CancellationToken {
+        self.stop.clone()
+    }
+
+    /// Stops the thread and returns what it returned (panics if it panicked).
+    pub fn stop_and_join(mut self) -> T {
+        self.stop.cancel();
+        self.handle
+            .take()
+            .expect("joined once")
+            .join()
+            .expect("the thread panicked")
+    }
+}
+
+impl<T> Drop for Stoppable<T> {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
     }
 }

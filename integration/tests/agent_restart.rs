@@ -15,11 +15,12 @@ use std::{
     time::Duration,
 };
 
-use npc_agent::{model::Protocol, netns};
+use npc_agent::lab::netns;
 use npc_integration::{
     cluster::{Cluster, NODE, yaml},
     npc_agent_bin, wait_for,
 };
+use npc_policy::model::Protocol;
 
 const FABRIC: &str = r#"
 apiVersion: v1
@@ -81,12 +82,18 @@ fn http_get(c: &Cluster, path: &str) -> Option<String> {
     .flatten()
 }
 
-fn wait_ready(c: &Cluster, agent: &mut Child) {
-    let ready = wait_for(Duration::from_secs(30), || {
-        assert!(agent.try_wait().expect("agent status").is_none(), "the agent exited");
+fn wait_ready(c: &Cluster, agent: &mut Child, log: &str) {
+    let log = || std::fs::read_to_string(c.dir.join(log)).unwrap_or_default();
+    // Generous: under qemu without KVM (the 6.1 run) loading the programs takes a while.
+    let ready = wait_for(Duration::from_secs(120), || {
+        assert!(
+            agent.try_wait().expect("agent status").is_none(),
+            "the agent exited:\n{}",
+            log()
+        );
         http_get(c, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.0 200"))
     });
-    assert!(ready, "the agent never became ready");
+    assert!(ready, "the agent never became ready:\n{}", log());
 }
 
 fn stop(agent: &mut Child, signal: i32) {
@@ -115,6 +122,82 @@ fn in_netns(ns: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
         netns::enter(&ns).expect("enter pod namespace");
         f();
     })
+}
+
+/// The tc filters on one direction of a node-side interface (`tc filter show`, in the node's
+/// namespace): one line per filter, the classifier's own line (no handle) left out.
+fn tc_filters(c: &Cluster, ifname: &str, direction: &str) -> Vec<String> {
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", c.lab.node_netns()))
+        .args(["tc", "filter", "show", "dev", ifname, direction])
+        .output()
+        .expect("tc filter show");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("filter") && l.contains(" handle "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Whether the interface has a clsact qdisc (in the node's namespace).
+fn has_clsact(c: &Cluster, ifname: &str) -> bool {
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", c.lab.node_netns()))
+        .args(["tc", "qdisc", "show", "dev", ifname])
+        .output()
+        .expect("tc qdisc show");
+    String::from_utf8_lossy(&out.stdout).contains("clsact")
+}
+
+/// The pods' node-side interfaces.
+fn pod_veths(c: &Cluster) -> Vec<(String, u32)> {
+    ["app/server", "app/client", "app/intruder"]
+        .iter()
+        .map(|p| {
+            let (name, ifindex) = c.lab.veth(&p.parse_ref()).expect("veth");
+            (name.to_string(), ifindex)
+        })
+        .collect()
+}
+
+/// Exactly one npc attachment per direction on every pod interface: on the clsact path one
+/// filter per direction (a restart replaces, never adds); on TCX one pinned link per hook (tc
+/// does not list TCX programs).
+fn assert_one_attachment_each(c: &Cluster, when: &str) {
+    for (ifname, ifindex) in pod_veths(c) {
+        match npc_agent::datapath::AttachPath::current() {
+            npc_agent::datapath::AttachPath::Clsact => {
+                for dir in ["ingress", "egress"] {
+                    let f = tc_filters(c, &ifname, dir);
+                    assert_eq!(f.len(), 1, "{when}: {ifname} {dir} has {} filters: {f:#?}", f.len());
+                }
+            }
+            npc_agent::datapath::AttachPath::Tcx => {
+                for hook in ["from_pod", "to_pod"] {
+                    let pin = c.pin_root.join(format!("links/if{ifindex}_{hook}"));
+                    assert!(pin.exists(), "{when}: no link pinned at {}", pin.display());
+                }
+            }
+        }
+    }
+}
+
+/// The ids of the programs in npc's filters (`tc filter show` says `id N`).
+fn filter_program_ids(c: &Cluster) -> Vec<u32> {
+    pod_veths(c)
+        .iter()
+        .flat_map(|(ifname, _)| {
+            ["ingress", "egress"]
+                .into_iter()
+                .flat_map(|dir| tc_filters(c, ifname, dir))
+                .collect::<Vec<_>>()
+        })
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            words.find(|w| *w == "id")?;
+            words.next()?.parse().ok()
+        })
+        .collect()
 }
 
 #[test]
@@ -182,7 +265,8 @@ fn agent_restarts_lose_no_connection_and_let_nothing_through() {
     ready_rx.recv_timeout(Duration::from_secs(5)).expect("echo server up");
 
     let mut agent = spawn_agent(&c, "agent-1.log");
-    wait_ready(&c, &mut agent);
+    wait_ready(&c, &mut agent, "agent-1.log");
+    assert_one_attachment_each(&c, "first agent");
     c.expect("allowed pair", "app/client", "app/server", 80, true);
     c.expect("blocked pair", "app/intruder", "app/server", 80, false);
 
@@ -264,14 +348,16 @@ fn agent_restarts_lose_no_connection_and_let_nothing_through() {
     stop(&mut agent, libc::SIGTERM);
     progress(&n, "no agent running");
     let mut agent = spawn_agent(&c, "agent-2.log");
-    wait_ready(&c, &mut agent);
+    wait_ready(&c, &mut agent, "agent-2.log");
+    assert_one_attachment_each(&c, "second agent");
     progress(&n, "second agent");
 
     // Crash and restart.
     stop(&mut agent, libc::SIGKILL);
     progress(&n, "after SIGKILL");
     let mut agent = spawn_agent(&c, "agent-3.log");
-    wait_ready(&c, &mut agent);
+    wait_ready(&c, &mut agent, "agent-3.log");
+    assert_one_attachment_each(&c, "third agent");
     progress(&n, "third agent");
 
     stop_all.store(true, Ordering::Relaxed);
@@ -303,16 +389,17 @@ fn agent_restarts_lose_no_connection_and_let_nothing_through() {
     assert!(http_get(&c, "/healthz").is_some_and(|r| r.contains(" 200 ")));
 
     // Another tool's TC program on the same interface (here: a second datapath under its own pin
-    // root, enforcing the same policy) must survive our uninstall.
-    stop(&mut agent, libc::SIGTERM);
+    // root, enforcing the same policy) must survive our uninstall, which comes after a crash.
+    stop(&mut agent, libc::SIGKILL);
+    let ours = filter_program_ids(&c);
     // (No dots: bpffs refuses names that contain one.)
     let other_root = std::path::PathBuf::from(format!("{}-other-tool", c.pin_root.display()));
     let (server_if, server_ifindex) = c.lab.veth(&"app/server".parse_ref()).expect("server veth");
     let server_if = server_if.to_string();
     let mut state = c.lab.state().clone();
-    let policies = npc_agent::manifests::parse_str("p.yaml".as_ref(), POLICY);
+    let policies = npc_policy::files::parse_str("p.yaml".as_ref(), POLICY);
     state.policies = policies.to_state().policies;
-    let compiled = npc_agent::compiler::compile(&state);
+    let compiled = npc_policy::compiler::compile(&state);
     let server = "app/server".parse_ref();
     let mut other = netns::run_in(c.lab.node_netns(), || {
         let mut dp = npc_agent::datapath::Datapath::load(&other_root).expect("other tool loads");
@@ -332,29 +419,69 @@ fn agent_restarts_lose_no_connection_and_let_nothing_through() {
         .expect("run --uninstall");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!c.pin_root.exists(), "pins left after --uninstall");
+    if npc_agent::datapath::AttachPath::current() == npc_agent::datapath::AttachPath::Clsact {
+        // Only the other tool's filter is left, on the server's interface; no npc filter or
+        // qdisc anywhere else, and the programs those filters held are gone.
+        for (ifname, _) in pod_veths(&c) {
+            let want = usize::from(ifname == server_if);
+            for dir in ["ingress", "egress"] {
+                let f = tc_filters(&c, &ifname, dir);
+                assert_eq!(f.len(), want, "after --uninstall: {ifname} {dir}: {f:#?}");
+            }
+            if ifname != server_if {
+                assert!(!has_clsact(&c, &ifname), "after --uninstall: clsact left on {ifname}");
+            }
+        }
+        assert!(!ours.is_empty(), "no program ids in the filters");
+        let loaded = npc_agent::datapath::loaded_program_ids();
+        assert!(
+            ours.iter().all(|id| !loaded.contains(id)),
+            "npc's programs {ours:?} still loaded after --uninstall"
+        );
+    }
     assert!(
         !other.attached_ifindexes().is_empty(),
         "the other tool's link is still pinned"
     );
-    c.expect("the other tool still enforces", "app/intruder", "app/server", 80, false);
-    c.expect("the other tool still enforces", "app/client", "app/server", 80, true);
+    // (Probes, not Cluster::expect: that proves a block by npc's drop counters, gone now.)
+    assert!(
+        !c.probe("app/intruder", "app/server", 80, Protocol::Tcp),
+        "the other tool no longer blocks"
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || c.probe(
+            "app/client",
+            "app/server",
+            80,
+            Protocol::Tcp
+        )),
+        "the other tool no longer allows"
+    );
     drop(other);
     npc_agent::datapath::uninstall(&other_root).expect("remove the other tool");
-    c.expect(
-        "after both are gone nothing is enforced",
-        "app/intruder",
-        "app/server",
-        80,
-        true,
+    for (ifname, _) in pod_veths(&c) {
+        for dir in ["ingress", "egress"] {
+            let f = tc_filters(&c, &ifname, dir);
+            assert!(f.is_empty(), "after both uninstalls: {ifname} {dir}: {f:#?}");
+        }
+    }
+    assert!(
+        wait_for(Duration::from_secs(10), || c.probe(
+            "app/intruder",
+            "app/server",
+            80,
+            Protocol::Tcp
+        )),
+        "after both are gone nothing is enforced"
     );
 }
 
 trait ParseRef {
-    fn parse_ref(&self) -> npc_agent::model::ObjectRef;
+    fn parse_ref(&self) -> npc_policy::model::ObjectRef;
 }
 
 impl ParseRef for str {
-    fn parse_ref(&self) -> npc_agent::model::ObjectRef {
-        npc_agent::model::ObjectRef::parse(self).expect("ns/name")
+    fn parse_ref(&self) -> npc_policy::model::ObjectRef {
+        npc_policy::model::ObjectRef::parse(self).expect("ns/name")
     }
 }

@@ -2,15 +2,9 @@
 //! calico-style /32 route, and a bridge (flannel/weave/lab style); plus what it must refuse.
 use std::time::Duration;
 
-use npc_agent::{
-    attacher::{AttachError, Attacher},
-    netns::{self, Netns},
-};
+use npc_agent::lab::netns::{self, Netns};
+use npc_agent::node::attacher::{AttachError, Attacher};
 use npc_integration::{require_root, tag};
-
-fn ip(args: &[&str]) {
-    netns::ip(args).expect("ip");
-}
 
 #[test]
 fn point_to_point_route_names_the_veth() {
@@ -18,42 +12,28 @@ fn point_to_point_route_names_the_veth() {
     let node = Netns::create(&tag("p2p-node")).expect("node ns");
     let pod = Netns::create(&tag("p2p-pod")).expect("pod ns");
     let host_if = "cali1234567890";
-    ip(&[
-        "-n",
-        node.name(),
-        "link",
-        "add",
-        host_if,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        pod.name(),
-    ]);
-    ip(&["-n", pod.name(), "addr", "add", "10.77.0.5/32", "dev", "eth0"]);
-    ip(&["-n", pod.name(), "link", "set", "eth0", "up"]);
-    ip(&["-n", node.name(), "link", "set", host_if, "up"]);
-    ip(&["-n", node.name(), "route", "add", "10.77.0.5/32", "dev", host_if]);
-    // A gateway route to a remote node's pods, and nothing at all for another range.
-    // (A veth pair stands in for the uplink: this kernel has no dummy interfaces.)
-    ip(&[
-        "-n",
-        node.name(),
-        "link",
-        "add",
-        "uplink",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "uplink-peer",
-    ]);
-    ip(&["-n", node.name(), "link", "set", "uplink-peer", "up"]);
-    ip(&["-n", node.name(), "addr", "add", "192.168.50.1/24", "dev", "uplink"]);
-    ip(&["-n", node.name(), "link", "set", "uplink", "up"]);
-    ip(&["-n", node.name(), "route", "add", "10.78.0.0/24", "via", "192.168.50.2"]);
+    node.run(|| netns::add_veth(host_if, "eth0", Some(&pod)))
+        .expect("enter the node")
+        .expect("veth into the pod");
+    pod.run(|| {
+        netns::add_address("eth0", "10.77.0.5/32".parse().unwrap())?;
+        netns::set_link_up("eth0")
+    })
+    .expect("enter the pod")
+    .expect("pod side");
+    node.run(|| {
+        netns::set_link_up(host_if)?;
+        netns::add_host_route("10.77.0.5".parse().unwrap(), host_if)?;
+        // A gateway route to a remote node's pods, and nothing at all for another range.
+        // (A veth pair stands in for the uplink: this kernel has no dummy interfaces.)
+        netns::add_veth("uplink", "uplink-peer", None)?;
+        netns::set_link_up("uplink-peer")?;
+        netns::add_address("uplink", "192.168.50.1/24".parse().unwrap())?;
+        netns::set_link_up("uplink")?;
+        netns::add_route_via("10.78.0.0/24".parse().unwrap(), "192.168.50.2".parse().unwrap())
+    })
+    .expect("enter the node")
+    .expect("node side");
 
     let attacher = node.run(Attacher::new).expect("enter").expect("netlink");
     let link = attacher
@@ -77,38 +57,17 @@ fn point_to_point_route_names_the_veth() {
 fn bridge_port_is_found_through_neighbour_and_fdb() {
     require_root();
     let node = Netns::create(&tag("br-node")).expect("node ns");
-    ip(&["-n", node.name(), "link", "add", "cni0", "type", "bridge"]);
-    ip(&["-n", node.name(), "addr", "add", "10.88.0.1/24", "dev", "cni0"]);
-    ip(&["-n", node.name(), "link", "set", "cni0", "up"]);
+    node.run(|| netns::add_bridge("cni0", "10.88.0.1/24".parse().unwrap()))
+        .expect("enter the node")
+        .expect("bridge");
     let mut pods = Vec::new();
     for i in 2..5 {
         let pod = Netns::create(&tag(&format!("br-pod{i}"))).expect("pod ns");
         let host_if = format!("veth{i}abc");
-        ip(&[
-            "-n",
-            node.name(),
-            "link",
-            "add",
-            &host_if,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            pod.name(),
-        ]);
-        ip(&["-n", node.name(), "link", "set", &host_if, "master", "cni0", "up"]);
-        ip(&[
-            "-n",
-            pod.name(),
-            "addr",
-            "add",
-            &format!("10.88.0.{i}/24"),
-            "dev",
-            "eth0",
-        ]);
-        ip(&["-n", pod.name(), "link", "set", "eth0", "up"]);
+        let addr = format!("10.88.0.{i}/24").parse().unwrap();
+        node.run(|| netns::add_veth_to_pod(&host_if, "cni0", &pod, "eth0", &[addr]))
+            .expect("enter the node")
+            .expect("veth into the pod");
         pods.push((pod, host_if));
     }
     let attacher = node.run(Attacher::new).expect("enter").expect("netlink");

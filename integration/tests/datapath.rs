@@ -4,20 +4,20 @@
 //! In a test run the packet arrives on loopback (ifindex 1), so the local pod "server" is given
 //! ifindex 1. Both hooks see the same interface: `ToPod` judges the server's ingress, `FromPod`
 //! its egress.
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
-use npc_agent::{
-    compiler,
-    datapath::Hook,
-    manifests,
-    model::{ObjectRef, State},
-    packet::{self, L4, TCP_ACK, TCP_FIN, TCP_SYN},
-};
+use npc_agent::datapath::Hook;
 use npc_common::{DIR_EGRESS, DIR_INGRESS, DropKey, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
-use npc_integration::TestDatapath;
+use npc_integration::packet::{self, L4, TCP_ACK, TCP_FIN, TCP_SYN};
+use npc_integration::{TestDatapath, compile_for};
+use npc_policy::model::ObjectRef;
 
 const PASS: i32 = -1; // TC_ACT_UNSPEC: "next program", or pass when none
 const SHOT: i32 = 2; // TC_ACT_SHOT
+
+/// The addresses CLUSTER gives the client and the (local) server.
+const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 20));
+const SERVER: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 10));
 
 const CLUSTER: &str = r#"
 apiVersion: v1
@@ -81,16 +81,16 @@ impl Fixture {
         }
     }
 
+    /// A fixture with POLICIES applied.
+    fn policed(name: &str) -> Self {
+        let mut fx = Self::new(name);
+        fx.apply(POLICIES);
+        fx
+    }
+
     /// Compiles CLUSTER plus `policies` and syncs it, with the server behind ifindex 1.
     fn apply(&mut self, policies: &str) {
-        let mut loaded = manifests::parse_str("cluster.yaml".as_ref(), CLUSTER);
-        loaded.extend(manifests::parse_str("policies.yaml".as_ref(), policies));
-        assert!(loaded.errors.is_empty(), "fixture manifests: {:?}", loaded.errors);
-        let state = State {
-            node_name: Some("node-a".into()),
-            ..loaded.to_state()
-        };
-        let compiled = compiler::compile(&state);
+        let compiled = compile_for("node-a", &[("cluster.yaml", CLUSTER), ("policies.yaml", policies)]);
         let server = ObjectRef::new("shop", "server");
         self.t
             .dp
@@ -100,6 +100,23 @@ impl Fixture {
 
     fn run(&self, hook: Hook, pkt: &[u8]) -> i32 {
         self.t.dp.test_run(hook, pkt).expect("BPF_PROG_TEST_RUN")
+    }
+
+    /// Asserts `hook`'s verdict on `pkt`.
+    #[track_caller]
+    fn expect(&self, hook: Hook, pkt: &[u8], verdict: i32) {
+        assert_eq!(self.run(hook, pkt), verdict, "{hook:?}");
+    }
+
+    /// Opens a TCP connection from `client` to the server: its SYN passes in, the SYN-ACK out.
+    #[track_caller]
+    fn handshake(&self, client: IpAddr, server: IpAddr, sport: u16, dport: u16) {
+        self.expect(Hook::ToPod, &packet::tcp(client, server, sport, dport, TCP_SYN), PASS);
+        self.expect(
+            Hook::FromPod,
+            &packet::tcp(server, client, dport, sport, TCP_SYN | TCP_ACK),
+            PASS,
+        );
     }
 
     fn drops(&self, direction: u8, protocol: u8, dport: u16) -> u64 {
@@ -119,17 +136,16 @@ fn ip(s: &str) -> IpAddr {
 fn unknown_interface_passes_untouched() {
     let fx = Fixture::new("unknown");
     // No sync yet: ifindex 1 is not an endpoint of ours.
-    let syn = packet::tcp(ip("10.9.9.9"), ip("10.0.0.10"), 40000, 80, TCP_SYN);
-    assert_eq!(fx.run(Hook::ToPod, &syn), PASS);
+    let syn = packet::tcp(ip("10.9.9.9"), SERVER, 40000, 80, TCP_SYN);
+    fx.expect(Hook::ToPod, &syn, PASS);
     assert!(fx.t.dp.drops().unwrap().is_empty());
 }
 
 #[test]
 fn allowed_tcp_syn_passes_and_is_counted_as_allowed_not_dropped() {
-    let mut fx = Fixture::new("allowed");
-    fx.apply(POLICIES);
-    let syn = packet::tcp(ip("10.0.0.20"), ip("10.0.0.10"), 40000, 80, TCP_SYN);
-    assert_eq!(fx.run(Hook::ToPod, &syn), PASS);
+    let fx = Fixture::policed("allowed");
+    let syn = packet::tcp(CLIENT, SERVER, 40000, 80, TCP_SYN);
+    fx.expect(Hook::ToPod, &syn, PASS);
     assert_eq!(fx.drops(DIR_INGRESS, PROTO_TCP, 80), 0);
     assert_eq!(
         fx.t.dp.allowed_connections().unwrap(),
@@ -137,51 +153,36 @@ fn allowed_tcp_syn_passes_and_is_counted_as_allowed_not_dropped() {
         "one new connection at ingress"
     );
     // Its next packet is a conntrack hit, not a new connection; a denied one is not counted.
-    let ack = packet::tcp(ip("10.0.0.20"), ip("10.0.0.10"), 40000, 80, TCP_ACK);
-    assert_eq!(fx.run(Hook::ToPod, &ack), PASS);
-    let denied = packet::tcp(ip("10.0.0.99"), ip("10.0.0.10"), 40001, 80, TCP_SYN);
-    assert_eq!(fx.run(Hook::ToPod, &denied), SHOT);
+    let ack = packet::tcp(CLIENT, SERVER, 40000, 80, TCP_ACK);
+    fx.expect(Hook::ToPod, &ack, PASS);
+    let denied = packet::tcp(ip("10.0.0.99"), SERVER, 40001, 80, TCP_SYN);
+    fx.expect(Hook::ToPod, &denied, SHOT);
     assert_eq!(fx.t.dp.allowed_connections().unwrap(), (1, 0));
 }
 
 #[test]
 fn denied_tcp_syn_is_dropped_and_counted() {
-    let mut fx = Fixture::new("denied");
-    fx.apply(POLICIES);
+    let fx = Fixture::policed("denied");
     // Not a client pod.
-    let syn = packet::tcp(ip("10.0.0.99"), ip("10.0.0.10"), 40000, 80, TCP_SYN);
-    assert_eq!(fx.run(Hook::ToPod, &syn), SHOT);
+    let syn = packet::tcp(ip("10.0.0.99"), SERVER, 40000, 80, TCP_SYN);
+    fx.expect(Hook::ToPod, &syn, SHOT);
     assert_eq!(fx.drops(DIR_INGRESS, PROTO_TCP, 80), 1);
     // A client, but on a port no rule allows.
-    let syn = packet::tcp(ip("10.0.0.20"), ip("10.0.0.10"), 40000, 81, TCP_SYN);
-    assert_eq!(fx.run(Hook::ToPod, &syn), SHOT);
+    let syn = packet::tcp(CLIENT, SERVER, 40000, 81, TCP_SYN);
+    fx.expect(Hook::ToPod, &syn, SHOT);
     assert_eq!(fx.drops(DIR_INGRESS, PROTO_TCP, 81), 1);
 }
 
 #[test]
 fn reply_of_an_allowed_connection_passes_the_isolated_direction() {
-    let mut fx = Fixture::new("reply");
-    fx.apply(POLICIES);
-    let (client, server) = (ip("10.0.0.20"), ip("10.0.0.10"));
-    assert_eq!(
-        fx.run(Hook::ToPod, &packet::tcp(client, server, 40000, 80, TCP_SYN)),
-        PASS
-    );
-    // The server is egress-isolated and allows out only TCP 8080; its SYN-ACK is a reply.
-    assert_eq!(
-        fx.run(
-            Hook::FromPod,
-            &packet::tcp(server, client, 80, 40000, TCP_SYN | TCP_ACK)
-        ),
-        PASS
-    );
+    let fx = Fixture::policed("reply");
+    // The SERVER is egress-isolated and allows out only TCP 8080; its SYN-ACK is a reply.
+    fx.handshake(CLIENT, SERVER, 40000, 80);
     // The same packet without the connection would be a new egress connection: denied.
-    assert_eq!(
-        fx.run(
-            Hook::FromPod,
-            &packet::tcp(server, client, 80, 40001, TCP_SYN | TCP_ACK)
-        ),
-        SHOT
+    fx.expect(
+        Hook::FromPod,
+        &packet::tcp(SERVER, CLIENT, 80, 40001, TCP_SYN | TCP_ACK),
+        SHOT,
     );
     assert_eq!(fx.drops(DIR_EGRESS, PROTO_TCP, 40001), 1);
     assert_eq!(fx.drops(DIR_EGRESS, PROTO_TCP, 40000), 0);
@@ -189,24 +190,9 @@ fn reply_of_an_allowed_connection_passes_the_isolated_direction() {
 
 #[test]
 fn established_connection_passes_and_a_tightened_policy_cuts_it() {
-    let mut fx = Fixture::new("established");
-    fx.apply(POLICIES);
-    let (client, server) = (ip("10.0.0.20"), ip("10.0.0.10"));
-    assert_eq!(
-        fx.run(Hook::ToPod, &packet::tcp(client, server, 40000, 80, TCP_SYN)),
-        PASS
-    );
-    assert_eq!(
-        fx.run(
-            Hook::FromPod,
-            &packet::tcp(server, client, 80, 40000, TCP_SYN | TCP_ACK)
-        ),
-        PASS
-    );
-    assert_eq!(
-        fx.run(Hook::ToPod, &packet::tcp(client, server, 40000, 80, TCP_ACK)),
-        PASS
-    );
+    let mut fx = Fixture::policed("established");
+    fx.handshake(CLIENT, SERVER, 40000, 80);
+    fx.expect(Hook::ToPod, &packet::tcp(CLIENT, SERVER, 40000, 80, TCP_ACK), PASS);
     let tracked = fx.t.dp.conntrack_entries().unwrap();
     assert!(
         tracked.iter().any(|(k, _)| k.dport == 80 && k.sport == 40000),
@@ -215,19 +201,13 @@ fn established_connection_passes_and_a_tightened_policy_cuts_it() {
 
     // Same policy re-synced: nothing changed, no epoch bump, the connection carries on.
     fx.apply(POLICIES);
-    assert_eq!(
-        fx.run(Hook::ToPod, &packet::tcp(client, server, 40000, 80, TCP_ACK)),
-        PASS
-    );
+    fx.expect(Hook::ToPod, &packet::tcp(CLIENT, SERVER, 40000, 80, TCP_ACK), PASS);
 
     // Deny-all replaces the allow: the established connection is judged again and cut.
     fx.apply(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: shop}\nspec: {podSelector: {}}\n",
     );
-    assert_eq!(
-        fx.run(Hook::ToPod, &packet::tcp(client, server, 40000, 80, TCP_ACK)),
-        SHOT
-    );
+    fx.expect(Hook::ToPod, &packet::tcp(CLIENT, SERVER, 40000, 80, TCP_ACK), SHOT);
     assert_eq!(fx.drops(DIR_INGRESS, PROTO_TCP, 80), 1);
 }
 
@@ -235,39 +215,28 @@ fn established_connection_passes_and_a_tightened_policy_cuts_it() {
 fn connection_opened_before_any_policy_is_cut_by_deny_all() {
     let mut fx = Fixture::new("before");
     fx.apply("");
-    let (client, server) = (ip("10.0.0.20"), ip("10.0.0.10"));
     // Not isolated: anything goes, and is tracked.
-    assert_eq!(
-        fx.run(Hook::ToPod, &packet::tcp(client, server, 41000, 7777, TCP_SYN)),
-        PASS
-    );
-    assert_eq!(
-        fx.run(Hook::ToPod, &packet::tcp(client, server, 41000, 7777, TCP_ACK)),
-        PASS
-    );
+    fx.expect(Hook::ToPod, &packet::tcp(CLIENT, SERVER, 41000, 7777, TCP_SYN), PASS);
+    fx.expect(Hook::ToPod, &packet::tcp(CLIENT, SERVER, 41000, 7777, TCP_ACK), PASS);
     fx.apply(POLICIES);
-    assert_eq!(
-        fx.run(
-            Hook::ToPod,
-            &packet::tcp(client, server, 41000, 7777, TCP_ACK | TCP_FIN)
-        ),
-        SHOT
+    fx.expect(
+        Hook::ToPod,
+        &packet::tcp(CLIENT, SERVER, 41000, 7777, TCP_ACK | TCP_FIN),
+        SHOT,
     );
 }
 
 #[test]
 fn arp_passes_an_isolated_pod() {
-    let mut fx = Fixture::new("arp");
-    fx.apply(POLICIES);
-    assert_eq!(fx.run(Hook::ToPod, &packet::arp()), PASS);
-    assert_eq!(fx.run(Hook::FromPod, &packet::arp()), PASS);
+    let fx = Fixture::policed("arp");
+    fx.expect(Hook::ToPod, &packet::arp(), PASS);
+    fx.expect(Hook::FromPod, &packet::arp(), PASS);
     assert!(fx.t.dp.drops().unwrap().is_empty());
 }
 
 #[test]
 fn icmpv6_neighbour_discovery_passes_an_isolated_pod() {
-    let mut fx = Fixture::new("nd");
-    fx.apply(POLICIES);
+    let fx = Fixture::policed("nd");
     for icmp_type in 133..=137u8 {
         let pkt = packet::ip(ip("fe80::1"), ip("ff02::1"), L4::Icmp { icmp_type, id: 0 });
         assert_eq!(fx.run(Hook::ToPod, &pkt), PASS, "ND type {icmp_type}");
@@ -275,28 +244,27 @@ fn icmpv6_neighbour_discovery_passes_an_isolated_pod() {
     }
     // An echo request from a stranger is not ND: isolated, no rule, dropped.
     let ping = packet::ip(ip("fd00::99"), ip("fd00::10"), L4::Icmp { icmp_type: 128, id: 7 });
-    assert_eq!(fx.run(Hook::ToPod, &ping), SHOT);
+    fx.expect(Hook::ToPod, &ping, SHOT);
 }
 
 #[test]
 fn truncated_headers_are_dropped_and_counted_for_isolated_pods() {
-    let mut fx = Fixture::new("truncated");
-    fx.apply(POLICIES);
-    let full = packet::tcp(ip("10.0.0.20"), ip("10.0.0.10"), 40000, 80, TCP_SYN);
+    let fx = Fixture::policed("truncated");
+    let full = packet::tcp(CLIENT, SERVER, 40000, 80, TCP_SYN);
     // BPF_PROG_TEST_RUN itself refuses an IPv4 frame shorter than a whole IPv4 header (EINVAL),
     // so the shortest frames tested here carry the fixed header and lie about what follows.
     // Header length claims 60 bytes of options that are not there.
     let mut lying = full[..14 + 20].to_vec();
     lying[14] = 0x4f;
-    assert_eq!(fx.run(Hook::ToPod, &lying), SHOT);
+    fx.expect(Hook::ToPod, &lying, SHOT);
     assert_eq!(fx.drops(DIR_INGRESS, PROTO_TCP, 0), 1);
     // Full IPv4 header, TCP header cut after the ports.
-    assert_eq!(fx.run(Hook::ToPod, &full[..14 + 20 + 6]), SHOT);
+    fx.expect(Hook::ToPod, &full[..14 + 20 + 6], SHOT);
     assert_eq!(fx.drops(DIR_INGRESS, PROTO_TCP, 0), 2);
     // IHL below 5 words is malformed.
     let mut bad = full.clone();
     bad[14] = 0x44;
-    assert_eq!(fx.run(Hook::ToPod, &bad), SHOT);
+    fx.expect(Hook::ToPod, &bad, SHOT);
     // IPv6: a hop-by-hop header that claims more than the frame holds.
     let v6 = packet::ipv6_with(
         ip6("fd00::20"),
@@ -304,17 +272,16 @@ fn truncated_headers_are_dropped_and_counted_for_isolated_pods() {
         L4::Udp { sport: 1, dport: 53 },
         &[(0u8, vec![0, 200, 0, 0, 0, 0, 0, 0])],
     );
-    assert_eq!(fx.run(Hook::ToPod, &v6), SHOT);
+    fx.expect(Hook::ToPod, &v6, SHOT);
     assert_eq!(fx.drops(DIR_INGRESS, PROTO_UDP, 0), 1);
-    // Not isolated for egress? It is (server-out): the same garbage leaving the pod is dropped too.
-    assert_eq!(fx.run(Hook::FromPod, &lying), SHOT);
+    // Not isolated for egress? It is (SERVER-out): the same garbage leaving the pod is dropped too.
+    fx.expect(Hook::FromPod, &lying, SHOT);
     assert_eq!(fx.drops(DIR_EGRESS, PROTO_TCP, 0), 1);
 }
 
 #[test]
 fn ipv4_options_shift_the_transport_header() {
-    let mut fx = Fixture::new("options");
-    fx.apply(POLICIES);
+    let fx = Fixture::policed("options");
     let nop = [1u8; 8];
     let allowed = packet::ipv4_with(
         [10, 0, 0, 20],
@@ -327,7 +294,7 @@ fn ipv4_options_shift_the_transport_header() {
         &nop,
         0,
     );
-    assert_eq!(fx.run(Hook::ToPod, &allowed), PASS);
+    fx.expect(Hook::ToPod, &allowed, PASS);
     let denied = packet::ipv4_with(
         [10, 0, 0, 20],
         [10, 0, 0, 10],
@@ -339,26 +306,21 @@ fn ipv4_options_shift_the_transport_header() {
         &nop,
         0,
     );
-    assert_eq!(fx.run(Hook::ToPod, &denied), SHOT);
+    fx.expect(Hook::ToPod, &denied, SHOT);
 }
 
 #[test]
 fn ipv6_tcp_is_judged_like_ipv4() {
-    let mut fx = Fixture::new("v6");
-    fx.apply(POLICIES);
-    assert_eq!(
-        fx.run(
-            Hook::ToPod,
-            &packet::tcp(ip("fd00::20"), ip("fd00::10"), 40000, 80, TCP_SYN)
-        ),
-        PASS
+    let fx = Fixture::policed("v6");
+    fx.expect(
+        Hook::ToPod,
+        &packet::tcp(ip("fd00::20"), ip("fd00::10"), 40000, 80, TCP_SYN),
+        PASS,
     );
-    assert_eq!(
-        fx.run(
-            Hook::ToPod,
-            &packet::tcp(ip("fd00::99"), ip("fd00::10"), 40000, 80, TCP_SYN)
-        ),
-        SHOT
+    fx.expect(
+        Hook::ToPod,
+        &packet::tcp(ip("fd00::99"), ip("fd00::10"), 40000, 80, TCP_SYN),
+        SHOT,
     );
     assert_eq!(fx.drops(DIR_INGRESS, PROTO_TCP, 80), 1);
     // Behind a hop-by-hop and a destination-options header.
@@ -373,7 +335,7 @@ fn ipv6_tcp_is_judged_like_ipv4() {
         },
         &ext,
     );
-    assert_eq!(fx.run(Hook::ToPod, &pkt), PASS);
+    fx.expect(Hook::ToPod, &pkt, PASS);
     let pkt = packet::ipv6_with(
         ip6("fd00::20"),
         ip6("fd00::10"),
@@ -384,7 +346,7 @@ fn ipv6_tcp_is_judged_like_ipv4() {
         },
         &ext,
     );
-    assert_eq!(fx.run(Hook::ToPod, &pkt), SHOT);
+    fx.expect(Hook::ToPod, &pkt, SHOT);
 }
 
 fn ip6(s: &str) -> [u8; 16] {
@@ -393,99 +355,66 @@ fn ip6(s: &str) -> [u8; 16] {
 
 #[test]
 fn udp_is_allowed_on_its_port_only_and_replies_pass() {
-    let mut fx = Fixture::new("udp");
-    fx.apply(POLICIES);
-    let (client, server) = (ip("10.0.0.20"), ip("10.0.0.10"));
-    assert_eq!(
-        fx.run(
-            Hook::ToPod,
-            &packet::ip(client, server, L4::Udp { sport: 5000, dport: 53 })
-        ),
-        PASS
+    let fx = Fixture::policed("udp");
+    fx.expect(
+        Hook::ToPod,
+        &packet::ip(CLIENT, SERVER, L4::Udp { sport: 5000, dport: 53 }),
+        PASS,
     );
-    assert_eq!(
-        fx.run(
-            Hook::FromPod,
-            &packet::ip(server, client, L4::Udp { sport: 53, dport: 5000 })
-        ),
-        PASS
+    fx.expect(
+        Hook::FromPod,
+        &packet::ip(SERVER, CLIENT, L4::Udp { sport: 53, dport: 5000 }),
+        PASS,
     );
-    assert_eq!(
-        fx.run(
-            Hook::ToPod,
-            &packet::ip(client, server, L4::Udp { sport: 5000, dport: 54 })
-        ),
-        SHOT
+    fx.expect(
+        Hook::ToPod,
+        &packet::ip(CLIENT, SERVER, L4::Udp { sport: 5000, dport: 54 }),
+        SHOT,
     );
     assert_eq!(fx.drops(DIR_INGRESS, PROTO_UDP, 54), 1);
     // TCP 53 is not UDP 53.
-    assert_eq!(
-        fx.run(Hook::ToPod, &packet::tcp(client, server, 5000, 53, TCP_SYN)),
-        SHOT
-    );
+    fx.expect(Hook::ToPod, &packet::tcp(CLIENT, SERVER, 5000, 53, TCP_SYN), SHOT);
 }
 
 #[test]
 fn sctp_is_allowed_on_its_port_only() {
-    let mut fx = Fixture::new("sctp");
-    fx.apply(POLICIES);
-    let (client, server) = (ip("10.0.0.20"), ip("10.0.0.10"));
-    assert_eq!(
-        fx.run(
-            Hook::ToPod,
-            &packet::ip(
-                client,
-                server,
-                L4::Sctp {
-                    sport: 5000,
-                    dport: 9000
-                }
-            )
+    let fx = Fixture::policed("sctp");
+    fx.expect(
+        Hook::ToPod,
+        &packet::ip(
+            CLIENT,
+            SERVER,
+            L4::Sctp {
+                sport: 5000,
+                dport: 9000,
+            },
         ),
-        PASS
+        PASS,
     );
-    assert_eq!(
-        fx.run(
-            Hook::ToPod,
-            &packet::ip(
-                client,
-                server,
-                L4::Sctp {
-                    sport: 5000,
-                    dport: 9001
-                }
-            )
+    fx.expect(
+        Hook::ToPod,
+        &packet::ip(
+            CLIENT,
+            SERVER,
+            L4::Sctp {
+                sport: 5000,
+                dport: 9001,
+            },
         ),
-        SHOT
+        SHOT,
     );
     assert_eq!(fx.drops(DIR_INGRESS, PROTO_SCTP, 9001), 1);
 }
 
 #[test]
 fn egress_policy_allows_only_its_destinations() {
-    let mut fx = Fixture::new("egress");
-    fx.apply(POLICIES);
-    let server = ip("10.0.0.10");
-    assert_eq!(
-        fx.run(
-            Hook::FromPod,
-            &packet::tcp(server, ip("10.0.0.20"), 33000, 8080, TCP_SYN)
-        ),
-        PASS
-    );
-    assert_eq!(
-        fx.run(
-            Hook::FromPod,
-            &packet::tcp(server, ip("10.0.0.20"), 33000, 8081, TCP_SYN)
-        ),
-        SHOT
-    );
-    assert_eq!(
-        fx.run(
-            Hook::FromPod,
-            &packet::tcp(server, ip("10.1.1.1"), 33000, 8080, TCP_SYN)
-        ),
-        SHOT
+    let fx = Fixture::policed("egress");
+    fx.expect(Hook::FromPod, &packet::tcp(SERVER, CLIENT, 33000, 8080, TCP_SYN), PASS);
+    fx.expect(Hook::FromPod, &packet::tcp(SERVER, CLIENT, 33000, 8081, TCP_SYN), SHOT);
+    fx.expect(
+        Hook::FromPod,
+        &packet::tcp(SERVER, ip("10.1.1.1"), 33000, 8080, TCP_SYN),
+        SHOT,
     );
     assert_eq!(fx.drops(DIR_EGRESS, PROTO_TCP, 8080), 1);
     assert_eq!(fx.drops(DIR_EGRESS, PROTO_TCP, 8081), 1);
@@ -493,22 +422,21 @@ fn egress_policy_allows_only_its_destinations() {
 
 #[test]
 fn inspect_decodes_every_map() {
-    let mut fx = Fixture::new("inspect");
-    fx.apply(POLICIES);
-    let syn = packet::tcp(ip("10.0.0.20"), ip("10.0.0.10"), 40000, 80, TCP_SYN);
-    assert_eq!(fx.run(Hook::ToPod, &syn), PASS);
-    let denied = packet::tcp(ip("10.0.0.99"), ip("10.0.0.10"), 40001, 81, TCP_SYN);
-    assert_eq!(fx.run(Hook::ToPod, &denied), SHOT);
+    let fx = Fixture::policed("inspect");
+    let syn = packet::tcp(CLIENT, SERVER, 40000, 80, TCP_SYN);
+    fx.expect(Hook::ToPod, &syn, PASS);
+    let denied = packet::tcp(ip("10.0.0.99"), SERVER, 40001, 81, TCP_SYN);
+    fx.expect(Hook::ToPod, &denied, SHOT);
 
-    let snap = npc_agent::inspect::Snapshot::read(&fx.t.dp, 10).expect("read the maps");
+    let snap = npc_agent::datapath::inspect::Snapshot::read(&fx.t.dp, 10).expect("read the maps");
     assert_eq!(snap.endpoints.len(), 1);
     let server = &snap.endpoints[0];
-    assert_eq!((server.ifindex, server.addr), (1, ip("10.0.0.10")));
+    assert_eq!((server.ifindex, server.addr), (1, SERVER));
     assert!(server.ingress_isolated && server.egress_isolated);
     let client_id = snap
         .identities
         .iter()
-        .find(|i| i.addr == ip("10.0.0.20"))
+        .find(|i| i.addr == CLIENT)
         .expect("the client's address has an identity")
         .identity
         .clone();
@@ -536,7 +464,11 @@ fn inspect_decodes_every_map() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(
-        text.contains("isolated: ingress, egress") && text.contains("10.0.0.20:40000 -> 10.0.0.10:80 syn-sent"),
+        text.lines()
+            .any(|l| l.split_whitespace().eq(["1", "257", "10.0.0.10", "true", "true"]))
+            && text
+                .lines()
+                .any(|l| l.contains("10.0.0.20:40000") && l.contains("10.0.0.10:80") && l.contains("syn-sent")),
         "{text}"
     );
     let out = std::process::Command::new(npc_integration::npc_agent_bin())

@@ -2,47 +2,18 @@
 //! the real kube-rs client, enforcing on real pods (lab fabric) with real traffic.
 use std::time::Duration;
 
-use npc_agent::{
-    datapath::Datapath,
-    model::{ObjectRef, addr_bytes},
-};
+use npc_agent::datapath::Datapath;
 use npc_integration::{
     cluster::{Cluster, pod_object, yaml},
     fake_api::Kind,
     wait_for,
 };
+use npc_policy::model::{ObjectRef, addr_bytes};
 use serde_json::json;
 
-const FABRIC: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop, labels: {team: a}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: other, labels: {team: x}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: web, namespace: shop, labels: {app: web}}
-spec: {containers: [{name: c, ports: [{containerPort: 80}, {containerPort: 8080}]}]}
-status: {podIP: 10.244.0.100}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: shop, labels: {app: client}}
-spec: {containers: [{name: c}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: late, namespace: shop, labels: {app: late}}
-spec: {containers: [{name: c}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: outsider, namespace: other, labels: {app: client}}
-spec: {containers: [{name: c}]}
-"#;
+/// Namespaces shop (team a) and other (team x); pods shop/web (ports 80, 8080), shop/client,
+/// shop/late and other/outsider (app client).
+const FABRIC: &str = include_str!("fixtures/kube-agent-fabric.yaml");
 
 const DENY: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: shop}\nspec: {podSelector: {}}\n";
 
@@ -52,10 +23,16 @@ fn allow(name: &str, from: &str, port: u16) -> serde_json::Value {
     ))
 }
 
+/// FABRIC with `unannounced` held back and the deny-all policy on the API server (no agent yet).
+fn denied(name: &str, unannounced: &[&str]) -> Cluster {
+    let c = Cluster::new(name, FABRIC, unannounced);
+    c.api.apply(yaml(DENY));
+    c
+}
+
 #[test]
 fn initial_list_then_every_kind_of_change_applies() {
-    let mut c = Cluster::new("kube", FABRIC, &["shop/late"]);
-    c.api.apply(yaml(DENY));
+    let mut c = denied("kube", &["shop/late"]);
     c.start_agent();
     // The initial list's deny-all is enforced from the first sync.
     c.expect("initial deny-all", "shop/client", "shop/web", 80, false);
@@ -139,8 +116,7 @@ fn initial_list_then_every_kind_of_change_applies() {
 
 #[test]
 fn dropped_watches_410_gone_and_an_api_outage_are_survived() {
-    let mut c = Cluster::new("outage", FABRIC, &[]);
-    c.api.apply(yaml(DENY));
+    let mut c = denied("outage", &[]);
     c.start_agent();
     c.expect("deny-all", "shop/client", "shop/web", 80, false);
 
@@ -184,8 +160,8 @@ fn dropped_watches_410_gone_and_an_api_outage_are_survived() {
             .contains("npc_kube_watch_errors_total{")),
         "errors are counted while the API server is down"
     );
-    assert!(c.probe("shop/client", "shop/web", 8080, npc_agent::model::Protocol::Tcp));
-    assert!(!c.probe("shop/client", "shop/web", 80, npc_agent::model::Protocol::Tcp));
+    assert!(c.probe("shop/client", "shop/web", 8080, npc_policy::model::Protocol::Tcp));
+    assert!(!c.probe("shop/client", "shop/web", 80, npc_policy::model::Protocol::Tcp));
     // It comes back with changes made meanwhile (every policy deleted): they apply.
     c.api.delete(Kind::NetworkPolicy, "shop", "deny");
     c.api.delete(Kind::NetworkPolicy, "shop", "allow");
@@ -196,8 +172,7 @@ fn dropped_watches_410_gone_and_an_api_outage_are_survived() {
 
 #[test]
 fn bad_objects_are_counted_and_everything_else_is_enforced() {
-    let mut c = Cluster::new("bad", FABRIC, &["shop/late"]);
-    c.api.apply(yaml(DENY));
+    let mut c = denied("bad", &["shop/late"]);
     // A policy the compiler rejects (the fake server, unlike a real one, does not validate).
     c.api.apply(yaml("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: broken, namespace: shop}\nspec: {podSelector: {}, ingress: [{ports: [{port: 90, endPort: 80}]}]}\n"));
     // A pod with a malformed address.
@@ -255,8 +230,7 @@ fn explain_reads_a_live_cluster() {
 
 #[test]
 fn a_recreated_interface_is_attached_again() {
-    let mut c = Cluster::new("recreate", FABRIC, &[]);
-    c.api.apply(yaml(DENY));
+    let mut c = denied("recreate", &[]);
     c.api
         .apply(allow("allow", "{podSelector: {matchLabels: {app: client}}}", 80));
     c.start_agent();
@@ -266,7 +240,7 @@ fn a_recreated_interface_is_attached_again() {
     let before: Vec<u32> = dp.endpoints().expect("endpoints").keys().copied().collect();
 
     // The CNI tears the pod's veth down and makes a new one, same address: no API event at all.
-    let fabric = npc_agent::manifests::parse_str("f.yaml".as_ref(), FABRIC);
+    let fabric = npc_policy::files::parse_str("f.yaml".as_ref(), FABRIC);
     let mut without = fabric.clone();
     without.pods.retain(|p| p.name != "web");
     c.lab.apply(&without).expect("remove web's interface");
@@ -286,7 +260,9 @@ fn a_recreated_interface_is_attached_again() {
             .pod_netns(&ObjectRef::parse(pod).expect("ns/name"))
             .expect("netns")
             .to_string();
-        npc_agent::netns::ip(&["-n", &ns, "neigh", "flush", "all"]).expect("flush neighbours");
+        npc_agent::lab::netns::run_in(&ns, npc_agent::lab::netns::flush_neighbours)
+            .expect("enter the pod")
+            .expect("flush neighbours");
     }
     c.expect("after", "shop/client", "shop/web", 80, true);
     c.expect("after", "other/outsider", "shop/web", 80, false);
@@ -295,8 +271,7 @@ fn a_recreated_interface_is_attached_again() {
 
 #[test]
 fn a_burst_of_events_is_one_compile_not_a_hundred() {
-    let mut c = Cluster::new("burst", FABRIC, &[]);
-    c.api.apply(yaml(DENY));
+    let mut c = denied("burst", &[]);
     c.start_agent();
     let syncs = |c: &Cluster| {
         c.metrics

@@ -8,13 +8,12 @@ use std::{
     time::Duration,
 };
 
-use npc_agent::{
-    lab::{self, LabOptions, LabRecord},
-    manifests,
-    model::{ObjectRef, Protocol, State},
-    netns, reference,
-};
+use npc_agent::lab::netns;
+use npc_agent::lab::{self, LabOptions, LabRecord};
 use npc_integration::{example, npc_agent_bin, require_root, tag, wait_for};
+use npc_policy::files as manifests;
+use npc_policy::model::{ObjectRef, Protocol, State};
+use npc_policy::{reference, scenario};
 
 fn agent(args: &[&str]) -> Output {
     Command::new(npc_agent_bin())
@@ -72,13 +71,15 @@ fn parse_probes(json: &str) -> Vec<Probe> {
 /// addresses (a probe naming a pod the state does not have counts as a difference).
 fn reference_mismatches(state: &State, probes: &[Probe]) -> Vec<String> {
     let addr = |id: &str| -> Option<IpAddr> { state.pods.get(&ObjectRef::parse(id)?)?.ips.first().copied() };
+    // The reference judges objects: the lab's state written back as them.
+    let cluster = scenario::cluster_of_state(state);
     probes
         .iter()
         .filter(|p| {
             let (Some(from), Some(to)) = (addr(&p.from), addr(&p.to)) else {
                 return true;
             };
-            reference::allowed(state, from, to, p.protocol, p.port) != p.allowed
+            reference::allowed(&cluster, from, to, p.protocol.as_str(), p.port) != p.allowed
         })
         .map(|p| {
             format!(
@@ -165,6 +166,11 @@ struct Up {
 }
 
 impl Up {
+    /// Whether `lab up` exits within `deadline`.
+    fn exits_within(&mut self, deadline: Duration) -> bool {
+        wait_for(deadline, || self.child.try_wait().ok().flatten().is_some())
+    }
+
     fn start(name: &str, files: &[(&str, &str)]) -> Self {
         require_root();
         let name = tag(name);
@@ -189,7 +195,7 @@ impl Up {
             .expect("spawn lab up");
         let up = Self { name, dir, child };
         assert!(
-            wait_for(Duration::from_secs(30), || up.record().is_some_and(|r| r.alive())),
+            wait_for(Duration::from_secs(120), || up.record().is_some_and(|r| r.alive())),
             "lab up did not come up"
         );
         up
@@ -344,7 +350,7 @@ fn lab_up_applies_every_kind_of_edit_live_and_down_leaves_nothing() {
     assert!(down.contains("removed process"), "{down}");
     let mut up = up;
     assert!(
-        wait_for(Duration::from_secs(10), || up.child.try_wait().ok().flatten().is_some()),
+        up.exits_within(Duration::from_secs(10)),
         "lab up did not exit after lab down"
     );
     up.assert_gone();
@@ -356,7 +362,7 @@ fn ctrl_c_stops_lab_up_and_leaves_nothing() {
     // SAFETY: a plain signal to our own child.
     unsafe { libc::kill(up.child.id() as i32, libc::SIGINT) };
     assert!(
-        wait_for(Duration::from_secs(15), || up.child.try_wait().ok().flatten().is_some()),
+        up.exits_within(Duration::from_secs(15)),
         "lab up did not stop on SIGINT"
     );
     up.assert_gone();

@@ -1,37 +1,45 @@
 //! Random clusters in the lab: real pods in network namespaces, real sockets through the real
-//! datapath, attached by the netlink attacher; every probe must give the reference verdict.
-use npc_agent::{
-    lab::{Lab, LabOptions},
-    manifests::Loaded,
-    model::{Protocol, State},
-    reference,
+//! datapath, attached by the netlink attacher; every probe must give the verdict of the
+//! independent reference evaluator, judging the generated objects with the addresses the lab
+//! gave the pods.
+use std::collections::BTreeSet;
+
+use k8s_openapi::api::core::v1::{PodIP, PodStatus};
+use npc_agent::lab::{Lab, LabOptions};
+use npc_integration::{require_root, tag};
+use npc_policy::{
+    model::ObjectRef,
+    reference::{self, Cluster},
+    scenario,
 };
-use npc_integration::{require_root, scenario, tag};
 use proptest::{prelude::*, test_runner::FileFailurePersistence};
 
-/// The parts of a random cluster a lab can build: every pod local, running, in its own network
-/// namespace, with a lab address (10.0.0.0/24, so the generated ipBlocks and excepts bite), and
-/// TCP/UDP listeners (no SCTP sockets on these kernels).
-fn lab_manifests(state: &State) -> Loaded {
-    let pods = state
-        .pods
-        .values()
-        .cloned()
-        .map(|mut p| {
-            p.node = None;
-            p.host_network = false;
-            p.terminated = false;
-            p.ips.clear();
-            p.ports.retain(|c| c.protocol != Protocol::Sctp);
-            p
-        })
-        .collect();
-    Loaded {
-        namespaces: state.namespaces.values().cloned().collect(),
-        pods,
-        policies: state.policies.values().cloned().collect(),
-        errors: Vec::new(),
+/// The parts of a random cluster a lab can build: every pod on the lab's one node, running, not
+/// hostNetwork, without an address (the lab gives each one in 10.0.0.0/24, so the generated
+/// ipBlocks and excepts bite), declaring each (port, protocol) once and no SCTP (the lab's
+/// listeners bind each declared port; no SCTP sockets on these kernels).
+fn lab_cluster(c: &Cluster) -> Cluster {
+    let mut c = c.clone();
+    c.node_name = scenario::LAB_NODE.to_string();
+    for pod in &mut c.pods {
+        let spec = pod.spec.as_mut().expect("generated pods have a spec");
+        spec.node_name = Some(scenario::LAB_NODE.to_string());
+        spec.host_network = None;
+        let mut seen = BTreeSet::new();
+        for container in &mut spec.containers {
+            if let Some(ports) = container.ports.as_mut() {
+                ports.retain(|p| {
+                    let protocol = p.protocol.clone().unwrap_or_else(|| "TCP".into());
+                    protocol != "SCTP" && seen.insert((p.container_port, protocol))
+                });
+            }
+        }
+        pod.status = Some(PodStatus {
+            phase: Some("Running".into()),
+            ..Default::default()
+        });
     }
+    c
 }
 
 proptest! {
@@ -42,19 +50,29 @@ proptest! {
     })]
 
     #[test]
-    fn lab_probes_agree_with_the_reference(state in scenario::state()) {
+    fn lab_probes_agree_with_the_reference(generated in scenario::cluster()) {
         require_root();
+        let mut cluster = lab_cluster(&generated);
         let mut opts = LabOptions::new(&tag("rand"));
         opts.pod_cidr = "10.0.0.0/24".parse().expect("cidr");
-        opts.legacy_default_deny = state.legacy_default_deny;
-        let lab = Lab::up(opts, &lab_manifests(&state)).expect("lab up");
+        opts.legacy_default_deny = cluster.legacy_default_deny;
+        let loaded = scenario::load(&cluster);
+        prop_assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        let lab = Lab::up(opts, &loaded).expect("lab up");
         let probes = lab.probe_all().expect("probes");
+        // The reference judges the objects with the lab's addresses and node.
         let lab_state = lab.state();
+        for pod in &mut cluster.pods {
+            let ips = &lab_state.pods[&scenario::object_ref(&pod.metadata)].ips;
+            let status = pod.status.as_mut().expect("status");
+            status.pod_ip = ips.first().map(ToString::to_string);
+            status.pod_ips = Some(ips.iter().map(|ip| PodIP { ip: ip.to_string() }).collect());
+        }
+        cluster.node_addrs = lab_state.node_addrs.clone();
         for p in &probes {
-            let addr = |id: &str| lab_state.pods[&npc_agent::model::ObjectRef::parse(id).expect("ns/name")].ips[0];
-            let protocol = Protocol::parse(&p.protocol).expect("protocol");
-            let want = reference::allowed(lab_state, addr(&p.from), addr(&p.to), protocol, p.port);
-            prop_assert_eq!(p.result == "allowed", want, "{} -> {} {}/{}", p.from, p.to, p.protocol, p.port);
+            let addr = |id: &str| lab_state.pods[&ObjectRef::parse(id).expect("ns/name")].ips[0];
+            let want = reference::allowed(&cluster, addr(&p.from), addr(&p.to), &p.protocol, p.port);
+            prop_assert_eq!(p.result == "allowed", want, "{} -> {} {}/{}\n{}", p.from, p.to, p.protocol, p.port, scenario::manifest(&cluster));
         }
     }
 }

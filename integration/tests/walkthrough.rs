@@ -2,14 +2,12 @@
 //! and a broken policy that must not stop the others.
 use std::path::{Path, PathBuf};
 
-use npc_agent::{
-    lab::{Lab, LabOptions},
-    manifests,
-    model::Protocol,
-    walkthrough::{self, STEPS},
-};
+use npc_agent::lab::walkthrough::{self, STEPS};
+use npc_agent::lab::{Lab, LabOptions};
 use npc_common::{DIR_INGRESS, DropKey, PROTO_TCP};
 use npc_integration::{require_root, tag};
+use npc_policy::files as manifests;
+use npc_policy::model::Protocol;
 
 fn walkthrough_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples/walkthrough")
@@ -97,10 +95,10 @@ fn lab_leaves_nothing_behind() {
     let opts = LabOptions::new(&t);
     let pin_root = opts.pin_root.clone();
     let lab = Lab::up(opts, &loaded).expect("lab up");
-    assert!(!npc_agent::netns::list_with_prefix(&t).is_empty());
+    assert!(!npc_agent::lab::netns::list_with_prefix(&t).is_empty());
     drop(lab);
     assert!(
-        npc_agent::netns::list_with_prefix(&t).is_empty(),
+        npc_agent::lab::netns::list_with_prefix(&t).is_empty(),
         "namespaces left behind"
     );
     assert!(!pin_root.exists(), "pins left behind in {}", pin_root.display());
@@ -109,45 +107,9 @@ fn lab_leaves_nothing_behind() {
 #[test]
 fn pinned_ipv6_and_dual_stack_pods_are_enforced() {
     require_root();
-    let yaml = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: six}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: server, namespace: six, labels: {app: server}}
-spec: {containers: [{name: c, ports: [{containerPort: 80}, {containerPort: 53, protocol: UDP}]}]}
-status: {podIPs: [{ip: "fd00:6::10"}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: friend, namespace: six, labels: {app: friend}}
-spec: {containers: [{name: c}]}
-status: {podIPs: [{ip: 10.244.9.20}, {ip: "fd00:6::20"}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: stranger, namespace: six, labels: {app: stranger}}
-spec: {containers: [{name: c}]}
-status: {podIPs: [{ip: "fd00:6::30"}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: v4only, namespace: six, labels: {app: friend}}
-spec: {containers: [{name: c}]}
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: server-in, namespace: six}
-spec:
-  podSelector: {matchLabels: {app: server}}
-  ingress:
-    - from: [{podSelector: {matchLabels: {app: friend}}}]
-      ports: [{port: 80}]
-    - from: [{ipBlock: {cidr: "fd00:6::30/128"}}]
-      ports: [{port: 53, protocol: UDP}]
-"#;
+    // six/server (fd00:6::10 only), friend (dual stack), stranger (fd00:6::30), v4only (app friend,
+    // no address); server-in lets friends in on 80 and fd00:6::30 on UDP 53.
+    let yaml = include_str!("fixtures/dual-stack.yaml");
     let loaded = manifests::parse_str(Path::new("six.yaml"), yaml);
     assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
     let lab = Lab::up(LabOptions::new(&tag("six")), &loaded).expect("lab up");

@@ -1,0 +1,159 @@
+//! Crafted Ethernet frames for datapath tests and benchmarks (BPF_PROG_TEST_RUN).
+//!
+//! Checksums are left zero: the programs never look at them.
+use std::net::IpAddr;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+#[derive(Clone, Copy, Debug)]
+pub enum L4 {
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+    },
+    Sctp {
+        sport: u16,
+        dport: u16,
+    },
+    Icmp {
+        icmp_type: u8,
+        id: u16,
+    },
+    /// Any other IP protocol, with this many payload bytes.
+    Other {
+        protocol: u8,
+    },
+}
+
+impl L4 {
+    fn protocol(&self, v6: bool) -> u8 {
+        match self {
+            Self::Tcp { .. } => 6,
+            Self::Udp { .. } => 17,
+            Self::Sctp { .. } => 132,
+            Self::Icmp { .. } if v6 => 58,
+            Self::Icmp { .. } => 1,
+            Self::Other { protocol } => *protocol,
+        }
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        match *self {
+            Self::Tcp { sport, dport, flags } => {
+                let mut h = vec![0u8; 20];
+                h[0..2].copy_from_slice(&sport.to_be_bytes());
+                h[2..4].copy_from_slice(&dport.to_be_bytes());
+                h[12] = 5 << 4;
+                h[13] = flags;
+                h[14..16].copy_from_slice(&64240u16.to_be_bytes());
+                h
+            }
+            Self::Udp { sport, dport } => {
+                let mut h = vec![0u8; 8];
+                h[0..2].copy_from_slice(&sport.to_be_bytes());
+                h[2..4].copy_from_slice(&dport.to_be_bytes());
+                h[4..6].copy_from_slice(&8u16.to_be_bytes());
+                h
+            }
+            Self::Sctp { sport, dport } => {
+                let mut h = vec![0u8; 12];
+                h[0..2].copy_from_slice(&sport.to_be_bytes());
+                h[2..4].copy_from_slice(&dport.to_be_bytes());
+                h
+            }
+            Self::Icmp { icmp_type, id } => {
+                let mut h = vec![0u8; 8];
+                h[0] = icmp_type;
+                h[4..6].copy_from_slice(&id.to_be_bytes());
+                h
+            }
+            Self::Other { .. } => vec![0u8; 8],
+        }
+    }
+}
+
+fn ethernet(ethertype: u16) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01];
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f
+}
+
+/// An IPv4 or IPv6 packet (by the family of `src`) in an Ethernet frame.
+pub fn ip(src: IpAddr, dst: IpAddr, l4: L4) -> Vec<u8> {
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => ipv4_with(s.octets(), d.octets(), l4, &[], 0),
+        (IpAddr::V6(s), IpAddr::V6(d)) => ipv6_with(s.octets(), d.octets(), l4, &[]),
+        _ => panic!("mixed address families: {src} -> {dst}"),
+    }
+}
+
+pub fn tcp(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    ip(src, dst, L4::Tcp { sport, dport, flags })
+}
+
+/// IPv4 with `options` (a multiple of 4 bytes) and a raw fragment field (flags + offset).
+pub fn ipv4_with(src: [u8; 4], dst: [u8; 4], l4: L4, options: &[u8], frag: u16) -> Vec<u8> {
+    assert!(
+        options.len().is_multiple_of(4) && options.len() <= 40,
+        "IPv4 options must be 0-40 bytes, whole words"
+    );
+    let payload = l4.bytes();
+    let ihl = 20 + options.len();
+    let mut h = vec![0u8; 20];
+    h[0] = 0x40 | (ihl / 4) as u8;
+    h[2..4].copy_from_slice(&((ihl + payload.len()) as u16).to_be_bytes());
+    h[6..8].copy_from_slice(&frag.to_be_bytes());
+    h[8] = 64;
+    h[9] = l4.protocol(false);
+    h[12..16].copy_from_slice(&src);
+    h[16..20].copy_from_slice(&dst);
+    let mut f = ethernet(0x0800);
+    f.extend(h);
+    f.extend_from_slice(options);
+    f.extend(payload);
+    f
+}
+
+/// IPv6 with extension headers given as (next-header number of the header, its bytes); each
+/// header's own "next header" byte is filled in.
+pub fn ipv6_with(src: [u8; 16], dst: [u8; 16], l4: L4, ext: &[(u8, Vec<u8>)]) -> Vec<u8> {
+    let payload = l4.bytes();
+    let mut chain = Vec::new();
+    let mut first_next = l4.protocol(true);
+    for (i, (kind, bytes)) in ext.iter().enumerate() {
+        if i == 0 {
+            first_next = *kind;
+        }
+        let mut b = bytes.clone();
+        b[0] = ext.get(i + 1).map(|(k, _)| *k).unwrap_or(l4.protocol(true));
+        chain.extend(b);
+    }
+    let mut h = vec![0u8; 40];
+    h[0] = 0x60;
+    h[4..6].copy_from_slice(&((chain.len() + payload.len()) as u16).to_be_bytes());
+    h[6] = first_next;
+    h[7] = 64;
+    h[8..24].copy_from_slice(&src);
+    h[24..40].copy_from_slice(&dst);
+    let mut f = ethernet(0x86dd);
+    f.extend(h);
+    f.extend(chain);
+    f.extend(payload);
+    f
+}
+
+/// An ARP request.
+pub fn arp() -> Vec<u8> {
+    let mut f = ethernet(0x0806);
+    f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&[0u8; 20]);
+    f
+}

@@ -1,0 +1,350 @@
+//! `bpftool map dump` prints every npc map's fields by name (the maps carry BTF key and value
+//! types), and a datapath pinned by an older agent without BTF is adopted and keeps enforcing.
+//!
+//! Runs Debian's `bpftool` on the pinned maps of a loaded datapath; installs it with apt-get when
+//! it is missing, and fails (never skips) when it cannot.
+use std::{
+    net::IpAddr,
+    path::Path,
+    process::{Command, Stdio},
+};
+
+use npc_agent::datapath::{Datapath, Hook};
+use npc_common::map_names;
+use npc_integration::{TestDatapath, packet, packet::TCP_SYN};
+use npc_policy::{compiler, files as manifests, model::ObjectRef, model::State};
+use serde_json::Value;
+
+const PASS: i32 = -1;
+const SHOT: i32 = 2;
+
+const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: server, namespace: shop, labels: {app: server}}
+spec: {nodeName: node-a, containers: [{name: s, ports: [{containerPort: 80}]}]}
+status:
+  podIPs: [{ip: 10.0.0.10}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: shop, labels: {app: client}}
+spec: {nodeName: node-b, containers: [{name: c}]}
+status:
+  podIPs: [{ip: 10.0.0.20}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: server-in, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: server}}
+  ingress:
+    - from: [{podSelector: {matchLabels: {app: client}}}]
+      ports: [{port: 80}]
+    - from: [{ipBlock: {cidr: 192.168.0.0/16}}]
+      ports: [{port: 8000, endPort: 8003}]
+"#;
+
+/// The maps bpftool can dump, and the field names of their keys and values (`None`: a plain
+/// integer, or a byte array; `Some`: a struct's fields, in order).
+type Fields = Option<&'static [&'static str]>;
+
+const EXPECTED: &[(&str, Fields, Fields)] = &[
+    (map_names::ENDPOINTS, None, Some(&["identity", "flags", "addr"])),
+    (map_names::IDENTITIES, None, None),
+    (map_names::CIDRS, Some(&["prefix_len", "data"]), None),
+    (
+        map_names::POLICY,
+        Some(&["identity", "peer", "port", "protocol", "direction"]),
+        Some(&["rule"]),
+    ),
+    (map_names::PORT_RANGES, Some(&["prefix_len", "data"]), Some(&["rule"])),
+    (
+        map_names::CONNTRACK,
+        Some(&["ifindex", "protocol", "_pad", "src", "dst", "sport", "dport"]),
+        Some(&["last_seen_ns", "epoch", "state", "direction", "_pad"]),
+    ),
+    (map_names::DROPS, Some(&["direction", "protocol", "dport"]), None),
+    (map_names::STATS, None, None),
+    (map_names::CONFIG, None, Some(&["log_level", "mode", "epoch", "_pad"])),
+];
+
+/// `bpftool`, installed from Debian's package if it is not on PATH yet.
+fn bpftool() -> &'static str {
+    static READY: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    READY.get_or_init(|| {
+        let present = || {
+            Command::new("bpftool")
+                .arg("version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if present() {
+            return;
+        }
+        let install = Command::new("apt-get")
+            .args(["install", "-y", "bpftool"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status();
+        if !install.is_ok_and(|s| s.success()) {
+            // The package lists may be missing in a fresh container.
+            let _ = Command::new("apt-get").arg("update").status();
+            let _ = Command::new("apt-get")
+                .args(["install", "-y", "bpftool"])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status();
+        }
+        assert!(
+            present(),
+            "this test needs bpftool and could not install it (`apt-get install -y bpftool` failed): install Debian's bpftool package"
+        );
+    });
+    "bpftool"
+}
+
+fn run_bpftool(args: &[&str]) -> String {
+    let out = Command::new(bpftool()).args(args).output().expect("run bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("bpftool prints UTF-8")
+}
+
+fn dump_json(pin_root: &Path, map: &str) -> Vec<Value> {
+    let path = pin_root.join(map);
+    let text = run_bpftool(&["-j", "map", "dump", "pinned", path.to_str().unwrap()]);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("bpftool -j output for {map}: {e}\n{text}"))
+}
+
+/// The field names of a formatted key or value (per-CPU maps: of the first CPU's value).
+fn fields(v: &Value) -> Option<Vec<String>> {
+    let v = match v {
+        Value::Array(cpus) if cpus.first().is_some_and(|c| c.get("cpu").is_some()) => &cpus[0]["value"],
+        v => v,
+    };
+    v.as_object().map(|o| o.keys().cloned().collect())
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn sync(dp: &mut Datapath) {
+    let loaded = manifests::parse_str("cluster.yaml".as_ref(), CLUSTER);
+    assert!(loaded.errors.is_empty(), "fixture manifests: {:?}", loaded.errors);
+    let state = State {
+        node_name: Some("node-a".into()),
+        ..loaded.to_state()
+    };
+    let compiled = compiler::compile(&state);
+    let server = ObjectRef::new("shop", "server");
+    dp.sync(&compiled.maps, |pod| (*pod == server).then_some(1))
+        .expect("sync");
+}
+
+/// Fills conntrack, the stats and the drop counters too.
+fn traffic(dp: &Datapath) {
+    let allowed = packet::tcp(ip("10.0.0.20"), ip("10.0.0.10"), 40000, 80, TCP_SYN);
+    assert_eq!(dp.test_run(Hook::ToPod, &allowed).unwrap(), PASS);
+    let denied = packet::tcp(ip("10.0.0.99"), ip("10.0.0.10"), 40001, 80, TCP_SYN);
+    assert_eq!(dp.test_run(Hook::ToPod, &denied).unwrap(), SHOT);
+    let ranged = packet::tcp(ip("192.168.1.1"), ip("10.0.0.10"), 40002, 8002, TCP_SYN);
+    assert_eq!(dp.test_run(Hook::ToPod, &ranged).unwrap(), PASS);
+}
+
+#[test]
+fn bpftool_prints_every_map_by_field_name() {
+    let mut t = TestDatapath::load("btfdump");
+    sync(&mut t.dp);
+    traffic(&t.dp);
+    let readme = readme_examples();
+    let mut problems = Vec::new();
+    for (map, key_fields, value_fields) in EXPECTED {
+        let entries = dump_json(t.pin_root(), map);
+        if std::env::var_os("NPC_SHOW_DUMPS").is_some() {
+            let path = t.pin_root().join(map);
+            eprintln!(
+                "$ bpftool map dump pinned .../{map}\n{}",
+                run_bpftool(&["map", "dump", "pinned", path.to_str().unwrap()])
+            );
+        }
+        let Some(entry) = entries.first() else {
+            problems.push(format!("{map}: no entries to check"));
+            continue;
+        };
+        // Without BTF, bpftool prints only "key"/"value" as hex bytes; with it, "formatted".
+        let Some(formatted) = entry.get("formatted") else {
+            problems.push(format!("{map}: no BTF (bpftool printed bytes only): {entry}"));
+            continue;
+        };
+        check(
+            &mut problems,
+            &format!("{map} (bpftool -j)"),
+            formatted,
+            *key_fields,
+            *value_fields,
+        );
+        // The README's example of this map must have the same fields.
+        match readme.iter().find(|(name, _)| name == map) {
+            Some((_, example)) => check(
+                &mut problems,
+                &format!("{map} (README)"),
+                example,
+                *key_fields,
+                *value_fields,
+            ),
+            None => problems.push(format!(
+                "{map}: no `bpftool map dump` example in README.md's Debugging section"
+            )),
+        }
+    }
+    assert!(problems.is_empty(), "bpftool output:\n{}", problems.join("\n"));
+}
+
+/// Compares a formatted entry's key and value fields with the expected ones.
+fn check(
+    problems: &mut Vec<String>,
+    what: &str,
+    entry: &Value,
+    key_fields: Option<&[&str]>,
+    value_fields: Option<&[&str]>,
+) {
+    let want = |f: Option<&[&str]>| f.map(|f| f.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    let key = fields(&entry["key"]);
+    let value = match entry.get("values") {
+        Some(per_cpu) => fields(per_cpu),
+        None => fields(&entry["value"]),
+    };
+    if key != want(key_fields) {
+        problems.push(format!("{what}: key fields {key:?}, expected {:?}", want(key_fields)));
+    }
+    if value != want(value_fields) {
+        problems.push(format!(
+            "{what}: value fields {value:?}, expected {:?}",
+            want(value_fields)
+        ));
+    }
+}
+
+/// README.md's "Debugging" examples: `$ bpftool map dump pinned /sys/fs/bpf/npc/<MAP>` followed
+/// by bpftool's (BTF-formatted, JSON) output; the first entry of each.
+fn readme_examples() -> Vec<(String, Value)> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).expect("README.md");
+    let section = readme
+        .split("\n## Debugging")
+        .nth(1)
+        .expect("a Debugging section in README.md");
+    let section = section.split("\n## ").next().unwrap();
+    let mut out = Vec::new();
+    let mut lines = section.lines().map(str::trim).peekable();
+    while let Some(line) = lines.next() {
+        let Some(map) = line.strip_prefix("$ bpftool map dump pinned /sys/fs/bpf/npc/") else {
+            continue;
+        };
+        let mut json = String::new();
+        while let Some(next) = lines.peek() {
+            if next.starts_with('$') || next.starts_with("```") {
+                break;
+            }
+            json.push_str(lines.next().unwrap());
+        }
+        let entries: Vec<Value> = serde_json::from_str(&json)
+            .unwrap_or_else(|e| panic!("README example of {map} is not bpftool's JSON: {e}"));
+        out.push((map.to_string(), entries.into_iter().next().expect("an entry")));
+    }
+    out
+}
+
+/// The maps as agents before BTF pinned them (legacy definitions: same types, sizes and
+/// capacities, no BTF): `bpftool map create` makes exactly such maps.
+const LEGACY: &[(&str, &str, u32, u32, u32, u32)] = &[
+    (map_names::ENDPOINTS, "hash", 4, 24, 4096, 0),
+    (map_names::IDENTITIES, "hash", 16, 4, 262_144, 0),
+    (map_names::CIDRS, "lpm_trie", 20, 4, 65_536, 1),
+    (map_names::POLICY, "hash", 12, 4, 524_288, 0),
+    (map_names::PORT_RANGES, "lpm_trie", 16, 4, 65_536, 1),
+    (map_names::CONNTRACK, "lru_hash", 44, 16, 262_144, 0),
+    (map_names::DROPS, "percpu_hash", 4, 8, 16_384, 0),
+    (map_names::EVENTS, "ringbuf", 0, 0, 256 * 1024, 0),
+    (map_names::CONFIG, "array", 4, 16, 1, 0),
+    (map_names::STATS, "percpu_array", 4, 8, 4, 0),
+];
+
+fn map_show(path: &Path) -> Value {
+    serde_json::from_str(&run_bpftool(&["-j", "map", "show", "pinned", path.to_str().unwrap()])).unwrap()
+}
+
+/// An upgrade: the new object is loaded over maps an older agent pinned without BTF. aya 0.14
+/// opens a pinned map by path and uses it as it is (it compares nothing), which is right here:
+/// the layouts are byte for byte the ones the programs were built for, BTF only describes them.
+/// Enforcement carries on, on the very same maps.
+#[test]
+fn maps_pinned_without_btf_are_adopted_and_keep_enforcing() {
+    npc_integration::require_root();
+    let pin_root = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", npc_integration::tag("legacy")));
+    let _ = std::fs::remove_dir_all(&pin_root);
+    npc_agent::datapath::ensure_bpffs(&pin_root).unwrap();
+    let mut ids = Vec::new();
+    for (name, kind, key, value, entries, flags) in LEGACY {
+        let path = pin_root.join(name);
+        let (key, value, entries, flags) = (
+            key.to_string(),
+            value.to_string(),
+            entries.to_string(),
+            flags.to_string(),
+        );
+        run_bpftool(&[
+            "map",
+            "create",
+            path.to_str().unwrap(),
+            "type",
+            kind,
+            "key",
+            &key,
+            "value",
+            &value,
+            "entries",
+            &entries,
+            "name",
+            name,
+            "flags",
+            &flags,
+        ]);
+        let shown = map_show(&path);
+        assert!(shown.get("btf_id").is_none(), "{name} was created with BTF: {shown}");
+        ids.push(shown["id"].clone());
+    }
+    // A "before" policy written by the old agent stays in force until the new one syncs.
+    let result = std::panic::catch_unwind(|| {
+        let mut dp = Datapath::load(&pin_root).expect("load the new object over maps pinned without BTF");
+        for ((name, ..), id) in LEGACY.iter().zip(&ids) {
+            assert_eq!(
+                &map_show(&pin_root.join(name))["id"],
+                id,
+                "{name} was replaced, not adopted"
+            );
+        }
+        sync(&mut dp);
+        traffic(&dp);
+        assert_eq!(
+            dp.drops().unwrap().values().sum::<u64>(),
+            1,
+            "the denied SYN was counted"
+        );
+        // These maps stay without BTF until they are removed: bpftool shows their bytes.
+        let entries = dump_json(&pin_root, map_names::ENDPOINTS);
+        assert!(entries[0].get("formatted").is_none(), "{entries:?}");
+    });
+    let _ = std::fs::remove_dir_all(&pin_root);
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}
