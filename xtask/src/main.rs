@@ -1,4 +1,4 @@
-//! Developer commands: `cargo xtask setup | build-ebpf | test | demo | bench`.
+//! Developer commands: `cargo xtask setup | build-ebpf | test | test-vm | demo | bench`.
 //!
 //! `test` and `demo` run `setup` first, so on a fresh machine they are all a user types. Every step
 //! of `setup` is idempotent and says what is wrong and what to do when it fails.
@@ -9,6 +9,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+
+mod vm;
 
 #[derive(Parser)]
 struct Cli {
@@ -23,9 +25,17 @@ enum Cmd {
     Setup,
     /// Build the eBPF object alone (cargo build of npc-agent also does this, through build.rs).
     BuildEbpf,
-    /// Setup, then every test: unit, property, datapath (BPF_PROG_TEST_RUN) and network-namespace tests.
+    /// Setup, then every test: unit, property, datapath (BPF_PROG_TEST_RUN) and network-namespace
+    /// tests on this kernel, then the privileged ones again on Debian's Linux 6.1 in qemu.
     Test {
         /// Extra arguments for `cargo test` (after `--`).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Setup, then only the 6.1 part of `test`: every privileged test binary of npc-integration,
+    /// in one qemu guest (installs qemu, the kernel and virtme-ng when missing).
+    TestVm {
+        /// Extra arguments for every test binary (a name filter, --nocapture...).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
@@ -53,7 +63,47 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             // The image test checks a freshly built archive.
             let archive = image()?;
-            test(&args, &archive)
+            let started = std::time::Instant::now();
+            let host = test(&args, &archive);
+            let host_time = started.elapsed();
+            let guest = test_vm(&[]);
+            let (h, g) = (
+                host.as_ref().cloned().unwrap_or_default(),
+                guest.as_ref().cloned().unwrap_or_default(),
+            );
+            println!(
+                "host ({}): {} passed, {} failed in {} s",
+                vm::host_kernel(),
+                h.passed,
+                h.failed,
+                host_time.as_secs()
+            );
+            match &guest {
+                Ok(g) => println!("{}: {} passed, {} failed", g.label, g.passed, g.failed),
+                Err(e) => println!("vm: {e:#}"),
+            }
+            println!(
+                "{} passed, {} failed (in {} s)",
+                h.passed + g.passed,
+                h.failed + g.failed,
+                started.elapsed().as_secs()
+            );
+            host?;
+            guest?;
+            if h.failed + g.failed > 0 {
+                bail!("{} tests failed", h.failed + g.failed);
+            }
+            Ok(())
+        }
+        Cmd::TestVm { args } => {
+            setup()?;
+            let g = test_vm(&args)?;
+            println!("{}: {} passed, {} failed", g.label, g.passed, g.failed);
+            println!("{} passed, {} failed", g.passed, g.failed);
+            if g.failed > 0 {
+                bail!("{} tests failed in the {} guest", g.failed, g.label);
+            }
+            Ok(())
         }
         Cmd::Demo => {
             setup()?;
@@ -354,56 +404,198 @@ fn build_ebpf() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn test(extra: &[String], image_archive: &Path) -> anyhow::Result<()> {
+/// libtest counts, added up over binaries.
+#[derive(Clone, Debug, Default)]
+struct Counts {
+    label: String,
+    passed: u64,
+    failed: u64,
+}
+
+impl Counts {
+    /// Adds a `test result: ok. 3 passed; 1 failed; ...` line (other lines are ignored).
+    fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.trim_start().strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(kind), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let n: u64 = n
+                .trim_end_matches('.')
+                .rsplit(' ')
+                .next()
+                .unwrap_or("0")
+                .parse()
+                .unwrap_or(0);
+            match kind {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Boots Debian's 6.1 once and runs every privileged test binary of npc-integration in it
+/// (all of its tests/*.rs but `image`, which checks an archive, not a kernel), one test thread.
+/// A binary that dies without a `test result` line counts as one failure.
+fn test_vm(extra: &[String]) -> anyhow::Result<Counts> {
+    let root = workspace_root();
+    let kernel = vm::ensure_vm_tools()?;
+    // The tests start the agent binary; `cargo test --no-run` does not build it.
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .args(["build", "-p", "npc-agent", "--bin", "npc-agent"]))?;
+    let out = output(Command::new("cargo").current_dir(&root).args([
+        "test",
+        "-p",
+        "npc-integration",
+        "--tests",
+        "--no-run",
+        "--message-format=json",
+    ]))?;
+    let mut binaries: Vec<(String, String)> = out
+        .lines()
+        .filter(|l| l.contains(r#""kind":["test"]"#) && l.contains(r#""executable":""#))
+        .filter_map(|l| {
+            let field = |key: &str, from: &str| -> Option<String> {
+                let rest = &from[from.find(key)? + key.len()..];
+                Some(rest[..rest.find('"')?].to_string())
+            };
+            let target = &l[l.find(r#""target":{"#)?..];
+            Some((field(r#""name":""#, target)?, field(r#""executable":""#, l)?))
+        })
+        .filter(|(name, _)| name != "image")
+        .collect();
+    binaries.sort();
+    binaries.dedup();
+    if binaries.is_empty() {
+        bail!("cargo found no npc-integration test binaries");
+    }
+    let extra: String = extra
+        .iter()
+        .map(|a| format!(" '{}'", a.replace('\'', r"'\''")))
+        .collect();
+    let mut script = String::from("failed=0\n");
+    for (name, exe) in &binaries {
+        script += &format!(
+            "echo 'vm: running {name}'; start=$(date +%s); '{exe}' --test-threads=1{extra}; rc=$?; \
+             echo \"vm: {name} exited $rc after $(( $(date +%s) - start )) s\"; \
+             if [ $rc -ne 0 ]; then failed=1; echo 'vm-binary-failed: {name}'; fi\n"
+        );
+    }
+    script += "exit $failed\n";
+    let env = [("RUST_BACKTRACE".to_string(), "1".to_string())];
+    let (status, stdout) = vm::run_in_vm(&kernel, &root, &["sh".into(), "-c".into(), script], &env)?;
+    let mut counts = Counts {
+        label: format!("vm ({})", kernel.version),
+        ..Counts::default()
+    };
+    let mut current_ok = std::collections::BTreeMap::new();
+    let mut name = String::new();
+    for line in stdout.lines() {
+        counts.add_line(line);
+        if let Some(n) = line.strip_prefix("vm: running ") {
+            name = n.to_string();
+            current_ok.insert(name.clone(), false);
+        }
+        if line.trim_start().starts_with("test result: ") {
+            current_ok.insert(name.clone(), true);
+        }
+        if let Some(n) = line.strip_prefix("vm-binary-failed: ")
+            && !line.is_empty()
+            && current_ok.get(n) == Some(&false)
+        {
+            counts.failed += 1; // died before its summary
+        }
+    }
+    if !status.success() && counts.failed == 0 {
+        counts.failed += 1;
+        eprintln!("vm: the guest exited with {status} and no test reported a failure");
+    }
+    Ok(counts)
+}
+
+/// Runs the host's tests and returns their counts (an error when cargo test fails).
+fn test(extra: &[String], image_archive: &Path) -> anyhow::Result<Counts> {
     // Network-namespace tests share the host's bpffs and iproute2 state: one test thread keeps
     // their output readable and their timing honest on a 2-core machine.
-    let mut child = Command::new("cargo")
+    // Benchmarks are built (so they cannot rot) but not run: their timing loops are for
+    // `cargo xtask bench`, and a test run measures nothing.
+    run(Command::new("cargo").current_dir(workspace_root()).args([
+        "build",
+        "--workspace",
+        "--exclude",
+        "npc-ebpf",
+        "--benches",
+    ]))?;
+    let mut child = Command::new("cargo");
+    child
         .current_dir(workspace_root())
         .args([
             "test",
             "--workspace",
             "--exclude",
             "npc-ebpf",
-            "--all-targets",
+            // Run below on stable alone, where it must pass.
+            "--exclude",
+            "npc-policy",
+            "--lib",
+            "--bins",
+            "--tests",
             "--",
             "--test-threads=1",
         ])
         .args(extra)
-        .env("NPC_IMAGE_ARCHIVE", image_archive)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .context("running cargo test")?;
-    // Echo the output and add up every binary's "test result" line into one closing line.
-    let (mut passed, mut failed) = (0u64, 0u64);
+        .env("NPC_IMAGE_ARCHIVE", image_archive);
+    let mut counts = Counts {
+        label: "host".into(),
+        ..Counts::default()
+    };
+    let status = run_counted(&mut child, &mut counts).context("running cargo test")?;
+    if !status.success() {
+        println!("host: {} passed, {} failed", counts.passed, counts.failed);
+        bail!("cargo test failed with {status}");
+    }
+    policy_core_alone(&mut counts)?;
+    Ok(counts)
+}
+
+/// Runs a `cargo test`, echoing its output and adding up every binary's "test result" line.
+fn run_counted(cmd: &mut Command, counts: &mut Counts) -> anyhow::Result<std::process::ExitStatus> {
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn()?;
     let stdout = child.stdout.take().context("cargo test stdout")?;
     for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
         let line = line?;
         println!("{line}");
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            for part in rest.split(';') {
-                let mut words = part.split_whitespace().rev();
-                let (Some(kind), Some(n)) = (words.next(), words.next()) else {
-                    continue;
-                };
-                let n: u64 = n
-                    .trim_end_matches('.')
-                    .rsplit(' ')
-                    .next()
-                    .unwrap_or("0")
-                    .parse()
-                    .unwrap_or(0);
-                match kind {
-                    "passed" => passed += n,
-                    "failed" => failed += n,
-                    _ => {}
-                }
-            }
-        }
+        counts.add_line(&line);
     }
-    let status = child.wait()?;
-    println!("{passed} passed, {failed} failed");
+    Ok(child.wait()?)
+}
+
+/// The pure policy core's tests with nothing on PATH but the stable toolchain and the system:
+/// no rustup proxy, no nightly, no bpf-linker (so nothing below npc-policy can need them).
+fn policy_core_alone(counts: &mut Counts) -> anyhow::Result<()> {
+    let root = workspace_root();
+    let sysroot = output(Command::new("rustc").args(["+stable", "--print", "sysroot"]))?;
+    let bin = PathBuf::from(sysroot.trim()).join("bin");
+    step("npc-policy on stable alone (PATH: the stable toolchain, /usr/bin, /bin)");
+    let mut child = Command::new(bin.join("cargo"));
+    child
+        .current_dir(&root)
+        .args(["test", "-p", "npc-policy"])
+        .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+        .env("CARGO_TARGET_DIR", root.join("target/stable-only"))
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("CARGO");
+    let status = run_counted(&mut child, counts).context("running cargo test -p npc-policy on stable")?;
     if !status.success() {
-        bail!("cargo test failed with {status}");
+        bail!("cargo test -p npc-policy (stable alone) failed with {status}");
     }
     Ok(())
 }
