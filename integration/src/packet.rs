@@ -80,9 +80,13 @@ impl L4 {
     }
 }
 
-fn ethernet(ethertype: u16) -> Vec<u8> {
+/// An Ethernet frame of `ethertype` carrying `parts`, one after another.
+fn ethernet(ethertype: u16, parts: &[&[u8]]) -> Vec<u8> {
     let mut f = vec![0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01];
     f.extend_from_slice(&ethertype.to_be_bytes());
+    for part in parts {
+        f.extend_from_slice(part);
+    }
     f
 }
 
@@ -115,11 +119,7 @@ pub fn ipv4_with(src: [u8; 4], dst: [u8; 4], l4: L4, options: &[u8], frag: u16) 
     h[9] = l4.protocol(false);
     h[12..16].copy_from_slice(&src);
     h[16..20].copy_from_slice(&dst);
-    let mut f = ethernet(0x0800);
-    f.extend(h);
-    f.extend_from_slice(options);
-    f.extend(payload);
-    f
+    ethernet(0x0800, &[&h, options, &payload])
 }
 
 /// IPv6 with extension headers given as (next-header number of the header, its bytes); each
@@ -143,17 +143,10 @@ pub fn ipv6_with(src: [u8; 16], dst: [u8; 16], l4: L4, ext: &[(u8, Vec<u8>)]) ->
     h[7] = 64;
     h[8..24].copy_from_slice(&src);
     h[24..40].copy_from_slice(&dst);
-    let mut f = ethernet(0x86dd);
-    f.extend(h);
-    f.extend(chain);
-    f.extend(payload);
-    f
+    ethernet(0x86dd, &[&h, &chain, &payload])
 }
 
 /// An ARP request.
 pub fn arp() -> Vec<u8> {
-    let mut f = ethernet(0x0806);
-    f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
-    f.extend_from_slice(&[0u8; 20]);
-    f
+    ethernet(0x0806, &[&[0, 1, 8, 0, 6, 4, 0, 1], &[0u8; 20]])
 }

@@ -344,21 +344,20 @@ fn agent_restarts_lose_no_connection_and_let_nothing_through() {
     };
     progress(&n, "first agent");
 
-    // Graceful restart, with traffic flowing while no agent runs at all.
-    stop(&mut agent, libc::SIGTERM);
-    progress(&n, "no agent running");
-    let mut agent = spawn_agent(&c, "agent-2.log");
-    wait_ready(&c, &mut agent, "agent-2.log");
-    assert_one_attachment_each(&c, "second agent");
-    progress(&n, "second agent");
-
-    // Crash and restart.
-    stop(&mut agent, libc::SIGKILL);
-    progress(&n, "after SIGKILL");
-    let mut agent = spawn_agent(&c, "agent-3.log");
-    wait_ready(&c, &mut agent, "agent-3.log");
-    assert_one_attachment_each(&c, "third agent");
-    progress(&n, "third agent");
+    // A graceful restart, with traffic flowing while no agent runs at all; then a crash.
+    for (n_agent, signal, between) in [
+        (2, libc::SIGTERM, "no agent running"),
+        (3, libc::SIGKILL, "after SIGKILL"),
+    ] {
+        stop(&mut agent, signal);
+        progress(&n, between);
+        let log = format!("agent-{n_agent}.log");
+        agent = spawn_agent(&c, &log);
+        wait_ready(&c, &mut agent, &log);
+        let which = format!("agent {n_agent}");
+        assert_one_attachment_each(&c, &which);
+        progress(&n, &which);
+    }
 
     stop_all.store(true, Ordering::Relaxed);
     for t in threads {
@@ -448,13 +447,9 @@ fn agent_restarts_lose_no_connection_and_let_nothing_through() {
         !c.probe("app/intruder", "app/server", 80, Protocol::Tcp),
         "the other tool no longer blocks"
     );
+    let connects = || c.probe("app/client", "app/server", 80, Protocol::Tcp);
     assert!(
-        wait_for(Duration::from_secs(10), || c.probe(
-            "app/client",
-            "app/server",
-            80,
-            Protocol::Tcp
-        )),
+        wait_for(Duration::from_secs(10), connects),
         "the other tool no longer allows"
     );
     drop(other);
@@ -465,13 +460,9 @@ fn agent_restarts_lose_no_connection_and_let_nothing_through() {
             assert!(f.is_empty(), "after both uninstalls: {ifname} {dir}: {f:#?}");
         }
     }
+    let connects = || c.probe("app/intruder", "app/server", 80, Protocol::Tcp);
     assert!(
-        wait_for(Duration::from_secs(10), || c.probe(
-            "app/intruder",
-            "app/server",
-            80,
-            Protocol::Tcp
-        )),
+        wait_for(Duration::from_secs(10), connects),
         "after both are gone nothing is enforced"
     );
 }

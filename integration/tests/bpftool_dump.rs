@@ -1,8 +1,8 @@
 //! `bpftool map dump` prints every npc map's fields by name (the maps carry BTF key and value
 //! types), and a datapath pinned by an older agent without BTF is adopted and keeps enforcing.
 //!
-//! Runs Debian's `bpftool` on the pinned maps of a loaded datapath; installs it with apt-get when
-//! it is missing, and fails (never skips) when it cannot.
+//! Runs Debian's `bpftool` (which `cargo xtask setup` installs) on the pinned maps of a loaded
+//! datapath; fails, never skips, when it is missing.
 use std::{
     net::IpAddr,
     path::Path,
@@ -11,43 +11,16 @@ use std::{
 
 use npc_agent::datapath::{Datapath, Hook};
 use npc_common::map_names;
-use npc_integration::{TestDatapath, packet, packet::TCP_SYN};
-use npc_policy::{compiler, files as manifests, model::ObjectRef, model::State};
+use npc_integration::{TestDatapath, compile_for, packet, packet::TCP_SYN};
+use npc_policy::model::ObjectRef;
 use serde_json::Value;
 
 const PASS: i32 = -1;
 const SHOT: i32 = 2;
 
-const CLUSTER: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: server, namespace: shop, labels: {app: server}}
-spec: {nodeName: node-a, containers: [{name: s, ports: [{containerPort: 80}]}]}
-status:
-  podIPs: [{ip: 10.0.0.10}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: shop, labels: {app: client}}
-spec: {nodeName: node-b, containers: [{name: c}]}
-status:
-  podIPs: [{ip: 10.0.0.20}]
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: server-in, namespace: shop}
-spec:
-  podSelector: {matchLabels: {app: server}}
-  ingress:
-    - from: [{podSelector: {matchLabels: {app: client}}}]
-      ports: [{port: 80}]
-    - from: [{ipBlock: {cidr: 192.168.0.0/16}}]
-      ports: [{port: 8000, endPort: 8003}]
-"#;
+const CLUSTER: &str = include_str!("fixtures/shop.yaml");
+
+const POLICY: &str = include_str!("fixtures/shop-bpftool-policy.yaml");
 
 /// The maps bpftool can dump, and the field names of their keys and values (`None`: a plain
 /// integer, or a byte array; `Some`: a struct's fields, in order).
@@ -73,38 +46,13 @@ const EXPECTED: &[(&str, Fields, Fields)] = &[
     (map_names::CONFIG, None, Some(&["log_level", "mode", "epoch", "_pad"])),
 ];
 
-/// `bpftool`, installed from Debian's package if it is not on PATH yet.
+/// `bpftool` (`cargo xtask setup` installs Debian's package); a test without it fails, never skips.
 fn bpftool() -> &'static str {
-    static READY: std::sync::OnceLock<()> = std::sync::OnceLock::new();
-    READY.get_or_init(|| {
-        let present = || {
-            Command::new("bpftool")
-                .arg("version")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        if present() {
-            return;
-        }
-        let install = Command::new("apt-get")
-            .args(["install", "-y", "bpftool"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status();
-        if !install.is_ok_and(|s| s.success()) {
-            // The package lists may be missing in a fresh container.
-            let _ = Command::new("apt-get").arg("update").status();
-            let _ = Command::new("apt-get")
-                .args(["install", "-y", "bpftool"])
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .status();
-        }
-        assert!(
-            present(),
-            "this test needs bpftool and could not install it (`apt-get install -y bpftool` failed): install Debian's bpftool package"
-        );
-    });
+    let found = Command::new("bpftool").arg("version").stdout(Stdio::null()).status();
+    assert!(
+        found.is_ok_and(|s| s.success()),
+        "this test needs bpftool on PATH: run `cargo xtask setup` (or `apt-get install -y bpftool`)"
+    );
     "bpftool"
 }
 
@@ -138,13 +86,7 @@ fn ip(s: &str) -> IpAddr {
 }
 
 fn sync(dp: &mut Datapath) {
-    let loaded = manifests::parse_str("cluster.yaml".as_ref(), CLUSTER);
-    assert!(loaded.errors.is_empty(), "fixture manifests: {:?}", loaded.errors);
-    let state = State {
-        node_name: Some("node-a".into()),
-        ..loaded.to_state()
-    };
-    let compiled = compiler::compile(&state);
+    let compiled = compile_for("node-a", &[("cluster.yaml", CLUSTER), ("policy.yaml", POLICY)]);
     let server = ObjectRef::new("shop", "server");
     dp.sync(&compiled.maps, |pod| (*pod == server).then_some(1))
         .expect("sync");

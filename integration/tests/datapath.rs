@@ -19,32 +19,7 @@ const SHOT: i32 = 2; // TC_ACT_SHOT
 const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 20));
 const SERVER: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 10));
 
-const CLUSTER: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: server, namespace: shop, labels: {app: server}}
-spec:
-  nodeName: node-a
-  containers:
-    - name: s
-      ports:
-        - {containerPort: 80}
-        - {containerPort: 53, protocol: UDP}
-        - {containerPort: 9000, protocol: SCTP}
-status:
-  podIPs: [{ip: 10.0.0.10}, {ip: "fd00::10"}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: shop, labels: {app: client}}
-spec: {nodeName: node-b, containers: [{name: c}]}
-status:
-  podIPs: [{ip: 10.0.0.20}, {ip: "fd00::20"}]
-"#;
+const CLUSTER: &str = include_str!("fixtures/shop.yaml");
 
 const POLICIES: &str = r#"
 apiVersion: networking.k8s.io/v1
@@ -283,30 +258,15 @@ fn truncated_headers_are_dropped_and_counted_for_isolated_pods() {
 fn ipv4_options_shift_the_transport_header() {
     let fx = Fixture::policed("options");
     let nop = [1u8; 8];
-    let allowed = packet::ipv4_with(
-        [10, 0, 0, 20],
-        [10, 0, 0, 10],
-        L4::Tcp {
+    for (dport, verdict) in [(80, PASS), (81, SHOT)] {
+        let syn = L4::Tcp {
             sport: 1,
-            dport: 80,
+            dport,
             flags: TCP_SYN,
-        },
-        &nop,
-        0,
-    );
-    fx.expect(Hook::ToPod, &allowed, PASS);
-    let denied = packet::ipv4_with(
-        [10, 0, 0, 20],
-        [10, 0, 0, 10],
-        L4::Tcp {
-            sport: 1,
-            dport: 81,
-            flags: TCP_SYN,
-        },
-        &nop,
-        0,
-    );
-    fx.expect(Hook::ToPod, &denied, SHOT);
+        };
+        let pkt = packet::ipv4_with([10, 0, 0, 20], [10, 0, 0, 10], syn, &nop, 0);
+        fx.expect(Hook::ToPod, &pkt, verdict);
+    }
 }
 
 #[test]
@@ -325,28 +285,15 @@ fn ipv6_tcp_is_judged_like_ipv4() {
     assert_eq!(fx.drops(DIR_INGRESS, PROTO_TCP, 80), 1);
     // Behind a hop-by-hop and a destination-options header.
     let ext = [(0u8, vec![0u8; 8]), (60u8, vec![0u8; 8])];
-    let pkt = packet::ipv6_with(
-        ip6("fd00::20"),
-        ip6("fd00::10"),
-        L4::Tcp {
+    for (dport, verdict) in [(80, PASS), (81, SHOT)] {
+        let syn = L4::Tcp {
             sport: 1,
-            dport: 80,
+            dport,
             flags: TCP_SYN,
-        },
-        &ext,
-    );
-    fx.expect(Hook::ToPod, &pkt, PASS);
-    let pkt = packet::ipv6_with(
-        ip6("fd00::20"),
-        ip6("fd00::10"),
-        L4::Tcp {
-            sport: 1,
-            dport: 81,
-            flags: TCP_SYN,
-        },
-        &ext,
-    );
-    fx.expect(Hook::ToPod, &pkt, SHOT);
+        };
+        let pkt = packet::ipv6_with(ip6("fd00::20"), ip6("fd00::10"), syn, &ext);
+        fx.expect(Hook::ToPod, &pkt, verdict);
+    }
 }
 
 fn ip6(s: &str) -> [u8; 16] {
@@ -379,30 +326,10 @@ fn udp_is_allowed_on_its_port_only_and_replies_pass() {
 #[test]
 fn sctp_is_allowed_on_its_port_only() {
     let fx = Fixture::policed("sctp");
-    fx.expect(
-        Hook::ToPod,
-        &packet::ip(
-            CLIENT,
-            SERVER,
-            L4::Sctp {
-                sport: 5000,
-                dport: 9000,
-            },
-        ),
-        PASS,
-    );
-    fx.expect(
-        Hook::ToPod,
-        &packet::ip(
-            CLIENT,
-            SERVER,
-            L4::Sctp {
-                sport: 5000,
-                dport: 9001,
-            },
-        ),
-        SHOT,
-    );
+    for (dport, verdict) in [(9000, PASS), (9001, SHOT)] {
+        let init = L4::Sctp { sport: 5000, dport };
+        fx.expect(Hook::ToPod, &packet::ip(CLIENT, SERVER, init), verdict);
+    }
     assert_eq!(fx.drops(DIR_INGRESS, PROTO_SCTP, 9001), 1);
 }
 

@@ -120,19 +120,7 @@ impl Net {
                     };
                     let egress = side(Hook::FromPod, src);
                     let ingress = side(Hook::ToPod, dst);
-                    let want = reference::allowed(cluster, src, dst, protocol, port);
-                    prop_assert_eq!(
-                        egress && ingress,
-                        want,
-                        "{} -> {} {}/{} (kernel: egress {}, ingress {})\n{}",
-                        src,
-                        dst,
-                        protocol,
-                        port,
-                        egress,
-                        ingress,
-                        scenario::manifest(cluster)
-                    );
+                    scenario::agrees(cluster, (src, dst, protocol, port), egress, ingress)?;
                 }
                 Ok(())
             })

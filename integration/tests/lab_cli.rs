@@ -171,6 +171,12 @@ impl Up {
         wait_for(deadline, || self.child.try_wait().ok().flatten().is_some())
     }
 
+    /// `lab up` exits within `deadline` (or the test fails, saying `after`) and leaves nothing.
+    fn exits_and_leaves_nothing(mut self, deadline: Duration, after: &str) {
+        assert!(self.exits_within(deadline), "lab up did not exit after {after}");
+        self.assert_gone();
+    }
+
     fn start(name: &str, files: &[(&str, &str)]) -> Self {
         require_root();
         let name = tag(name);
@@ -348,24 +354,15 @@ fn lab_up_applies_every_kind_of_edit_live_and_down_leaves_nothing() {
 
     let down = stdout(&agent(&["lab", "down", "--name", &up.name]));
     assert!(down.contains("removed process"), "{down}");
-    let mut up = up;
-    assert!(
-        up.exits_within(Duration::from_secs(10)),
-        "lab up did not exit after lab down"
-    );
-    up.assert_gone();
+    up.exits_and_leaves_nothing(Duration::from_secs(10), "lab down");
 }
 
 #[test]
 fn ctrl_c_stops_lab_up_and_leaves_nothing() {
-    let mut up = Up::start("int", &[("ns.yaml", NS), ("pods.yaml", PODS)]);
+    let up = Up::start("int", &[("ns.yaml", NS), ("pods.yaml", PODS)]);
     // SAFETY: a plain signal to our own child.
     unsafe { libc::kill(up.child.id() as i32, libc::SIGINT) };
-    assert!(
-        up.exits_within(Duration::from_secs(15)),
-        "lab up did not stop on SIGINT"
-    );
-    up.assert_gone();
+    up.exits_and_leaves_nothing(Duration::from_secs(15), "SIGINT");
 }
 
 #[test]

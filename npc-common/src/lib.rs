@@ -1,13 +1,14 @@
 //! Map keys, values and constants shared by the npc eBPF programs (`npc-ebpf`) and the agent.
 //!
 //! Every type here is `#[repr(C)]`, spells its padding out as `_pad` fields (so the kernel never
-//! hashes uninitialised bytes), holds no `bool`, enum or `Option`, and carries a compile-time size
-//! assertion. The `user` feature adds `aya::Pod` impls for the agent.
+//! hashes uninitialised bytes), holds no `bool`, enum or `Option`, derives bytemuck's `NoUninit`
+//! (which refuses to compile a type with a padding hole) and carries a compile-time size assertion. The `user` feature adds `aya::Pod` impls for the agent.
 //!
 //! Addresses are always 16 bytes: IPv6 as is, IPv4 mapped into IPv6 (`::ffff:a.b.c.d`), so one
 //! map serves both families.
 #![no_std]
 
+use bytemuck::NoUninit;
 use core::mem::size_of;
 
 /// Map names (at most 15 bytes: the kernel cuts longer names). Pinned under the pin root
@@ -107,7 +108,7 @@ pub mod endpoint_flags {
 
 /// `NPC_ENDPOINTS`: host-side interface index → the pod behind it.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(NoUninit, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EndpointInfo {
     pub identity: u32,
     pub flags: u32,
@@ -120,7 +121,7 @@ const _: () = assert!(size_of::<EndpointInfo>() == 24);
 /// protocol and port, allowed? Lookups try the exact port, then [`PORT_ANY`] with the protocol,
 /// then [`PROTO_ANY`] with [`PORT_ANY`] (a rule with no `ports`).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(NoUninit, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyKey {
     pub identity: u32,
     pub peer: u32,
@@ -133,7 +134,7 @@ const _: () = assert!(size_of::<PolicyKey>() == 12);
 
 /// `NPC_POLICY` value: which rule allowed it (the agent's rule table index; for audit and explain).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(NoUninit, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PolicyValue {
     pub rule: u32,
 }
@@ -144,7 +145,7 @@ const _: () = assert!(size_of::<PolicyValue>() == 4);
 /// protocol are always matched in full ([`PORT_RANGE_FIXED_BITS`]); the port is big-endian so
 /// that its high bits form the prefix.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(NoUninit, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PortRangeKey {
     pub identity: u32,
     pub peer: u32,
@@ -161,7 +162,7 @@ pub const PORT_RANGE_FIXED_BITS: u32 = 80;
 /// one pod never stands in for the ingress check at another). A reply is found by looking the
 /// reversed tuple up.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(NoUninit, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ConntrackKey {
     pub ifindex: u32,
     pub protocol: u8,
@@ -200,7 +201,7 @@ pub mod ct_timeout {
 /// Which way the connection was opened, from the local pod's view: [`DIR_INGRESS`] (the peer
 /// opened it) or [`DIR_EGRESS`] (the pod did). Re-checks after a policy change use it.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(NoUninit, Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConntrackValue {
     pub last_seen_ns: u64,
     /// The policy epoch ([`Config::epoch`]) the connection was last judged under.
@@ -213,7 +214,7 @@ const _: () = assert!(size_of::<ConntrackValue>() == 16);
 
 /// `NPC_DROPS` key (per-CPU counters; the agent sums them).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(NoUninit, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DropKey {
     pub direction: u8,
     pub protocol: u8,
@@ -238,7 +239,7 @@ pub mod event_kind {
 
 /// `NPC_EVENTS` ring buffer record.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(NoUninit, Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VerdictEvent {
     pub src: [u8; 16],
     pub dst: [u8; 16],
@@ -271,7 +272,7 @@ pub mod mode {
 
 /// `NPC_CONFIG[0]`: run-time knobs the agent changes without reloading programs.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(NoUninit, Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Config {
     pub log_level: u32,
     pub mode: u32,
@@ -294,7 +295,7 @@ pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
 mod pod_impls {
     use super::*;
     // SAFETY: all of these are repr(C), contain only integers and byte arrays, and have no
-    // implicit padding (checked by the size assertions above and the layout tests).
+    // implicit padding (derive(NoUninit) refuses to compile a type with padding).
     unsafe impl aya::Pod for EndpointInfo {}
     unsafe impl aya::Pod for PolicyKey {}
     unsafe impl aya::Pod for PolicyValue {}
@@ -311,78 +312,6 @@ mod tests {
     use core::mem::{align_of, offset_of};
 
     use super::*;
-
-    /// Sum of field sizes == struct size means the compiler inserted no padding anywhere.
-    macro_rules! no_holes {
-        ($t:ty { $($f:ident : $ft:ty),* $(,)? }) => {{
-            let fields = 0 $(+ size_of::<$ft>())*;
-            assert_eq!(fields, size_of::<$t>(), concat!(stringify!($t), " has padding holes"));
-        }};
-    }
-
-    #[test]
-    fn layouts_have_no_padding_holes() {
-        no_holes!(EndpointInfo {
-            identity: u32,
-            flags: u32,
-            addr: [u8; 16]
-        });
-        no_holes!(PolicyKey {
-            identity: u32,
-            peer: u32,
-            port: u16,
-            protocol: u8,
-            direction: u8
-        });
-        no_holes!(PolicyValue { rule: u32 });
-        no_holes!(PortRangeKey {
-            identity: u32,
-            peer: u32,
-            direction: u8,
-            protocol: u8,
-            port_be: [u8; 2]
-        });
-        no_holes!(ConntrackKey {
-            ifindex: u32,
-            protocol: u8,
-            _pad: [u8; 3],
-            src: [u8; 16],
-            dst: [u8; 16],
-            sport: u16,
-            dport: u16
-        });
-        no_holes!(ConntrackValue {
-            last_seen_ns: u64,
-            epoch: u32,
-            state: u8,
-            direction: u8,
-            _pad: [u8; 2]
-        });
-        no_holes!(DropKey {
-            direction: u8,
-            protocol: u8,
-            dport: u16
-        });
-        no_holes!(VerdictEvent {
-            src: [u8; 16],
-            dst: [u8; 16],
-            ifindex: u32,
-            local_identity: u32,
-            peer_identity: u32,
-            sport: u16,
-            dport: u16,
-            protocol: u8,
-            direction: u8,
-            kind: u8,
-            reason: u8
-        });
-        no_holes!(Config {
-            log_level: u32,
-            mode: u32,
-            epoch: u32,
-            _pad: u32
-        });
-    }
 
     #[test]
     fn alignments_are_what_the_kernel_side_expects() {

@@ -10,7 +10,10 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+mod sys;
 mod vm;
+
+use sys::{ensure_tool, output, run, step, which};
 
 #[derive(Parser)]
 struct Cli {
@@ -128,26 +131,6 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
-    if !status.success() {
-        bail!("{cmd:?} failed with {status}");
-    }
-    Ok(())
-}
-
-fn output(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn step(what: &str) {
-    eprintln!("setup: {what}");
-}
-
 fn setup() -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -164,6 +147,8 @@ fn setup() -> anyhow::Result<()> {
     setup_build()?;
     ensure_tool("ip", "iproute2")?;
     ensure_tool("nsenter", "util-linux")?;
+    // bpftool_dump.rs checks `bpftool map dump` against the maps' BTF.
+    ensure_tool("bpftool", "bpftool")?;
     step("ready");
     Ok(())
 }
@@ -362,22 +347,6 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
         .env("LLVM_PREFIX", &prefix)
         .env("RUSTFLAGS", format!("-C link-arg=-Wl,-rpath,{}", lib.display())))
     .context("building bpf-linker failed")
-}
-
-fn which(bin: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|d| d.join(bin))
-        .find(|p| p.is_file())
-}
-
-fn ensure_tool(bin: &str, package: &str) -> anyhow::Result<()> {
-    if which(bin).is_some() {
-        return Ok(());
-    }
-    step(&format!("installing {package} (for `{bin}`)"));
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get").args(["install", "-y", "-qq", package]))
-        .with_context(|| format!("`{bin}` is missing and apt-get could not install {package}"))
 }
 
 fn build_ebpf() -> anyhow::Result<()> {

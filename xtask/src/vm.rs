@@ -4,9 +4,6 @@
 //! qemu emulates (TCG, `--disable-kvm`): on a machine that is itself a VM there is no nested
 //! virtualisation and a KVM guest hangs after "Probing EDD". See docs/kernels.md for the recipe
 //! and every trap it avoids.
-//!
-//! The helpers below (`run`, `step`, `which`, `apt_install`) duplicate main.rs's few lines on
-//! purpose, so this module depends on nothing but anyhow and std.
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     os::unix::process::CommandExt as _,
@@ -16,6 +13,8 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+
+use crate::sys::{apt_install, run, step, which};
 
 /// A kernel the guest boots: its image and its release (`uname -r`, the /lib/modules directory).
 #[derive(Clone, Debug)]
@@ -44,34 +43,6 @@ const MODULES: &[&str] = &["veth", "bridge", "sch_ingress", "cls_bpf", "act_bpf"
 /// A guest that prints nothing for this long is hung (TCG runs a test binary in 1-2 minutes);
 /// NPC_VM_TIMEOUT_SECS overrides it.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
-
-fn step(what: &str) {
-    eprintln!("vm: {what}");
-}
-
-fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
-    if !status.success() {
-        bail!("{cmd:?} failed with {status}");
-    }
-    Ok(())
-}
-
-fn which(bin: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|d| d.join(bin))
-        .find(|p| p.is_file())
-}
-
-fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
-    step(&format!("installing {}", packages.join(" ")));
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(packages)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
-    .with_context(|| format!("apt-get could not install {}", packages.join(" ")))
-}
 
 /// Installs, when missing, qemu, busybox-static (virtme's initramfs, which loads the 9p modules),
 /// the newest Debian 6.1 kernel and virtme-ng. Idempotent: a second call installs nothing.

@@ -178,6 +178,16 @@ fn field_err(field: impl Into<String>, message: impl Into<String>) -> ObjectErro
     }
 }
 
+/// A namespaced object's name (`None`: it has none) and namespace (`default_namespace` when it has
+/// none, as in a file applied with `kubectl apply -n`).
+pub(crate) fn name_and_namespace(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    default_namespace: &str,
+) -> Option<(String, String)> {
+    let namespace = meta.namespace.clone().unwrap_or_else(|| default_namespace.to_string());
+    Some((meta.name.clone()?, namespace))
+}
+
 pub fn namespace_from_k8s(ns: &K8sNamespace) -> Result<Namespace, ObjectError> {
     let name = ns
         .metadata
@@ -193,16 +203,8 @@ pub fn namespace_from_k8s(ns: &K8sNamespace) -> Result<Namespace, ObjectError> {
 
 /// Converts a Pod. `default_namespace` applies when the object has none (files).
 pub fn pod_from_k8s(pod: &K8sPod, default_namespace: &str) -> Result<Pod, ObjectError> {
-    let name = pod
-        .metadata
-        .name
-        .clone()
-        .ok_or_else(|| field_err("metadata.name", "missing"))?;
-    let namespace = pod
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| default_namespace.to_string());
+    let (name, namespace) =
+        name_and_namespace(&pod.metadata, default_namespace).ok_or_else(|| field_err("metadata.name", "missing"))?;
     let spec = pod.spec.as_ref();
     let mut ports = Vec::new();
     for (c, container) in spec

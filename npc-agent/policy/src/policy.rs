@@ -324,16 +324,8 @@ impl Policy {
 
     /// Validates a NetworkPolicy. `default_namespace` applies when the object has none.
     pub fn from_k8s(np: &NetworkPolicy, default_namespace: &str) -> Result<Self, PolicyError> {
-        let name = np
-            .metadata
-            .name
-            .clone()
+        let (name, namespace) = crate::model::name_and_namespace(&np.metadata, default_namespace)
             .ok_or_else(|| err("metadata.name", "missing"))?;
-        let namespace = np
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| default_namespace.to_string());
         let spec = np.spec.as_ref().ok_or_else(|| err("spec", "missing"))?;
         let pod_selector = Selector::from_k8s(&spec.pod_selector.clone().unwrap_or_default(), "spec.podSelector")?;
         let ingress = rules_from_k8s(
@@ -384,6 +376,24 @@ impl Policy {
     }
 }
 
+/// Converts each item of an optional list, naming it `field[i]` in errors; a missing or empty list
+/// is `None` (the API's "all peers" / "all ports").
+fn each<T, U>(
+    list: Option<&[T]>,
+    field: &str,
+    convert: impl Fn(&T, &str) -> Result<U, PolicyError>,
+) -> Result<Option<Vec<U>>, PolicyError> {
+    match list {
+        None | Some([]) => Ok(None),
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .map(|(j, item)| convert(item, &format!("{field}[{j}]")))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some),
+    }
+}
+
 fn rules_from_k8s<'a>(
     rules: impl Iterator<Item = (Option<&'a [NetworkPolicyPeer]>, Option<&'a [NetworkPolicyPort]>)>,
     field: &str,
@@ -393,25 +403,10 @@ fn rules_from_k8s<'a>(
         .enumerate()
         .map(|(i, (peers, ports))| {
             let f = format!("{field}[{i}]");
-            let peers = match peers {
-                None | Some([]) => None,
-                Some(list) => Some(
-                    list.iter()
-                        .enumerate()
-                        .map(|(j, p)| peer_from_k8s(p, &format!("{f}.{peers_field}[{j}]")))
-                        .collect::<Result<Vec<_>, _>>()?,
-                ),
-            };
-            let ports = match ports {
-                None | Some([]) => None,
-                Some(list) => Some(
-                    list.iter()
-                        .enumerate()
-                        .map(|(j, p)| port_from_k8s(p, &format!("{f}.ports[{j}]")))
-                        .collect::<Result<Vec<_>, _>>()?,
-                ),
-            };
-            Ok(Rule { peers, ports })
+            Ok(Rule {
+                peers: each(peers, &format!("{f}.{peers_field}"), peer_from_k8s)?,
+                ports: each(ports, &format!("{f}.ports"), port_from_k8s)?,
+            })
         })
         .collect()
 }

@@ -601,6 +601,30 @@ pub fn query_addresses(c: &Cluster) -> Vec<IpAddr> {
     out
 }
 
+/// Holds what npc decided for one flow (its egress side at `src`, its ingress side at `dst`) to
+/// the reference's verdict; a failure names the flow and carries the cluster's manifest.
+pub fn agrees(
+    c: &Cluster,
+    (src, dst, protocol, port): (IpAddr, IpAddr, &str, u16),
+    egress: bool,
+    ingress: bool,
+) -> Result<(), TestCaseError> {
+    let want = crate::reference::allowed(c, src, dst, protocol, port);
+    prop_assert_eq!(
+        egress && ingress,
+        want,
+        "{} -> {} {}/{}: npc says egress {}, ingress {}\n{}",
+        src,
+        dst,
+        protocol,
+        port,
+        egress,
+        ingress,
+        manifest(c)
+    );
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Into npc: through the real files source
 // ---------------------------------------------------------------------------------------------
@@ -890,13 +914,18 @@ mod tests {
             Ok(())
         };
         check_sel(spec.pod_selector.as_ref().unwrap())?;
-        let peers = spec
+        let ingress = spec
             .ingress
             .iter()
             .flatten()
-            .flat_map(|r| r.from.iter().flatten())
-            .chain(spec.egress.iter().flatten().flat_map(|r| r.to.iter().flatten()));
-        for peer in peers {
+            .map(|r| (r.from.as_deref(), r.ports.as_deref()));
+        let egress = spec
+            .egress
+            .iter()
+            .flatten()
+            .map(|r| (r.to.as_deref(), r.ports.as_deref()));
+        let rules: Vec<_> = ingress.chain(egress).collect();
+        for peer in rules.iter().flat_map(|(peers, _)| peers.iter().copied().flatten()) {
             match (&peer.ip_block, &peer.pod_selector, &peer.namespace_selector) {
                 (Some(b), None, None) => {
                     let (net, len) = parse(&b.cidr)?;
@@ -913,13 +942,7 @@ mod tests {
                 _ => return Err("a peer needs exactly one of ipBlock or selectors".into()),
             }
         }
-        let ports = spec
-            .ingress
-            .iter()
-            .flatten()
-            .flat_map(|r| r.ports.iter().flatten())
-            .chain(spec.egress.iter().flatten().flat_map(|r| r.ports.iter().flatten()));
-        for port in ports {
+        for port in rules.iter().flat_map(|(_, ports)| ports.iter().copied().flatten()) {
             if let Some(proto) = &port.protocol
                 && !PROTOCOLS.contains(&proto.as_str())
             {
