@@ -1,5 +1,5 @@
 //! A fake Kubernetes API server, in-process, that speaks the real list/watch protocol over
-//! plain HTTP for pods, namespaces and networkpolicies (cluster-wide paths), so that the real
+//! plain HTTP for pods, namespaces, networkpolicies, services and endpointslices (cluster-wide paths), so that the real
 //! kube-rs client and watchers can be driven through every situation a node agent meets:
 //!
 //! - lists carry `metadata.resourceVersion`; watches start from a resourceVersion and replay
@@ -34,39 +34,56 @@ pub enum Kind {
     Pod,
     Namespace,
     NetworkPolicy,
+    Service,
+    EndpointSlice,
 }
 
 impl Kind {
-    fn of(object: &Value) -> Self {
-        match object["kind"].as_str() {
-            Some("Pod") => Self::Pod,
-            Some("Namespace") => Self::Namespace,
-            Some("NetworkPolicy") => Self::NetworkPolicy,
-            other => panic!("the fake API server does not serve {other:?}"),
+    const ALL: [Self; 5] = [
+        Self::Pod,
+        Self::Namespace,
+        Self::NetworkPolicy,
+        Self::Service,
+        Self::EndpointSlice,
+    ];
+
+    /// (kind, apiVersion, the cluster-wide collection path kube-rs lists and watches).
+    fn table(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Self::Pod => ("Pod", "v1", "/api/v1/pods"),
+            Self::Namespace => ("Namespace", "v1", "/api/v1/namespaces"),
+            Self::NetworkPolicy => (
+                "NetworkPolicy",
+                "networking.k8s.io/v1",
+                "/apis/networking.k8s.io/v1/networkpolicies",
+            ),
+            Self::Service => ("Service", "v1", "/api/v1/services"),
+            Self::EndpointSlice => (
+                "EndpointSlice",
+                "discovery.k8s.io/v1",
+                "/apis/discovery.k8s.io/v1/endpointslices",
+            ),
         }
     }
 
-    fn list_kind(self) -> &'static str {
-        match self {
-            Self::Pod => "PodList",
-            Self::Namespace => "NamespaceList",
-            Self::NetworkPolicy => "NetworkPolicyList",
-        }
+    fn of(object: &Value) -> Self {
+        let kind = object["kind"].as_str();
+        Self::ALL
+            .into_iter()
+            .find(|k| Some(k.name()) == kind)
+            .unwrap_or_else(|| panic!("the fake API server does not serve {kind:?}"))
+    }
+
+    fn list_kind(self) -> String {
+        format!("{}List", self.name())
     }
 
     fn api_version(self) -> &'static str {
-        match self {
-            Self::Pod | Self::Namespace => "v1",
-            Self::NetworkPolicy => "networking.k8s.io/v1",
-        }
+        self.table().1
     }
 
     fn name(self) -> &'static str {
-        match self {
-            Self::Pod => "Pod",
-            Self::Namespace => "Namespace",
-            Self::NetworkPolicy => "NetworkPolicy",
-        }
+        self.table().0
     }
 }
 
@@ -116,11 +133,14 @@ impl FakeApi {
             oldest: 1,
             ..Inner::default()
         }));
-        let app = Router::new()
-            .route("/api/v1/pods", get(handle_pods))
-            .route("/api/v1/namespaces", get(handle_namespaces))
-            .route("/apis/networking.k8s.io/v1/networkpolicies", get(handle_policies))
-            .with_state(inner.clone());
+        let mut app = Router::new();
+        for kind in Kind::ALL {
+            app = app.route(
+                kind.table().2,
+                get(move |state: State<Arc<Mutex<Inner>>>, q: Query<Params>| async move { handle(kind, state, q) }),
+            );
+        }
+        let app = app.with_state(inner.clone());
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .expect("bind the fake API server");
@@ -224,18 +244,6 @@ fn broadcast(inner: &mut Inner, kind: Kind, event: &str, object: &Value) {
     inner
         .watchers
         .retain(|(k, w)| *k != kind || w.send(Ok(l.clone())).is_ok());
-}
-
-async fn handle_pods(state: State<Arc<Mutex<Inner>>>, q: Query<Params>) -> Response {
-    handle(Kind::Pod, state, q)
-}
-
-async fn handle_namespaces(state: State<Arc<Mutex<Inner>>>, q: Query<Params>) -> Response {
-    handle(Kind::Namespace, state, q)
-}
-
-async fn handle_policies(state: State<Arc<Mutex<Inner>>>, q: Query<Params>) -> Response {
-    handle(Kind::NetworkPolicy, state, q)
 }
 
 fn handle(kind: Kind, State(inner): State<Arc<Mutex<Inner>>>, Query(q): Query<Params>) -> Response {

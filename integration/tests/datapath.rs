@@ -406,3 +406,55 @@ fn inspect_decodes_every_map() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(v["conntrack_total"], 1);
 }
+
+/// Services whose backends are the clients (server-out allows them on 8080): `via-8080` reaches
+/// them on 8080, `via-9999` on a port server-out does not allow.
+const SERVICES: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: via-8080, namespace: shop}
+spec:
+  clusterIPs: [10.96.0.20, "fd00:96::20"]
+  selector: {app: client}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: via-9999, namespace: shop}
+spec:
+  clusterIP: 10.96.0.21
+  selector: {app: client}
+  ports: [{port: 80, targetPort: 9999}]
+"#;
+
+#[test]
+fn egress_to_a_service_vip_is_judged_by_its_backends_and_replies_from_the_vip_pass() {
+    let mut fx = Fixture::new("service");
+    fx.apply(&format!("{POLICIES}\n---\n{SERVICES}"));
+    let vip = ip("10.96.0.20");
+    // The backends are allowed on the target port: the Service port is allowed, on both families.
+    fx.expect(Hook::FromPod, &packet::tcp(SERVER, vip, 34000, 80, TCP_SYN), PASS);
+    fx.expect(
+        Hook::FromPod,
+        &packet::tcp(ip("fd00::10"), ip("fd00:96::20"), 34000, 80, TCP_SYN),
+        PASS,
+    );
+    // The reply comes back from the VIP (kube-proxy undoes the DNAT): conntrack knows it, though
+    // the server's ingress allows nothing from the VIP.
+    fx.expect(
+        Hook::ToPod,
+        &packet::tcp(vip, SERVER, 80, 34000, TCP_SYN | TCP_ACK),
+        PASS,
+    );
+    // Another port of the VIP, and a Service whose backends are reached on a port not allowed.
+    fx.expect(Hook::FromPod, &packet::tcp(SERVER, vip, 34001, 81, TCP_SYN), SHOT);
+    assert_eq!(fx.drops(DIR_EGRESS, PROTO_TCP, 81), 1);
+    fx.expect(
+        Hook::FromPod,
+        &packet::tcp(SERVER, ip("10.96.0.21"), 34002, 80, TCP_SYN),
+        SHOT,
+    );
+    assert_eq!(fx.drops(DIR_EGRESS, PROTO_TCP, 80), 1);
+    // Unsolicited traffic from the VIP in is still judged by ingress policy.
+    fx.expect(Hook::ToPod, &packet::tcp(vip, SERVER, 80, 35000, TCP_SYN), SHOT);
+}

@@ -23,6 +23,13 @@ fn allow(name: &str, from: &str, port: u16) -> serde_json::Value {
     ))
 }
 
+/// Waits (10 s at most) for `addr` to leave the agent's identities map.
+#[track_caller]
+fn assert_identity_goes(dp: &Datapath, addr: [u8; 16], what: &str) {
+    let gone = || !dp.kernel_numbering().expect("read maps").0.contains_key(&addr);
+    assert!(wait_for(Duration::from_secs(10), gone), "{what}");
+}
+
 /// FABRIC with `unannounced` held back and the deny-all policy on the API server (no agent yet).
 fn denied(name: &str, unannounced: &[&str]) -> Cluster {
     let c = Cluster::new(name, FABRIC, unannounced);
@@ -76,14 +83,7 @@ fn initial_list_then_every_kind_of_change_applies() {
     let endpoints_before = dp.endpoints().expect("endpoints").len();
     c.api.delete(Kind::Pod, "shop", "late");
     c.expect("late deleted", "shop/late", "shop/web", 80, false);
-    assert!(
-        wait_for(Duration::from_secs(10), || !dp
-            .kernel_numbering()
-            .expect("read maps")
-            .0
-            .contains_key(&late_addr)),
-        "late's identity entry is removed"
-    );
+    assert_identity_goes(&dp, late_addr, "late's identity entry is removed");
     assert_eq!(
         dp.endpoints().expect("endpoints").len(),
         endpoints_before - 1,
@@ -288,5 +288,71 @@ fn a_burst_of_events_is_one_compile_not_a_hundred() {
     c.expect("the last of the burst applies", "shop/client", "shop/web", 8080, true);
     let turns = syncs(&c) - before;
     assert!(turns < 20, "100 policy updates took {turns} compiles");
+    c.stop_agent();
+}
+
+/// Services and EndpointSlices are watched: a client allowed to the backends (on the target port)
+/// gets an allow entry for the Service's VIP and port; a backend it may not reach removes it (and
+/// is counted as partly allowed); a deleted Service takes its VIP out of the maps.
+#[test]
+fn services_and_endpoint_slices_are_watched_and_judged_by_their_backends() {
+    let mut c = Cluster::new("svc", FABRIC, &[]);
+    c.api.apply(yaml(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: client-out, namespace: shop}\nspec:\n  podSelector: {matchLabels: {app: client}}\n  policyTypes: [Egress]\n  egress: [{to: [{podSelector: {matchLabels: {app: web}}}], ports: [{port: 8080}]}]\n",
+    ));
+    c.api.apply(yaml(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: 10.96.0.80, selector: {app: web}, ports: [{name: http, port: 80, targetPort: 8080}]}\n",
+    ));
+    let slice = |addresses: &[std::net::IpAddr]| {
+        let endpoints: Vec<_> = addresses
+            .iter()
+            .map(|a| json!({"addresses": [a.to_string()], "conditions": {"ready": true}}))
+            .collect();
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+               "metadata": {"name": "web-abcde", "namespace": "shop",
+                            "labels": {"kubernetes.io/service-name": "web"}},
+               "addressType": "IPv4",
+               "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+               "endpoints": endpoints})
+    };
+    let web = c.pod("shop/web").ips[0];
+    c.api.apply(slice(&[web]));
+    c.start_agent();
+
+    let dp = Datapath::load(&c.pin_root).expect("open the agent's pinned maps");
+    let vip = addr_bytes("10.96.0.80".parse().unwrap());
+    let client = addr_bytes(c.pod("shop/client").ips[0]);
+    // The client's allow entry for (the Service's identity, TCP 80, egress), if any.
+    let vip_entry = || {
+        let identities = dp.kernel_numbering().expect("read maps").0;
+        let service = *identities.get(&vip)?;
+        let endpoints = dp.endpoints().expect("endpoints");
+        let local = endpoints.values().find(|e| e.addr == client)?.identity;
+        let (exact, _) = dp.policy_entries().expect("policy entries");
+        exact.into_iter().find(|(k, _)| {
+            k.identity == local
+                && k.peer == service
+                && k.port == 80
+                && k.protocol == npc_common::PROTO_TCP
+                && k.direction == npc_common::DIR_EGRESS
+        })
+    };
+    assert!(
+        wait_for(Duration::from_secs(10), || vip_entry().is_some()),
+        "the VIP is allowed on port 80, its backend being allowed on 8080"
+    );
+    assert!(c.metrics.render().contains("npc_services 1"));
+
+    // A second backend the client may not reach (another namespace's pod).
+    c.api.apply(slice(&[web, c.pod("other/outsider").ips[0]]));
+    assert!(
+        wait_for(Duration::from_secs(10), || vip_entry().is_none()),
+        "backends only partly allowed: refused"
+    );
+    let text = c.metrics.render();
+    assert!(text.contains("npc_service_ports_partly_allowed 1"), "{text}");
+
+    c.api.delete(Kind::Service, "shop", "web");
+    assert_identity_goes(&dp, vip, "a deleted Service's VIP leaves the identities map");
     c.stop_agent();
 }

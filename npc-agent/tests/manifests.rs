@@ -48,7 +48,7 @@ fn install() -> Install {
 }
 
 #[test]
-fn rbac_only_reads_pods_namespaces_and_policies() {
+fn rbac_only_reads_pods_namespaces_policies_and_services() {
     let i = install();
     assert_eq!(i.roles.len(), 1);
     let mut granted = Vec::new();
@@ -61,7 +61,16 @@ fn rbac_only_reads_pods_namespaces_and_policies() {
         }
     }
     granted.sort();
-    assert_eq!(granted, ["/namespaces", "/pods", "networking.k8s.io/networkpolicies"]);
+    assert_eq!(
+        granted,
+        [
+            "/namespaces",
+            "/pods",
+            "/services",
+            "discovery.k8s.io/endpointslices",
+            "networking.k8s.io/networkpolicies"
+        ]
+    );
     let sa = &i.service_accounts[0];
     let binding = &i.bindings[0];
     assert_eq!(binding.role_ref.name, i.roles[0].metadata.name.clone().unwrap());

@@ -82,7 +82,8 @@ pub const PROTO_SCTP: u8 = 132;
 /// NetworkPolicy, so it is free for this.
 pub const PORT_ANY: u16 = 0;
 
-/// Reserved peer ids. Pod identities are numbered from [`FIRST_POD_IDENTITY`]; ipBlock classes
+/// Reserved peer ids. Pod identities are numbered from [`FIRST_POD_IDENTITY`], Service identities
+/// from [`FIRST_SERVICE_IDENTITY`]; ipBlock classes
 /// from [`CIDR_CLASS_BASE`], so one `u32` peer field names either without ambiguity.
 pub mod peer {
     /// Any address at all: a rule with no `from`/`to`.
@@ -93,6 +94,9 @@ pub mod peer {
     pub const WORLD: u32 = 2;
 }
 pub const FIRST_POD_IDENTITY: u32 = 256;
+/// Service identities (one per Service and address family: the peer id of its VIPs) are numbered
+/// from here, below the ipBlock classes.
+pub const FIRST_SERVICE_IDENTITY: u32 = 0x4000_0000;
 pub const CIDR_CLASS_BASE: u32 = 0x8000_0000;
 
 /// Endpoint flags.

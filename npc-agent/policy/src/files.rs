@@ -9,14 +9,16 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Namespace as K8sNamespace, Pod as K8sPod},
+    core::v1::{Namespace as K8sNamespace, Pod as K8sPod, Service as K8sService},
+    discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
 };
 use serde::de::DeserializeOwned;
 
 use crate::{
-    model::{self, Namespace, Pod, State},
+    model::{self, Namespace, ObjectRef, Pod, State},
     policy::Policy,
+    service::{self, Backend, Service},
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,15 +53,29 @@ pub struct Loaded {
     pub namespaces: Vec<Namespace>,
     pub pods: Vec<Pod>,
     pub policies: Vec<Policy>,
+    pub services: Vec<Service>,
+    /// EndpointSlices, by the Service they belong to. A Service with a selector and no slice here
+    /// gets the endpoints the EndpointSlice controller would make.
+    pub slices: Vec<(ObjectRef, Vec<Backend>)>,
     pub errors: Vec<ManifestError>,
 }
 
 impl Loaded {
     /// NetworkPolicies that were rejected (each has an entry in `errors`); the rest apply.
     pub fn rejected_policies(&self) -> usize {
+        self.rejected("NetworkPolicy")
+    }
+
+    /// Objects of `kind` ("Pod", "Service", ...) that were rejected (each has an entry in `errors`).
+    pub fn rejected(&self, kind: &str) -> usize {
         self.errors
             .iter()
-            .filter(|e| e.object.as_deref().is_some_and(|o| o.starts_with("NetworkPolicy ")))
+            .filter(|e| {
+                e.object
+                    .as_deref()
+                    .and_then(|o| o.split_once(' '))
+                    .is_some_and(|(k, _)| k == kind)
+            })
             .count()
     }
 
@@ -70,6 +86,13 @@ impl Loaded {
             namespaces: self.namespaces.iter().map(|n| (n.name.clone(), n.clone())).collect(),
             pods: self.pods.iter().map(|p| (p.object_ref(), p.clone())).collect(),
             policies: self.policies.iter().map(|p| (p.id.clone(), p.clone())).collect(),
+            services: self.services.iter().map(|s| (s.object_ref(), s.clone())).collect(),
+            service_backends: self.slices.iter().fold(Default::default(), |mut all, (svc, backends)| {
+                all.entry(svc.clone())
+                    .or_insert_with(Vec::new)
+                    .extend(backends.iter().cloned());
+                all
+            }),
             ..State::default()
         }
     }
@@ -78,6 +101,8 @@ impl Loaded {
         self.namespaces.extend(other.namespaces);
         self.pods.extend(other.pods);
         self.policies.extend(other.policies);
+        self.services.extend(other.services);
+        self.slices.extend(other.slices);
         self.errors.extend(other.errors);
     }
 }
@@ -136,6 +161,8 @@ pub fn parse_str(file: &Path, text: &str) -> Loaded {
             Ok(Some(Object::Namespace(ns))) => loaded.namespaces.push(ns),
             Ok(Some(Object::Pod(pod))) => loaded.pods.push(pod),
             Ok(Some(Object::Policy(p))) => loaded.policies.push(p),
+            Ok(Some(Object::Service(svc))) => loaded.services.push(svc),
+            Ok(Some(Object::Slice(svc, backends))) => loaded.slices.push((svc, backends)),
             Ok(None) => {}
             Err((object, field, message)) => loaded.errors.push(error(object, field, message)),
         }
@@ -147,6 +174,8 @@ enum Object {
     Namespace(Namespace),
     Pod(Pod),
     Policy(Policy),
+    Service(Service),
+    Slice(ObjectRef, Vec<Backend>),
 }
 
 type ObjectError = (Option<String>, String, String);
@@ -175,38 +204,54 @@ fn parse_object(mut value: serde_json::Value) -> Result<Option<Object>, ObjectEr
     let (Some(kind), Some(api_version)) = (kind, api_version) else {
         return Err((None, "kind".into(), "every document needs apiVersion and kind".into()));
     };
-    match (kind.as_str(), api_version.as_str()) {
-        ("Namespace", "v1") => {
-            let object = format!("Namespace {name}");
-            let ns: K8sNamespace = typed(value, &object)?;
-            model::namespace_from_k8s(&ns)
-                .map(|n| Some(Object::Namespace(n)))
-                .map_err(|e| obj_err(&object, e))
-        }
-        ("Pod", "v1") => {
-            let object = format!("Pod {namespace}/{name}");
-            let pod: K8sPod = typed(value, &object)?;
-            model::pod_from_k8s(&pod, DEFAULT_NAMESPACE)
-                .map(|p| Some(Object::Pod(p)))
-                .map_err(|e| obj_err(&object, e))
-        }
+    let object = match (kind.as_str(), api_version.as_str()) {
+        ("Namespace", "v1") => read(value, format!("Namespace {name}"), |ns: &K8sNamespace| {
+            model::namespace_from_k8s(ns).map(Object::Namespace)
+        }),
+        ("Pod", "v1") => read(value, format!("Pod {namespace}/{name}"), |pod: &K8sPod| {
+            model::pod_from_k8s(pod, DEFAULT_NAMESPACE).map(Object::Pod)
+        }),
         ("NetworkPolicy", "networking.k8s.io/v1" | "extensions/v1beta1" | "networking.k8s.io/v1beta1") => {
             let object = format!("NetworkPolicy {namespace}/{name}");
             // The pre-v1 groups (seed 001's extensions/v1beta1) share v1's schema.
             value["apiVersion"] = "networking.k8s.io/v1".into();
             let np: NetworkPolicy = typed(value, &object)?;
             Policy::from_k8s(&np, DEFAULT_NAMESPACE)
-                .map(|p| Some(Object::Policy(p)))
+                .map(Object::Policy)
                 .map_err(|e| (Some(object), e.field, e.message))
+        }
+        ("Service", "v1") => read(value, format!("Service {namespace}/{name}"), |svc: &K8sService| {
+            service::service_from_k8s(svc, DEFAULT_NAMESPACE).map(Object::Service)
+        }),
+        ("EndpointSlice", "discovery.k8s.io/v1") => {
+            // A slice that names no Service is not ours to judge by.
+            let slice = read(
+                value,
+                format!("EndpointSlice {namespace}/{name}"),
+                |slice: &EndpointSlice| service::slice_from_k8s(slice, DEFAULT_NAMESPACE),
+            )?;
+            let Some((svc, backends)) = slice else { return Ok(None) };
+            Ok(Object::Slice(svc, backends))
         }
         ("NetworkPolicy", other) => Err((
             Some(format!("NetworkPolicy {namespace}/{name}")),
             "apiVersion".into(),
             format!("unsupported apiVersion {other:?} (networking.k8s.io/v1 or extensions/v1beta1)"),
         )),
-        // Deployments, Services and the like: not ours to enforce; skipped quietly.
-        _ => Ok(None),
-    }
+        // Deployments and the like: not ours to enforce; skipped quietly.
+        _ => return Ok(None),
+    };
+    object.map(Some)
+}
+
+/// Deserializes `value` as `K` and converts it into the model; errors name `object` and the field.
+fn read<K: DeserializeOwned, T>(
+    value: serde_json::Value,
+    object: String,
+    convert: impl FnOnce(&K) -> Result<T, model::ObjectError>,
+) -> Result<T, ObjectError> {
+    let k: K = typed(value, &object)?;
+    convert(&k).map_err(|e| obj_err(&object, e))
 }
 
 fn obj_err(object: &str, e: model::ObjectError) -> ObjectError {

@@ -19,3 +19,4 @@ pub mod policy;
 pub mod reference;
 #[cfg(feature = "scenario")]
 pub mod scenario;
+pub mod service;

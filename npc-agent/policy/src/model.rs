@@ -5,7 +5,10 @@ use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use k8s_openapi::api::core::v1::{Namespace as K8sNamespace, Pod as K8sPod};
 
-use crate::policy::Policy;
+use crate::{
+    policy::Policy,
+    service::{Backend, Service},
+};
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -147,6 +150,10 @@ pub struct State {
     pub namespaces: BTreeMap<String, Namespace>,
     pub pods: BTreeMap<ObjectRef, Pod>,
     pub policies: BTreeMap<ObjectRef, Policy>,
+    pub services: BTreeMap<ObjectRef, Service>,
+    /// Each Service's endpoints from its EndpointSlices (all slices of one Service merged). A
+    /// Service missing here has them computed from its selector ([`crate::service::backends`]).
+    pub service_backends: BTreeMap<ObjectRef, Vec<Backend>>,
     /// Addresses of this node: traffic from them to a local pod is always allowed.
     pub node_addrs: Vec<IpAddr>,
     /// Which pods are local: `None` = all (the lab), `Some(node)` = those with `spec.nodeName == node`.
@@ -171,7 +178,7 @@ pub enum ObjectError {
     Field { field: String, message: String },
 }
 
-fn field_err(field: impl Into<String>, message: impl Into<String>) -> ObjectError {
+pub(crate) fn field_err(field: impl Into<String>, message: impl Into<String>) -> ObjectError {
     ObjectError::Field {
         field: field.into(),
         message: message.into(),
@@ -186,6 +193,24 @@ pub(crate) fn name_and_namespace(
 ) -> Option<(String, String)> {
     let namespace = meta.namespace.clone().unwrap_or_else(|| default_namespace.to_string());
     Some((meta.name.clone()?, namespace))
+}
+
+/// A protocol field: TCP when missing.
+pub(crate) fn protocol_of(p: Option<&str>, field: &str) -> Result<Protocol, ObjectError> {
+    match p {
+        None => Ok(Protocol::Tcp),
+        Some(s) => {
+            Protocol::parse(s).ok_or_else(|| field_err(field, format!("unknown protocol {s:?} (TCP, UDP or SCTP)")))
+        }
+    }
+}
+
+/// A port number field (1-65535).
+pub(crate) fn port_number(n: i32, field: &str) -> Result<u16, ObjectError> {
+    u16::try_from(n)
+        .ok()
+        .filter(|n| *n != 0)
+        .ok_or_else(|| field_err(field, format!("{n} is not a port (1-65535)")))
 }
 
 pub fn namespace_from_k8s(ns: &K8sNamespace) -> Result<Namespace, ObjectError> {
@@ -215,24 +240,8 @@ pub fn pod_from_k8s(pod: &K8sPod, default_namespace: &str) -> Result<Pod, Object
     {
         for (p, port) in container.ports.as_deref().unwrap_or_default().iter().enumerate() {
             let field = format!("spec.containers[{c}].ports[{p}]");
-            let number = u16::try_from(port.container_port)
-                .ok()
-                .filter(|n| *n != 0)
-                .ok_or_else(|| {
-                    field_err(
-                        format!("{field}.containerPort"),
-                        format!("{} is not a port (1-65535)", port.container_port),
-                    )
-                })?;
-            let protocol = match port.protocol.as_deref() {
-                None => Protocol::Tcp,
-                Some(s) => Protocol::parse(s).ok_or_else(|| {
-                    field_err(
-                        format!("{field}.protocol"),
-                        format!("unknown protocol {s:?} (TCP, UDP or SCTP)"),
-                    )
-                })?,
-            };
+            let number = port_number(port.container_port, &format!("{field}.containerPort"))?;
+            let protocol = protocol_of(port.protocol.as_deref(), &format!("{field}.protocol"))?;
             ports.push(ContainerPort {
                 name: port.name.clone(),
                 port: number,

@@ -24,6 +24,13 @@ pub struct PolicyError {
     pub message: String,
 }
 
+impl From<crate::model::ObjectError> for PolicyError {
+    fn from(e: crate::model::ObjectError) -> Self {
+        let crate::model::ObjectError::Field { field, message } = e;
+        Self { field, message }
+    }
+}
+
 fn err(field: impl Into<String>, message: impl Into<String>) -> PolicyError {
     PolicyError {
         field: field.into(),
@@ -328,21 +335,15 @@ impl Policy {
             .ok_or_else(|| err("metadata.name", "missing"))?;
         let spec = np.spec.as_ref().ok_or_else(|| err("spec", "missing"))?;
         let pod_selector = Selector::from_k8s(&spec.pod_selector.clone().unwrap_or_default(), "spec.podSelector")?;
+        let ingress_rules = spec.ingress.iter().flatten();
         let ingress = rules_from_k8s(
-            spec.ingress
-                .as_deref()
-                .unwrap_or_default()
-                .iter()
-                .map(|r| (r.from.as_deref(), r.ports.as_deref())),
+            ingress_rules.map(|r| (r.from.as_deref(), r.ports.as_deref())),
             "spec.ingress",
             "from",
         )?;
+        let egress_rules = spec.egress.iter().flatten();
         let egress = rules_from_k8s(
-            spec.egress
-                .as_deref()
-                .unwrap_or_default()
-                .iter()
-                .map(|r| (r.to.as_deref(), r.ports.as_deref())),
+            egress_rules.map(|r| (r.to.as_deref(), r.ports.as_deref())),
             "spec.egress",
             "to",
         )?;
@@ -459,15 +460,7 @@ fn parse_cidr(s: &str) -> Result<IpNet, String> {
 }
 
 fn port_from_k8s(port: &NetworkPolicyPort, field: &str) -> Result<PortSpec, PolicyError> {
-    let protocol = match port.protocol.as_deref() {
-        None => Protocol::Tcp,
-        Some(s) => Protocol::parse(s).ok_or_else(|| {
-            err(
-                format!("{field}.protocol"),
-                format!("unknown protocol {s:?} (TCP, UDP or SCTP)"),
-            )
-        })?,
-    };
+    let protocol = crate::model::protocol_of(port.protocol.as_deref(), &format!("{field}.protocol"))?;
     let check = |n: i32, f: &str| -> Result<u16, PolicyError> {
         u16::try_from(n)
             .ok()

@@ -49,11 +49,23 @@
 //!     peer's owner pod): it matches when one of the pod's `spec.containers[].ports[]` has that
 //!     name, the same protocol (default TCP) and `containerPort` equal to the packet's port. A peer
 //!     with no owner pod never matches a named port.
+//! 16. A Service's VIPs are its `spec.clusterIPs` (or `spec.clusterIP`), `spec.externalIPs` and
+//!     `status.loadBalancer.ingress[].ip` ("None" and "" are not addresses). A connection from a pod
+//!     to a VIP on one of the Service's ports (same protocol, default TCP) is sent by kube-proxy
+//!     to one backend on that backend's target port.
+//! 17. The backends: with a selector (non-empty), one per address of every existing pod in the
+//!     Service's namespace whose labels hold every selector pair; its target port is `targetPort`
+//!     (a number; a name: the pod's container port of that name and protocol, the pod is no
+//!     backend for that port without one; missing: the Service port). npc's EndpointSlice
+//!     reading is not under test here: the generator makes only selector Services.
+//! 18. Egress to a VIP on a Service port is allowed when egress to the VIP address itself is (as
+//!     for any address), or when there is at least one backend of the VIP's family and egress to
+//!     every one of them, on its target port, is allowed (fail-closed when only some are).
 use std::net::IpAddr;
 
 use k8s_openapi::{
     api::{
-        core::v1::{Namespace, Pod},
+        core::v1::{Namespace, Pod, Service},
         networking::v1::{IPBlock, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort},
     },
     apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
@@ -65,6 +77,7 @@ pub struct Cluster {
     pub namespaces: Vec<Namespace>,
     pub pods: Vec<Pod>,
     pub policies: Vec<NetworkPolicy>,
+    pub services: Vec<Service>,
     /// Pods with `spec.nodeName == node_name` are local (enforced by this node).
     pub node_name: String,
     /// This node's addresses: ingress from them to a local pod is always allowed.
@@ -480,10 +493,105 @@ pub fn side_allows(c: &Cluster, direction: Direction, local: IpAddr, peer: IpAdd
     false
 }
 
+// ---------------------------------------------------------------------------------------------
+// Services (sentences 16-18)
+// ---------------------------------------------------------------------------------------------
+
+/// Sentence 16.
+fn vips(svc: &Service) -> Vec<IpAddr> {
+    let mut texts: Vec<String> = Vec::new();
+    if let Some(spec) = &svc.spec {
+        match &spec.cluster_ips {
+            Some(list) if !list.is_empty() => texts.extend(list.iter().cloned()),
+            _ => texts.extend(spec.cluster_ip.iter().cloned()),
+        }
+        texts.extend(spec.external_ips.iter().flatten().cloned());
+    }
+    if let Some(lb) = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()) {
+        for ingress in lb.ingress.iter().flatten() {
+            texts.extend(ingress.ip.iter().cloned());
+        }
+    }
+    texts.iter().filter_map(|t| t.parse().ok()).collect()
+}
+
+/// Sentence 17: (backend address, target port) for one Service port.
+fn service_backends(c: &Cluster, svc: &Service, port: &k8s_openapi::api::core::v1::ServicePort) -> Vec<(IpAddr, u16)> {
+    let Some(selector) = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.as_ref())
+        .filter(|s| !s.is_empty())
+    else {
+        return Vec::new();
+    };
+    let namespace = svc.metadata.namespace.as_deref().unwrap_or("default");
+    let protocol = port.protocol.as_deref().unwrap_or("TCP");
+    let mut out = Vec::new();
+    for pod in &c.pods {
+        if pod_namespace(pod) != namespace || !pod_exists(pod) {
+            continue;
+        }
+        let labels = pod_labels(pod);
+        if !selector.iter().all(|(k, v)| labels.get(k) == Some(v)) {
+            continue;
+        }
+        let target = match &port.target_port {
+            None => u16::try_from(port.port).ok(),
+            Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+            Some(IntOrString::String(name)) => pod.spec.iter().flat_map(|s| &s.containers).find_map(|container| {
+                container.ports.iter().flatten().find_map(|cp| {
+                    (cp.name.as_deref() == Some(name.as_str()) && cp.protocol.as_deref().unwrap_or("TCP") == protocol)
+                        .then(|| u16::try_from(cp.container_port).ok())
+                        .flatten()
+                })
+            }),
+        };
+        if let Some(target) = target {
+            for addr in pod_addresses(pod) {
+                out.push((addr, target));
+            }
+        }
+    }
+    out
+}
+
+/// Sentence 18: the egress verdict at `src` for a connection to `vip`:`port`, when `vip` is a
+/// Service's VIP and `port` one of its ports; `None` when it is not (an address like any other).
+pub fn service_egress_allows(c: &Cluster, src: IpAddr, vip: IpAddr, protocol: &str, port: u16) -> Option<bool> {
+    for svc in &c.services {
+        if !vips(svc).contains(&vip) {
+            continue;
+        }
+        let ports = svc.spec.as_ref().and_then(|s| s.ports.as_ref());
+        for sp in ports.into_iter().flatten() {
+            if sp.protocol.as_deref().unwrap_or("TCP") != protocol || sp.port != i32::from(port) {
+                continue;
+            }
+            if side_allows(c, Direction::Egress, src, vip, protocol, port) {
+                return Some(true);
+            }
+            let backends: Vec<(IpAddr, u16)> = service_backends(c, svc, sp)
+                .into_iter()
+                .filter(|(addr, _)| addr.is_ipv4() == vip.is_ipv4())
+                .collect();
+            return Some(
+                !backends.is_empty()
+                    && backends
+                        .iter()
+                        .all(|(addr, target)| side_allows(c, Direction::Egress, src, *addr, protocol, *target)),
+            );
+        }
+    }
+    None
+}
+
 /// Both enforcement points: egress at `src`, ingress at `dst`.
+/// A VIP owns no pod, so its ingress side allows everything; its egress side is sentence 18.
 pub fn allowed(c: &Cluster, src: IpAddr, dst: IpAddr, protocol: &str, port: u16) -> bool {
-    side_allows(c, Direction::Egress, src, dst, protocol, port)
-        && side_allows(c, Direction::Ingress, dst, src, protocol, port)
+    let egress = service_egress_allows(c, src, dst, protocol, port)
+        .unwrap_or_else(|| side_allows(c, Direction::Egress, src, dst, protocol, port));
+    egress && side_allows(c, Direction::Ingress, dst, src, protocol, port)
 }
 
 #[cfg(test)]
@@ -667,6 +775,7 @@ mod tests {
             namespaces,
             pods,
             policies,
+            services: Vec::new(),
             node_name: "n1".into(),
             node_addrs: vec![ip("10.0.0.254")],
             legacy_default_deny: false,

@@ -5,8 +5,8 @@
 use std::{fmt, net::IpAddr};
 
 use npc_common::{
-    CIDR_CLASS_BASE, PORT_ANY, PORT_RANGE_FIXED_BITS, PROTO_ANY, PROTO_ICMP, PROTO_ICMPV6, ct_state, endpoint_flags,
-    peer,
+    CIDR_CLASS_BASE, FIRST_SERVICE_IDENTITY, PORT_ANY, PORT_RANGE_FIXED_BITS, PROTO_ANY, PROTO_ICMP, PROTO_ICMPV6,
+    ct_state, endpoint_flags, peer,
 };
 use serde::Serialize;
 
@@ -103,6 +103,7 @@ fn peer_name(p: u32) -> String {
         peer::HOST => "node".into(),
         peer::WORLD => "world".into(),
         c if c & CIDR_CLASS_BASE != 0 => format!("ipBlock class {}", c & !CIDR_CLASS_BASE),
+        s if s >= FIRST_SERVICE_IDENTITY => format!("service {s}"),
         id => format!("identity {id}"),
     }
 }
@@ -134,10 +135,10 @@ impl Snapshot {
             .into_iter()
             .map(|(addr, id)| Identity {
                 addr: addr_from_bytes(addr),
-                identity: if id == peer::HOST {
-                    "node".into()
-                } else {
-                    id.to_string()
+                identity: match id {
+                    peer::HOST => "node".into(),
+                    s if s >= FIRST_SERVICE_IDENTITY => format!("service {s}"),
+                    id => id.to_string(),
                 },
             })
             .collect();

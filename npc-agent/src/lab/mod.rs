@@ -345,6 +345,13 @@ impl Lab {
             namespaces: self.state.namespaces.values().cloned().collect(),
             pods: self.state.pods.values().cloned().collect(),
             policies: self.state.policies.values().cloned().collect(),
+            services: self.state.services.values().cloned().collect(),
+            slices: self
+                .state
+                .service_backends
+                .iter()
+                .map(|(svc, backends)| (svc.clone(), backends.clone()))
+                .collect(),
             errors: Vec::new(),
         };
         if let Some(enforcer) = self.enforcer.as_mut() {

@@ -110,15 +110,9 @@ impl Enforcer {
         for e in &loaded.errors {
             tracing::warn!("{e} (ignored; everything else is enforced)");
         }
-        self.metrics.set_rejected("NetworkPolicy", loaded.rejected_policies());
-        self.metrics.set_rejected(
-            "Pod",
-            loaded
-                .errors
-                .iter()
-                .filter(|e| e.object.as_deref().is_some_and(|o| o.starts_with("Pod ")))
-                .count(),
-        );
+        for kind in ["NetworkPolicy", "Pod", "Service", "EndpointSlice"] {
+            self.metrics.set_rejected(kind, loaded.rejected(kind));
+        }
         let node_addrs = self.attacher.local_addresses().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "listing this node's addresses");
             Vec::new()
@@ -192,6 +186,8 @@ impl Enforcer {
         }
         self.metrics
             .set_counts(state.policies.len(), ifindexes.len(), compiled.identities.len());
+        self.metrics
+            .set_services(compiled.services.len(), compiled.partly_allowed.len());
         for (map, n) in [
             ("endpoints", ifindexes.len()),
             ("identities", compiled.maps.identities.len()),

@@ -82,6 +82,8 @@ struct Inner {
     rejected: Family<KindLabels, Gauge>,
     endpoints: Gauge,
     identities: Gauge,
+    services: Gauge,
+    partly_allowed: Gauge,
     map_entries: Family<MapLabels, Gauge>,
     map_capacity: Family<MapLabels, Gauge>,
     verdict_events: Family<EventLabels, Counter>,
@@ -138,6 +140,18 @@ impl Metrics {
             Default::default(),
         );
         let identities: Gauge = register(&mut r, "npc_identities", "Distinct pod identities", Default::default());
+        let services: Gauge = register(
+            &mut r,
+            "npc_services",
+            "Services with a VIP, whose connections are judged by their backends",
+            Default::default(),
+        );
+        let partly_allowed: Gauge = register(
+            &mut r,
+            "npc_service_ports_partly_allowed",
+            "(local pod identity, Service port) pairs whose egress rules allow only some of the backends: refused (fail-closed)",
+            Default::default(),
+        );
         let map_entries: Family<MapLabels, Gauge> = register(
             &mut r,
             "npc_map_entries",
@@ -227,6 +241,8 @@ impl Metrics {
                 rejected,
                 endpoints,
                 identities,
+                services,
+                partly_allowed,
                 map_entries,
                 map_capacity,
                 verdict_events,
@@ -297,6 +313,11 @@ impl Metrics {
         self.inner.policies.set(policies as i64);
         self.inner.endpoints.set(endpoints as i64);
         self.inner.identities.set(identities as i64);
+    }
+
+    pub fn set_services(&self, services: usize, partly_allowed: usize) {
+        self.inner.services.set(services as i64);
+        self.inner.partly_allowed.set(partly_allowed as i64);
     }
 
     pub fn set_rejected(&self, kind: &str, n: usize) {

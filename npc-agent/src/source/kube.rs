@@ -1,5 +1,6 @@
 //! The Kubernetes source: kube-rs watchers and reflector stores for Pods (all namespaces: remote
-//! pods are peers), Namespaces and NetworkPolicies.
+//! pods are peers), Namespaces, NetworkPolicies, Services and EndpointSlices (a pod's connection
+//! to a Service VIP is judged by the backends behind it).
 //!
 //! Each object is stripped to what the compiler reads before it enters a store (no managedFields,
 //! no annotations but the legacy one, no container images, env or status conditions), so memory
@@ -16,7 +17,8 @@ use tokio::sync::mpsc::UnboundedSender as Sender;
 use futures::StreamExt as _;
 use k8s_openapi::{
     api::{
-        core::v1::{Container, ContainerPort, Namespace, Pod, PodSpec, PodStatus},
+        core::v1::{Container, ContainerPort, Namespace, Pod, PodSpec, PodStatus, Service, ServiceSpec},
+        discovery::v1::EndpointSlice,
         networking::v1::NetworkPolicy,
     },
     serde::de::DeserializeOwned,
@@ -35,35 +37,33 @@ use npc_policy::compiler::LEGACY_ANNOTATION;
 use npc_policy::files::{DEFAULT_NAMESPACE, Loaded, ManifestError};
 use npc_policy::model;
 use npc_policy::policy::Policy;
+use npc_policy::service;
 
-/// The three stores, filled by watchers running on the tokio runtime.
+/// The stores, filled by watchers running on the tokio runtime.
 #[derive(Clone)]
 pub struct KubeStores {
     pub pods: Store<Pod>,
     pub namespaces: Store<Namespace>,
     pub policies: Store<NetworkPolicy>,
+    pub services: Store<Service>,
+    pub slices: Store<EndpointSlice>,
 }
 
 impl KubeStores {
     /// Starts the watchers (on the current tokio runtime). `changed` gets a message after every
     /// event that changed a store.
     pub fn start(client: Client, changed: Sender<()>, metrics: Metrics) -> Self {
+        let w = Watchers {
+            client,
+            changed,
+            metrics,
+        };
         Self {
-            pods: watch(
-                "pods",
-                Api::all(client.clone()),
-                strip_pod,
-                changed.clone(),
-                metrics.clone(),
-            ),
-            namespaces: watch(
-                "namespaces",
-                Api::all(client.clone()),
-                strip_namespace,
-                changed.clone(),
-                metrics.clone(),
-            ),
-            policies: watch("networkpolicies", Api::all(client), strip_policy, changed, metrics),
+            pods: w.watch("pods", strip_pod),
+            namespaces: w.watch("namespaces", strip_namespace),
+            policies: w.watch("networkpolicies", strip_policy),
+            services: w.watch("services", strip_service),
+            slices: w.watch("endpointslices", strip_slice),
         }
     }
 
@@ -72,6 +72,8 @@ impl KubeStores {
         self.pods.wait_until_ready().await?;
         self.namespaces.wait_until_ready().await?;
         self.policies.wait_until_ready().await?;
+        self.services.wait_until_ready().await?;
+        self.slices.wait_until_ready().await?;
         Ok(())
     }
 
@@ -79,25 +81,26 @@ impl KubeStores {
     /// fails validation, a pod with a malformed IP) become errors naming the object and field;
     /// everything else is returned.
     pub fn snapshot(&self) -> Loaded {
-        let mut loaded = Loaded::default();
-        loaded.namespaces = convert(
-            &self.namespaces,
-            "Namespace",
-            model::namespace_from_k8s,
-            &mut loaded.errors,
-        );
-        loaded.pods = convert(
-            &self.pods,
-            "Pod",
-            |p| model::pod_from_k8s(p, DEFAULT_NAMESPACE),
-            &mut loaded.errors,
-        );
-        loaded.policies = convert(
-            &self.policies,
-            "NetworkPolicy",
-            |p| Policy::from_k8s(p, DEFAULT_NAMESPACE),
-            &mut loaded.errors,
-        );
+        let mut errors = Vec::new();
+        let slices = convert(&self.slices, "EndpointSlice", &mut errors, |s| {
+            service::slice_from_k8s(s, DEFAULT_NAMESPACE)
+        });
+        let mut loaded = Loaded {
+            namespaces: convert(&self.namespaces, "Namespace", &mut errors, model::namespace_from_k8s),
+            pods: convert(&self.pods, "Pod", &mut errors, |p| {
+                model::pod_from_k8s(p, DEFAULT_NAMESPACE)
+            }),
+            policies: convert(&self.policies, "NetworkPolicy", &mut errors, |p| {
+                Policy::from_k8s(p, DEFAULT_NAMESPACE)
+            }),
+            services: convert(&self.services, "Service", &mut errors, |s| {
+                service::service_from_k8s(s, DEFAULT_NAMESPACE)
+            }),
+            // A slice that names no Service is not ours to judge by.
+            slices: slices.into_iter().flatten().collect(),
+            errors: Vec::new(),
+        };
+        loaded.errors = errors;
         loaded
     }
 }
@@ -107,8 +110,8 @@ impl KubeStores {
 fn convert<K, T, E: std::fmt::Display>(
     store: &Store<K>,
     kind: &str,
-    f: impl Fn(&K) -> Result<T, E>,
     errors: &mut Vec<ManifestError>,
+    f: impl Fn(&K) -> Result<T, E>,
 ) -> Vec<T>
 where
     K: Resource<DynamicType = ()> + Clone + 'static,
@@ -136,6 +139,29 @@ fn name_of<K: Resource>(k: &K) -> String {
         meta.namespace.as_deref().unwrap_or("-"),
         meta.name.as_deref().unwrap_or("?")
     )
+}
+
+/// What every watcher shares: the client, where to ping on a change, the metrics.
+struct Watchers {
+    client: Client,
+    changed: Sender<()>,
+    metrics: Metrics,
+}
+
+impl Watchers {
+    /// A cluster-wide watcher of `K` whose objects are stripped before they enter the store.
+    fn watch<K>(&self, resource: &'static str, strip: fn(&mut K)) -> Store<K>
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    {
+        watch(
+            resource,
+            Api::all(self.client.clone()),
+            strip,
+            self.changed.clone(),
+            self.metrics.clone(),
+        )
+    }
 }
 
 fn watch<K>(resource: &'static str, api: Api<K>, strip: fn(&mut K), changed: Sender<()>, metrics: Metrics) -> Store<K>
@@ -252,6 +278,42 @@ pub fn strip_pod(pod: &mut Pod) {
             pod_ips: status.pod_ips,
             ..PodStatus::default()
         });
+    }
+}
+
+/// What the compiler reads of a Service: its VIPs, ports, selector and internalTrafficPolicy.
+fn strip_service(svc: &mut Service) {
+    strip_meta(svc.meta_mut(), false);
+    svc.meta_mut().labels = None;
+    if let Some(spec) = svc.spec.take() {
+        svc.spec = Some(ServiceSpec {
+            cluster_ip: spec.cluster_ip,
+            cluster_ips: spec.cluster_ips,
+            external_ips: spec.external_ips,
+            ports: spec.ports,
+            selector: spec.selector,
+            internal_traffic_policy: spec.internal_traffic_policy,
+            ..ServiceSpec::default()
+        });
+    }
+    if let Some(status) = svc.status.as_mut() {
+        status.conditions = None;
+    }
+}
+
+/// An EndpointSlice keeps its Service's name label, its ports and its endpoints' addresses,
+/// conditions and nodes.
+fn strip_slice(slice: &mut EndpointSlice) {
+    strip_meta(slice.meta_mut(), false);
+    if let Some(labels) = slice.meta_mut().labels.as_mut() {
+        labels.retain(|k, _| k == service::SERVICE_NAME_LABEL);
+    }
+    for ep in &mut slice.endpoints {
+        ep.hints = None;
+        ep.target_ref = None;
+        ep.hostname = None;
+        ep.zone = None;
+        ep.deprecated_topology = None;
     }
 }
 

@@ -2,9 +2,11 @@
 //! from compiled maps (explain, and the tests against the reference evaluator).
 use std::net::IpAddr;
 
-use npc_common::{CIDR_CLASS_BASE, PORT_ANY, PORT_RANGE_FIXED_BITS, PROTO_ANY, PolicyKey, endpoint_flags, peer};
+use npc_common::{
+    CIDR_CLASS_BASE, EndpointInfo, PORT_ANY, PORT_RANGE_FIXED_BITS, PROTO_ANY, PolicyKey, endpoint_flags, peer,
+};
 
-use super::{CidrKey, Compiled};
+use super::{CidrKey, Compiled, DesiredMaps};
 use crate::{
     model::{ObjectRef, addr_bytes},
     policy::Direction,
@@ -42,10 +44,22 @@ pub fn lookup(
     protocol: u8,
     port: u16,
 ) -> Verdict {
-    let maps = &compiled.maps;
-    let Some(endpoint) = maps.endpoints.get(local) else {
+    let Some(endpoint) = compiled.maps.endpoints.get(local) else {
         return Verdict::NotEnforced;
     };
+    lookup_endpoint(&compiled.maps, endpoint, direction, peer_addr, protocol, port)
+}
+
+/// [`lookup`] for an endpoint given by its map value (the compiler asks before the endpoint is in
+/// the maps).
+pub(super) fn lookup_endpoint(
+    maps: &DesiredMaps,
+    endpoint: &EndpointInfo,
+    direction: Direction,
+    peer_addr: IpAddr,
+    protocol: u8,
+    port: u16,
+) -> Verdict {
     let addr = addr_bytes(peer_addr);
     let peer_identity = maps.identities.get(&addr).copied();
     let (isolated, ranged) = match direction {

@@ -17,13 +17,17 @@ mod identities;
 mod lookup;
 mod numbering;
 mod rules;
+mod services;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
 };
 
-use npc_common::{CIDR_CLASS_BASE, EndpointInfo, FIRST_POD_IDENTITY, PolicyKey, PolicyValue, endpoint_flags, peer};
+use npc_common::{
+    CIDR_CLASS_BASE, EndpointInfo, FIRST_POD_IDENTITY, FIRST_SERVICE_IDENTITY, PolicyKey, PolicyValue, endpoint_flags,
+    peer,
+};
 
 use self::{
     cidrs::CidrClasses,
@@ -36,6 +40,7 @@ pub use self::{
     identities::{IdentityKey, address_owners, policy_pods},
     lookup::{Verdict, lookup},
     rules::{RangeKey, port_blocks},
+    services::{PartlyAllowed, ServiceKey},
 };
 use crate::{
     model::{Labels, ObjectRef, Pod, State, addr_bytes},
@@ -98,6 +103,13 @@ pub struct Compiled {
     pub pod_identity: BTreeMap<ObjectRef, u32>,
     /// Which pod owns each address ([`address_owners`]).
     pub address_owners: BTreeMap<IpAddr, ObjectRef>,
+    /// Service identities → their Service.
+    pub services: BTreeMap<u32, ObjectRef>,
+    /// Which Service each VIP belongs to.
+    pub vip_owners: BTreeMap<IpAddr, ObjectRef>,
+    /// Service ports whose backends a local identity may reach only some of (refused: see
+    /// `compiler/services.rs`).
+    pub partly_allowed: Vec<PartlyAllowed>,
 }
 
 impl Compiled {
@@ -113,14 +125,16 @@ pub struct Compiler {
     identities: Allocator<IdentityKey>,
     classes: Allocator<BTreeSet<IpBlock>>,
     rules: Allocator<RuleRef>,
+    services: Allocator<ServiceKey>,
 }
 
 impl Default for Compiler {
     fn default() -> Self {
         Self {
-            identities: Allocator::new(FIRST_POD_IDENTITY, CIDR_CLASS_BASE - 1),
+            identities: Allocator::new(FIRST_POD_IDENTITY, FIRST_SERVICE_IDENTITY - 1),
             classes: Allocator::new(0, CIDR_CLASS_BASE - 1),
             rules: Allocator::new(BUILTIN_RULE + 1, u32::MAX),
+            services: Allocator::new(FIRST_SERVICE_IDENTITY, CIDR_CLASS_BASE - 1),
         }
     }
 }
@@ -258,6 +272,10 @@ impl Compiler {
                 }
             }
         }
+
+        let service_keys = services::service_keys(state);
+        let service_ids = self.services.assign(&service_keys).clone();
+        services::emit_services(state, &mut out, &service_ids, &flags);
 
         for pod in policy_pods(state).filter(|p| state.is_local(p)) {
             let id = out.pod_identity[&pod.object_ref()];

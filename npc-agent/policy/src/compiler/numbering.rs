@@ -2,10 +2,13 @@
 //! to the next (and across an agent restart, by adopting what the kernel maps hold).
 use std::collections::{BTreeMap, BTreeSet};
 
-use npc_common::{CIDR_CLASS_BASE, FIRST_POD_IDENTITY};
+use npc_common::{CIDR_CLASS_BASE, FIRST_POD_IDENTITY, FIRST_SERVICE_IDENTITY};
 
-use super::{CidrKey, Compiler, IdentityKey};
-use crate::{model::State, policy::IpBlock};
+use super::{CidrKey, Compiler, IdentityKey, ServiceKey};
+use crate::{
+    model::{State, addr_from_bytes},
+    policy::IpBlock,
+};
 
 /// Hands out ids that stay the same for the same key from one compile to the next, so that a
 /// change to one pod or policy changes only the map entries that depend on it. Ids are never
@@ -74,7 +77,7 @@ impl Compiler {
             let (Some(key), Some(old)) = (fresh.identities.get(fresh_id), identities.get(addr)) else {
                 continue;
             };
-            let valid = (FIRST_POD_IDENTITY..CIDR_CLASS_BASE).contains(old);
+            let valid = (FIRST_POD_IDENTITY..FIRST_SERVICE_IDENTITY).contains(old);
             if valid && !ids.contains_key(key) && taken.insert(*old) {
                 ids.insert(key.clone(), *old);
             }
@@ -84,6 +87,25 @@ impl Compiler {
             .map_or(FIRST_POD_IDENTITY, |m| m + 1)
             .max(self.identities.next);
         self.identities.ids = ids;
+
+        // Service identities, by the VIPs that carry them.
+        let mut taken = BTreeSet::new();
+        let mut services: BTreeMap<ServiceKey, u32> = BTreeMap::new();
+        for (addr, fresh_id) in &fresh.maps.identities {
+            let (Some(svc), Some(old)) = (fresh.services.get(fresh_id), identities.get(addr)) else {
+                continue;
+            };
+            let key = (svc.clone(), addr_from_bytes(*addr).is_ipv4());
+            let valid = (FIRST_SERVICE_IDENTITY..CIDR_CLASS_BASE).contains(old);
+            if valid && !services.contains_key(&key) && taken.insert(*old) {
+                services.insert(key, *old);
+            }
+        }
+        self.services.next = taken
+            .last()
+            .map_or(FIRST_SERVICE_IDENTITY, |m| m + 1)
+            .max(self.services.next);
+        self.services.ids = services;
 
         let set_of: BTreeMap<u32, &BTreeSet<IpBlock>> =
             fresh_compiler.classes.ids.iter().map(|(set, id)| (*id, set)).collect();
