@@ -119,7 +119,7 @@ fn lab_run_on_the_sock_shop_matches_the_reference_and_its_readme() {
     let probes = parse_probes(&stdout(&agent(&["lab", "run", "--manifests", d, "--output", "json"])));
     let loaded = manifests::load_dir(&dir).expect("read the example");
     assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
-    let state = lab::lab_state(&loaded, lab::parse_pod_cidr("10.244.0.0/16").expect("cidr"), false);
+    let state = lab::lab_state(&loaded, &LabOptions::new("expected"));
     check_against_reference(&state, &probes);
     let table = stdout(&agent(&["lab", "run", "--manifests", d]));
     assert_eq!(
@@ -136,14 +136,17 @@ fn lab_run_honours_the_legacy_annotation_only_when_asked() {
     let d = dir.to_str().expect("utf-8 path");
     let loaded = manifests::load_dir(&dir).expect("read the example");
     assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
-    let cidr = lab::parse_pod_cidr("10.244.0.0/16").expect("cidr");
     for legacy in [true, false] {
         let mut args = vec!["lab", "run", "--manifests", d, "--output", "json"];
         if legacy {
             args.push("--legacy-default-deny");
         }
         let probes = parse_probes(&stdout(&agent(&args)));
-        check_against_reference(&lab::lab_state(&loaded, cidr, legacy), &probes);
+        let opts = LabOptions {
+            legacy_default_deny: legacy,
+            ..LabOptions::new("expected")
+        };
+        check_against_reference(&lab::lab_state(&loaded, &opts), &probes);
         let db = probes
             .iter()
             .find(|p| p.from == "sock-shop/front-end" && p.to == "sock-shop/catalogue-db")
@@ -232,7 +235,7 @@ impl Up {
     /// the lab gave its pods (from its record) and its node address.
     fn expected_state(&self) -> State {
         let loaded = manifests::load_dir(&self.dir).expect("read the scratch dir");
-        let mut state = lab::lab_state(&loaded, lab::parse_pod_cidr("10.244.0.0/16").expect("cidr"), false);
+        let mut state = lab::lab_state(&loaded, &LabOptions::new("expected"));
         if let Some(record) = self.record() {
             for pod in record.pods {
                 if let Some(p) = state.pods.get_mut(&ObjectRef::parse(&pod.id).expect("ns/name")) {

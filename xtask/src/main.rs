@@ -149,6 +149,8 @@ fn setup() -> anyhow::Result<()> {
     ensure_tool("nsenter", "util-linux")?;
     // bpftool_dump.rs checks `bpftool map dump` against the maps' BTF.
     ensure_tool("bpftool", "bpftool")?;
+    // The lab renders kube-proxy's NAT rules with iptables-restore.
+    ensure_tool("iptables-restore", "iptables")?;
     step("ready");
     Ok(())
 }

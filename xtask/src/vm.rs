@@ -38,8 +38,24 @@ const VIRTME_NG: &str = "virtme-ng==1.42";
 const SERIES: &str = "6.1.0-";
 const FLAVOUR: &str = "-amd64";
 /// Modules the tests need that Debian builds as modules (veth pairs, the bridge, the clsact
-/// qdisc and the BPF classifier/action).
-const MODULES: &[&str] = &["veth", "bridge", "sch_ingress", "cls_bpf", "act_bpf"];
+/// qdisc and the BPF classifier/action) and that the lab's kube-proxy rules need (br_netfilter,
+/// iptables-nft's nat and the matches and targets kube-proxy uses).
+const MODULES: &[&str] = &[
+    "veth",
+    "bridge",
+    "sch_ingress",
+    "cls_bpf",
+    "act_bpf",
+    "br_netfilter",
+    "nf_tables",
+    "nft_compat",
+    "nft_chain_nat",
+    "xt_nat",
+    "xt_MASQUERADE",
+    "xt_statistic",
+    "xt_comment",
+    "xt_mark",
+];
 /// A guest that prints nothing for this long is hung (TCG runs a test binary in 1-2 minutes);
 /// NPC_VM_TIMEOUT_SECS overrides it.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);

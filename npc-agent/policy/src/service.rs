@@ -49,6 +49,9 @@ pub struct Service {
     pub selector: Option<Labels>,
     /// `internalTrafficPolicy: Local`: pods reach only backends on their own node.
     pub node_local: bool,
+    /// `clusterIP: None`: no VIP, ever (a Service with no clusterIP yet gets one from the API
+    /// server, or in the lab from `--service-cidr`).
+    pub headless: bool,
 }
 
 impl Service {
@@ -159,6 +162,7 @@ pub fn service_from_k8s(svc: &K8sService, default_namespace: &str) -> Result<Ser
         name_and_namespace(&svc.metadata, default_namespace).ok_or_else(|| field_err("metadata.name", "missing"))?;
     let spec = svc.spec.clone().unwrap_or_default();
     let mut vips = Vec::new();
+    let headless = spec.cluster_ip.as_deref() == Some("None");
     let cluster_ips: Vec<(String, String)> = match &spec.cluster_ips {
         Some(list) if !list.is_empty() => list
             .iter()
@@ -220,6 +224,7 @@ pub fn service_from_k8s(svc: &K8sService, default_namespace: &str) -> Result<Ser
         ports,
         selector: spec.selector.filter(|s| !s.is_empty()),
         node_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        headless,
     })
 }
 

@@ -40,8 +40,7 @@ pub(super) fn explain(args: Args) -> anyhow::Result<()> {
         Some(dir) => {
             let loaded = load_manifests(&dir)?;
             // Pods without status.podIP get the addresses a lab would give them.
-            let pod_cidr = lab::parse_pod_cidr(&args.lab.pod_cidr).map_err(anyhow::Error::msg)?;
-            lab::lab_state(&loaded, pod_cidr, args.lab.legacy_default_deny)
+            lab::lab_state(&loaded, &super::lab::options("explain", &args.lab)?)
         }
         None => {
             let loaded = cluster_snapshot(args.kubeconfig.as_deref())?;

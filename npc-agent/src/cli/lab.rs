@@ -10,9 +10,10 @@ use crate::{
     source::files::DirSource,
 };
 
-fn options(tag: &str, args: &LabArgs) -> anyhow::Result<LabOptions> {
+pub(super) fn options(tag: &str, args: &LabArgs) -> anyhow::Result<LabOptions> {
     let mut opts = LabOptions::new(tag);
     opts.pod_cidr = lab::parse_pod_cidr(&args.pod_cidr).map_err(anyhow::Error::msg)?;
+    opts.service_cidr = lab::parse_service_cidr(&args.service_cidr).map_err(anyhow::Error::msg)?;
     opts.legacy_default_deny = args.legacy_default_deny;
     Ok(opts)
 }

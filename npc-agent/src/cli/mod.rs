@@ -60,6 +60,9 @@ pub(crate) struct LabArgs {
     /// Pod addresses come from here unless a Pod pins status.podIP(s).
     #[arg(long, default_value = "10.244.0.0/16")]
     pub(crate) pod_cidr: String,
+    /// Services that pin no `spec.clusterIP` get one from here.
+    #[arg(long, default_value = crate::lab::DEFAULT_SERVICE_CIDR)]
+    pub(crate) service_cidr: String,
     /// Honour the legacy `net.beta.kubernetes.io/network-policy` DefaultDeny namespace annotation.
     #[arg(long)]
     pub(crate) legacy_default_deny: bool,

@@ -4,6 +4,7 @@
 //! machine); each Pod gets a namespace and a veth to the bridge, and listeners on its declared
 //! container ports (TCP: accept, reply, close; UDP: echo). The agent's datapath attaches to the
 //! host-side veths inside the node namespace and enforces exactly as on a node.
+mod kube_proxy;
 mod listeners;
 mod matrix;
 pub mod netns;
@@ -21,13 +22,14 @@ use ipnet::{IpNet, Ipv4Net};
 use npc_policy::{
     files::Loaded,
     model::{ObjectRef, Pod, Protocol, State},
+    service::Service,
 };
 use serde::Serialize;
 
 pub use self::{
     listeners::connect,
     matrix::matrix,
-    record::{LabRecord, RecordPod, down, probe_addr},
+    record::{LabRecord, RecordPod, RecordService, RecordServicePort, down, probe_addr},
 };
 use self::{
     listeners::{Listeners, start_listeners},
@@ -61,6 +63,8 @@ pub struct LabOptions {
     /// Prefix of every namespace and pin directory this lab creates.
     pub tag: String,
     pub pod_cidr: Ipv4Net,
+    /// Services without a pinned `clusterIP` get theirs from here.
+    pub service_cidr: Ipv4Net,
     pub pin_root: PathBuf,
     pub legacy_default_deny: bool,
     /// Run the in-process agent (the default). Without it the lab is only the fabric (node,
@@ -80,6 +84,7 @@ impl LabOptions {
         Self {
             tag: tag.to_string(),
             pod_cidr: "10.244.0.0/16".parse().expect("valid literal"),
+            service_cidr: DEFAULT_SERVICE_CIDR.parse().expect("valid literal"),
             pin_root: Self::pin_root_of(tag),
             legacy_default_deny: false,
             enforce: true,
@@ -87,6 +92,9 @@ impl LabOptions {
         }
     }
 }
+
+/// kube-apiserver's `--service-cluster-ip-range` in most clusters (and kubeadm's default).
+pub const DEFAULT_SERVICE_CIDR: &str = "10.96.0.0/16";
 
 struct LabPod {
     ns: Netns,
@@ -106,6 +114,10 @@ pub struct Lab {
     state: State,
     addresses: AddressPool,
     node_addr: IpAddr,
+    /// The ClusterIPs the lab gave Services that pin none (kept while the Service lives).
+    cluster_ips: BTreeMap<ObjectRef, IpAddr>,
+    /// Whether kube-proxy's rules were ever written (from then on they follow every change).
+    nat_applied: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -127,7 +139,12 @@ impl Lab {
             netns::add_bridge(
                 "br0",
                 IpNet::new(node_addr, opts.pod_cidr.prefix_len()).expect("prefix of the pod CIDR"),
-            )
+            )?;
+            // As on a kube-proxy node: the node routes pod → VIP → backend, and bridged frames
+            // (a backend's reply to a client on the same bridge) meet netfilter, which undoes the
+            // DNAT (br_netfilter).
+            netns::set_sysctl("net/ipv4/ip_forward", "1")?;
+            netns::set_sysctl("net/bridge/bridge-nf-call-iptables", "1")
         })??;
         let enforcer = if opts.enforce {
             let _ = std::fs::remove_dir_all(&opts.pin_root);
@@ -158,6 +175,8 @@ impl Lab {
             state,
             addresses,
             node_addr,
+            cluster_ips: BTreeMap::new(),
+            nat_applied: false,
         };
         lab.apply(loaded)?;
         Ok(lab)
@@ -232,12 +251,22 @@ impl Lab {
             }
             pods.push(pod);
         }
-        let placed = Loaded { pods, ..loaded.clone() };
+        let services = assign_cluster_ips(&loaded.services, self.opts.service_cidr, &mut self.cluster_ips);
+        let placed = Loaded {
+            pods,
+            services,
+            ..loaded.clone()
+        };
         self.state = State {
             node_addrs: vec![self.node_addr],
             legacy_default_deny: self.opts.legacy_default_deny,
             ..placed.to_state()
         };
+        if !self.state.services.is_empty() || self.nat_applied {
+            let table = kube_proxy::nat_table(&self.state);
+            self.node.run(|| netns::iptables_restore(&table))??;
+            self.nat_applied = true;
+        }
         let Some(enforcer) = self.enforcer.as_mut() else {
             return Ok(SyncStats::default());
         };
@@ -282,6 +311,12 @@ impl Lab {
             }
             ifindex_of(&veth).ok_or_else(|| NetnsError::Missing(veth.clone()))
         })??;
+        if pod.ips.iter().any(IpAddr::is_ipv4) {
+            // Services' ClusterIPs are reached through the node, as through a pod's default route
+            // on a real node (the lab's node itself routes nowhere else).
+            let (cidr, via) = (IpNet::V4(self.opts.service_cidr), self.node_addr);
+            ns.run(|| netns::add_route_via(cidr, via))??;
+        }
         let listeners = start_listeners(ns.name(), pod)?;
         self.listeners.insert(pod.object_ref(), listeners);
         self.pods.insert(pod.object_ref(), LabPod { ns, veth, ifindex });
@@ -324,7 +359,59 @@ impl Lab {
                     })
                 })
                 .collect(),
+            services: self.record_services(),
         }
+    }
+
+    /// The Service ports worth probing: an IPv4 ClusterIP, endpoints, and a listener behind every
+    /// endpoint (the lab listens on the ports a pod declares; a numeric `targetPort` it does not
+    /// declare has nobody answering, which would look like a broken fabric).
+    fn record_services(&self) -> Vec<RecordService> {
+        let listening = |addr: IpAddr, port: u16, protocol: Protocol| {
+            self.state.pods.values().any(|p| {
+                self.pods.contains_key(&p.object_ref())
+                    && p.ips.contains(&addr)
+                    && p.ports.iter().any(|c| c.port == port && c.protocol == protocol)
+            })
+        };
+        let mut out = Vec::new();
+        for svc in self.state.services.values() {
+            let Some(vip) = svc.vips.iter().copied().find(IpAddr::is_ipv4) else {
+                continue;
+            };
+            let backends = npc_policy::service::picked_backends(&self.state, svc);
+            let ports: Vec<RecordServicePort> = svc
+                .ports
+                .iter()
+                .filter_map(|sp| {
+                    let endpoints: Vec<(IpAddr, u16)> = backends
+                        .iter()
+                        .filter(|b| b.addr.is_ipv4())
+                        .filter_map(|b| Some((b.addr, b.port_for(sp)?)))
+                        .collect();
+                    let served = !endpoints.is_empty()
+                        && endpoints
+                            .iter()
+                            .all(|(addr, port)| listening(*addr, *port, sp.protocol));
+                    let mut targets: Vec<u16> = endpoints.iter().map(|(_, port)| *port).collect();
+                    targets.sort();
+                    targets.dedup();
+                    served.then(|| RecordServicePort {
+                        port: sp.port,
+                        protocol: sp.protocol.to_string(),
+                        targets,
+                    })
+                })
+                .collect();
+            if !ports.is_empty() {
+                out.push(RecordService {
+                    id: format!("svc/{}", svc.object_ref()),
+                    vip,
+                    ports,
+                });
+            }
+        }
+        out
     }
 
     /// Every ordered pair of distinct pods, on every port/protocol the destination declares;
@@ -428,11 +515,13 @@ impl AddressPool {
 /// What a lab makes of `loaded` when it starts, without building anything: pods that pin no
 /// address get the one the lab would give them, and the node has the lab's node address. Explain
 /// uses it so that its answers are about the same addresses `lab run` probes.
-pub fn lab_state(loaded: &Loaded, pod_cidr: Ipv4Net, legacy_default_deny: bool) -> State {
-    let mut pool = AddressPool::new(pod_cidr);
+pub fn lab_state(loaded: &Loaded, opts: &LabOptions) -> State {
+    let mut pool = AddressPool::new(opts.pod_cidr);
+    let services = assign_cluster_ips(&loaded.services, opts.service_cidr, &mut BTreeMap::new());
     let mut state = State {
         node_addrs: vec![pool.node_addr()],
-        legacy_default_deny,
+        legacy_default_deny: opts.legacy_default_deny,
+        services: services.iter().map(|s| (s.object_ref(), s.clone())).collect(),
         ..loaded.to_state()
     };
     for pod in &loaded.pods {
@@ -448,6 +537,36 @@ pub fn lab_state(loaded: &Loaded, pod_cidr: Ipv4Net, legacy_default_deny: bool) 
     state
 }
 
+/// Gives every Service that is not headless and pins no IPv4 ClusterIP one from `cidr`, as the API
+/// server does from `--service-cluster-ip-range`: the first free address from .1, kept in
+/// `given` for as long as the Service exists.
+fn assign_cluster_ips(services: &[Service], cidr: Ipv4Net, given: &mut BTreeMap<ObjectRef, IpAddr>) -> Vec<Service> {
+    given.retain(|id, _| services.iter().any(|s| s.object_ref() == *id));
+    let pinned: BTreeSet<IpAddr> = services.iter().flat_map(|s| s.vips.iter().copied()).collect();
+    services
+        .iter()
+        .map(|svc| {
+            let mut svc = svc.clone();
+            if svc.headless || svc.vips.iter().any(IpAddr::is_ipv4) {
+                given.remove(&svc.object_ref());
+                return svc;
+            }
+            let vip = match given.get(&svc.object_ref()) {
+                Some(vip) => Some(*vip),
+                None => cidr
+                    .hosts()
+                    .map(IpAddr::V4)
+                    .find(|a| !pinned.contains(a) && !given.values().any(|g| g == a)),
+            };
+            if let Some(vip) = vip {
+                given.insert(svc.object_ref(), vip);
+                svc.vips.insert(0, vip);
+            }
+            svc
+        })
+        .collect()
+}
+
 /// A short stable hash for interface names (15-byte limit).
 fn fxhash(s: &str) -> u32 {
     s.bytes()
@@ -456,11 +575,18 @@ fn fxhash(s: &str) -> u32 {
 
 /// Pod CIDR helper for callers that take a string.
 pub fn parse_pod_cidr(s: &str) -> Result<Ipv4Net, String> {
+    parse_lab_cidr("--pod-cidr", s, "pin IPv6 ones in status.podIPs")
+}
+
+/// `--service-cidr` for callers that take a string.
+pub fn parse_service_cidr(s: &str) -> Result<Ipv4Net, String> {
+    parse_lab_cidr("--service-cidr", s, "pin IPv6 ones in spec.clusterIPs")
+}
+
+fn parse_lab_cidr(flag: &str, s: &str, hint: &str) -> Result<Ipv4Net, String> {
     match s.parse::<IpNet>() {
         Ok(IpNet::V4(n)) => Ok(n.trunc()),
-        Ok(IpNet::V6(_)) => Err(format!(
-            "--pod-cidr {s}: the lab allocates IPv4 addresses; pin IPv6 ones in status.podIPs"
-        )),
-        Err(_) => Err(format!("--pod-cidr {s:?} is not a CIDR")),
+        Ok(IpNet::V6(_)) => Err(format!("{flag} {s}: the lab allocates IPv4 addresses; {hint}")),
+        Err(_) => Err(format!("{flag} {s:?} is not a CIDR")),
     }
 }

@@ -25,7 +25,7 @@ use nix::{
     sched::{CloneFlags, setns, unshare},
 };
 use rtnetlink::{
-    Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder,
+    Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, RouteMessageBuilder,
     packet_route::{
         AddressFamily,
         address::{AddressAttribute, AddressFlags, AddressHeaderFlags},
@@ -56,6 +56,12 @@ pub enum NetnsError {
     Panicked(String),
     #[error("interface {0} is missing")]
     Missing(String),
+    #[error("{what} (in {netns}): {message}")]
+    Command {
+        what: String,
+        netns: String,
+        message: String,
+    },
 }
 
 thread_local! {
@@ -399,7 +405,15 @@ pub fn add_veth_to_pod(
             .await
             .map_err(netlink_error(format!(
                 "adding {host} to bridge {bridge} and setting it up"
-            )))
+            )))?;
+        // kubelet's hairpin-veth: a pod reaching its own Service is DNATed back to itself, and
+        // br_netfilter then bridges the frame out of the port it came in on. (RTM_NEWLINK, as
+        // `ip link set ... type bridge_slave` sends: RTM_SETLINK ignores port attributes.)
+        h.link()
+            .change(LinkBridgePort::new(index).hairpin(true).build())
+            .execute()
+            .await
+            .map_err(netlink_error(format!("setting hairpin mode on {host}")))
     })?;
     pod.run(|| {
         netlink(async |h| {
@@ -435,6 +449,42 @@ pub fn add_host_route(addr: IpAddr, dev: &str) -> Result<(), NetnsError> {
 /// A route to `dest` through `gateway` (in the calling thread's namespace).
 pub fn add_route_via(dest: IpNet, gateway: IpAddr) -> Result<(), NetnsError> {
     netlink(async |h| route_add(&h, dest, None, Some(gateway), false).await)
+}
+
+/// Writes `/proc/sys/<key>` for the calling thread's network namespace (the net sysctls are per
+/// namespace, and /proc/sys/net answers for the namespace of the thread that opens it).
+pub fn set_sysctl(key: &str, value: &str) -> Result<(), NetnsError> {
+    std::fs::write(format!("/proc/sys/{key}"), value).map_err(io(format!("setting {key}={value} in {}", here())))
+}
+
+/// Replaces the tables in `rules` (iptables-restore input) in the calling thread's namespace, as
+/// kube-proxy does: the child inherits the namespace of the thread that forks it.
+pub fn iptables_restore(rules: &str) -> Result<(), NetnsError> {
+    use std::io::Write as _;
+    let what = "iptables-restore (kube-proxy's rules)".to_string();
+    let mut child = std::process::Command::new("iptables-restore")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(io(format!(
+            "{what}: is iptables installed? (`cargo xtask setup` installs it)"
+        )))?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(rules.as_bytes())
+        .map_err(io(what.clone()))?;
+    let out = child.wait_with_output().map_err(io(what.clone()))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(NetnsError::Command {
+        what,
+        netns: here(),
+        message: format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()),
+    })
 }
 
 /// Forgets every learned IPv4 and IPv6 neighbour, as `ip neigh flush all` does (permanent and

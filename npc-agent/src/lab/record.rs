@@ -23,6 +23,26 @@ pub struct LabRecord {
     pub node_netns: String,
     pub probe_timeout_ms: u64,
     pub pods: Vec<RecordPod>,
+    /// Service ports the lab's kube-proxy rules serve, to probe through their ClusterIP.
+    #[serde(default)]
+    pub services: Vec<RecordService>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordService {
+    /// `svc/ns/name`, as probes name it.
+    pub id: String,
+    /// The IPv4 ClusterIP (kube-proxy's rules in the lab are IPv4).
+    pub vip: IpAddr,
+    pub ports: Vec<RecordServicePort>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordServicePort {
+    pub port: u16,
+    pub protocol: String,
+    /// The backends' ports it reaches (a drop there, at the backend's ingress, proves a block too).
+    pub targets: Vec<u16>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,7 +112,7 @@ impl LabRecord {
         let before = self.drops()?;
         let ok = self.probe_unproven(from, to, port, protocol)?;
         if !ok {
-            self.prove_blocked(before.as_ref(), &[(port, protocol, 1)])?;
+            self.prove_blocked(before.as_ref(), &[(vec![port], protocol, 1)])?;
         }
         Ok(ok)
     }
@@ -108,8 +128,46 @@ impl LabRecord {
         })?)
     }
 
+    /// One probe through a Service's ClusterIP (`to` is `svc/ns/name`), proven like [`Self::probe`]:
+    /// a block must have moved the drop counter of the Service port (the client's egress) or of
+    /// a target port (the backend's ingress).
+    pub fn probe_service(&self, from: &str, to: &str, port: u16, protocol: Protocol) -> Result<bool, LabError> {
+        let (addr, targets) = self.service_port(to, port, protocol)?;
+        let before = self.drops()?;
+        let ok = self.connect_from(from, addr, port, protocol)?;
+        if !ok {
+            let mut ports = targets;
+            ports.push(port);
+            self.prove_blocked(before.as_ref(), &[(ports, protocol, 1)])?;
+        }
+        Ok(ok)
+    }
+
+    fn service_port(&self, id: &str, port: u16, protocol: Protocol) -> Result<(IpAddr, Vec<u16>), LabError> {
+        let svc = self
+            .services
+            .iter()
+            .find(|s| s.id == id)
+            .ok_or_else(|| LabError::Setup(format!("no Service {id} in the lab (or none with endpoints)")))?;
+        let p = svc
+            .ports
+            .iter()
+            .find(|p| p.port == port && p.protocol == protocol.as_str())
+            .ok_or_else(|| LabError::Setup(format!("{id} serves no {port}/{protocol} with endpoints")))?;
+        Ok((svc.vip, p.targets.clone()))
+    }
+
+    fn connect_from(&self, from: &str, addr: IpAddr, port: u16, protocol: Protocol) -> Result<bool, LabError> {
+        let src = self.pod(from)?;
+        let timeout = Duration::from_millis(self.probe_timeout_ms);
+        Ok(netns::run_in(&src.netns, || {
+            connect(SocketAddr::new(addr, port), protocol, timeout)
+        })?)
+    }
+
     /// Every ordered pair of distinct pods, on every port/protocol the destination declares
-    /// (SCTP aside: no SCTP sockets on these kernels; the datapath tests cover it), concurrently.
+    /// (SCTP aside: no SCTP sockets on these kernels; the datapath tests cover it), and every pod
+    /// with an IPv4 address to every Service port, through the ClusterIP; concurrently.
     pub fn probe_all(&self) -> Result<Vec<Probe>, LabError> {
         let mut plan = Vec::new();
         for dst in &self.pods {
@@ -128,13 +186,28 @@ impl LabRecord {
                 }
             }
         }
+        for svc in &self.services {
+            for p in &svc.ports {
+                let Some(protocol) = Protocol::parse(&p.protocol).filter(|p| *p != Protocol::Sctp) else {
+                    continue;
+                };
+                for src in self.pods.iter().filter(|s| s.ips.iter().any(IpAddr::is_ipv4)) {
+                    plan.push((src.id.as_str(), svc.id.as_str(), p.port, protocol));
+                }
+            }
+        }
         plan.sort();
         plan.dedup();
         let before = self.drops()?;
         let results: Vec<Result<bool, LabError>> = std::thread::scope(|s| {
             let handles: Vec<_> = plan
                 .iter()
-                .map(|(from, to, port, protocol)| s.spawn(move || self.probe_unproven(from, to, *port, *protocol)))
+                .map(|(from, to, port, protocol)| {
+                    s.spawn(move || match self.service_port(to, *port, *protocol) {
+                        Ok((vip, _)) => self.connect_from(from, vip, *port, *protocol),
+                        Err(_) => self.probe_unproven(from, to, *port, *protocol),
+                    })
+                })
                 .collect();
             handles
                 .into_iter()
@@ -159,12 +232,21 @@ impl LabRecord {
             .collect::<Result<_, LabError>>()?;
         // Probes run at once, so drops are proven per port and protocol: every blocked probe
         // drops at least its first packet.
-        let mut blocked: BTreeMap<(u16, Protocol), usize> = BTreeMap::new();
+        // A Service probe's drop is at its port or at a target port.
+        let mut blocked: BTreeMap<(Vec<u16>, Protocol), usize> = BTreeMap::new();
         for p in probes.iter().filter(|p| p.result == "blocked") {
             let protocol = Protocol::parse(&p.protocol).expect("we wrote it");
-            *blocked.entry((p.port, protocol)).or_default() += 1;
+            let mut ports = match self.service_port(&p.to, p.port, protocol) {
+                Ok((_, targets)) => targets,
+                Err(_) => Vec::new(),
+            };
+            ports.push(p.port);
+            ports.sort();
+            ports.dedup();
+            *blocked.entry((ports, protocol)).or_default() += 1;
         }
-        let expected: Vec<(u16, Protocol, u64)> = blocked.into_iter().map(|((p, pr), n)| (p, pr, n as u64)).collect();
+        let expected: Vec<(Vec<u16>, Protocol, u64)> =
+            blocked.into_iter().map(|((p, pr), n)| (p, pr, n as u64)).collect();
         self.prove_blocked(before.as_ref(), &expected)?;
         Ok(probes)
     }
@@ -177,26 +259,27 @@ impl LabRecord {
         Ok(Some(pinned_drops(&self.pin_root)?))
     }
 
-    /// Checks that at least `n` drops were counted on each (port, protocol) since `before`.
+    /// Checks that at least `n` drops were counted on each (any of `ports`, protocol) since
+    /// `before`.
     fn prove_blocked(
         &self,
         before: Option<&BTreeMap<DropKey, u64>>,
-        expected: &[(u16, Protocol, u64)],
+        expected: &[(Vec<u16>, Protocol, u64)],
     ) -> Result<(), LabError> {
         let (Some(before), Some(after)) = (before, self.drops()?) else {
             return Ok(());
         };
-        for &(port, protocol, n) in expected {
+        for (ports, protocol, n) in expected {
             let counted = |m: &BTreeMap<DropKey, u64>| -> u64 {
                 m.iter()
-                    .filter(|(k, _)| k.dport == port && k.protocol == protocol.number())
+                    .filter(|(k, _)| ports.contains(&k.dport) && k.protocol == protocol.number())
                     .map(|(_, v)| *v)
                     .sum()
             };
             let moved = counted(&after).saturating_sub(counted(before));
-            if moved < n {
+            if moved < *n {
                 return Err(LabError::Setup(format!(
-                    "{n} probes on {port}/{protocol} got no answer, but the datapath counted only {moved} drops there: \
+                    "{n} probes on {ports:?}/{protocol} got no answer, but the datapath counted only {moved} drops there: \
                      the fabric is broken, not policy"
                 )));
             }
