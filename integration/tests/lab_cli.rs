@@ -130,6 +130,34 @@ fn lab_run_on_the_sock_shop_matches_the_reference_and_its_readme() {
 }
 
 #[test]
+fn lab_run_on_dns_egress_allows_dns_through_the_cluster_ip_and_matches_its_readme() {
+    require_root();
+    let dir = example("dns-egress");
+    let d = dir.to_str().expect("utf-8 path");
+    let probes = parse_probes(&stdout(&agent(&["lab", "run", "--manifests", d, "--output", "json"])));
+    let allowed = |from: &str, to: &str, port: u16, protocol: Protocol| {
+        probes
+            .iter()
+            .find(|p| p.from == from && p.to == to && p.port == port && p.protocol == protocol)
+            .unwrap_or_else(|| panic!("{from} -> {to} {port}/{protocol} not probed: {probes:#?}"))
+            .allowed
+    };
+    let dns = "svc/kube-system/kube-dns";
+    assert!(allowed("shop/client", dns, 53, Protocol::Udp));
+    assert!(allowed("shop/client", dns, 53, Protocol::Tcp));
+    assert!(allowed("shop/client", "kube-system/coredns", 53, Protocol::Udp));
+    assert!(!allowed("shop/client", "svc/shop/web", 80, Protocol::Tcp));
+    assert!(!allowed("shop/client", "shop/web", 80, Protocol::Tcp));
+    assert!(allowed("kube-system/coredns", "svc/shop/web", 80, Protocol::Tcp));
+    let table = stdout(&agent(&["lab", "run", "--manifests", d]));
+    assert_eq!(
+        table.trim(),
+        readme_matrix(&dir),
+        "manifests/examples/dns-egress/README.md is out of date"
+    );
+}
+
+#[test]
 fn lab_run_honours_the_legacy_annotation_only_when_asked() {
     require_root();
     let dir = example("legacy");

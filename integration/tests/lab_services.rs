@@ -2,7 +2,7 @@
 //! (DNAT after npc's from-pod hook, br_netfilter undoing it on the bridged reply), real sockets
 //! through the ClusterIP, and every block proven by a drop counter (`LabRecord::probe_service`).
 //! One lab, changed live from step to step, as a user edits manifests under `lab up`.
-use npc_agent::lab::{Lab, LabOptions};
+use npc_agent::lab::{Lab, LabOptions, dns::Lookup};
 use npc_integration::{require_root, tag};
 use npc_policy::{
     files::{self, Loaded},
@@ -93,6 +93,21 @@ fn services_are_judged_by_their_backends_through_real_dnat() {
     p.service("dns-only", "shop/client", web, 80, Protocol::Tcp, false);
     p.pod("dns-only", "shop/client", "shop/web-1", 8080, false);
     p.service("others unaffected", "shop/other", web, 80, Protocol::Tcp, true);
+    // Real DNS queries through the ClusterIP: the lab's CoreDNS pod answers with the VIP.
+    let record = lab.record();
+    assert_eq!(
+        record
+            .resolve("shop/client", "web.shop.svc.cluster.local")
+            .expect("resolve"),
+        Lookup::Address(web_vip),
+        "dns-only: names resolve"
+    );
+    assert_eq!(
+        record
+            .resolve("shop/client", "nope.shop.svc.cluster.local")
+            .expect("resolve"),
+        Lookup::NoSuchName
+    );
 
     // The backends allowed by label on the target port: numeric, then by its name.
     for port in ["8080", "http"] {
@@ -181,6 +196,13 @@ fn services_are_judged_by_their_backends_through_real_dnat() {
     let p = Probes(&lab);
     p.service("egress deny-all", "shop/client", web, 80, Protocol::Tcp, false);
     p.service("egress deny-all", "shop/client", dns, 53, Protocol::Udp, false);
+    assert_eq!(
+        lab.record()
+            .resolve("shop/client", "web.shop.svc.cluster.local")
+            .expect("a refused query, proven by a drop"),
+        Lookup::NoReply,
+        "egress deny-all: no DNS"
+    );
 
     // lab run's matrix has the pods × Services table.
     let probes = lab.probe_all().expect("probe all");

@@ -1,4 +1,5 @@
-//! Seed 002's walk-through with real sockets through real veths, applied live to one running lab;
+//! Seed 002's walk-through with real sockets through real veths, through the http-echo Service
+//! (name resolved by the lab's cluster DNS, DNAT by kube-proxy's rules), applied live to one lab;
 //! and a broken policy that must not stop the others.
 use std::path::{Path, PathBuf};
 
@@ -33,9 +34,13 @@ fn seed_walkthrough_enforces_each_step_live() {
         }
         let lab = lab.as_ref().unwrap();
         let before = lab.datapath().drop_count(http_echo_drops);
-        let allowed = lab
+        // As the seed's wget: the name through the kube-dns ClusterIP, then the Service's.
+        let (_, allowed) = walkthrough::wget(lab).expect("wget");
+        // And the pod directly, which the Service must agree with.
+        let direct = lab
             .probe(&walkthrough::busybox(), &walkthrough::http_echo(), 80, Protocol::Tcp)
             .unwrap();
+        assert_eq!(direct, allowed, "step {}: the pod and its Service disagree", i + 1);
         assert_eq!(allowed, step.expected_allowed, "step {}: {}", i + 1, step.title);
         let after = lab.datapath().drop_count(http_echo_drops);
         if step.expected_allowed {

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use npc_policy::model::{Pod, Protocol};
 
-use super::{LabError, netns};
+use super::{LabError, dns::Names, netns};
 
 /// The listeners of one pod: one thread in the pod's namespace, serving every declared port on
 /// a current-thread runtime until stopped (and joined) on drop.
@@ -40,9 +40,10 @@ enum Socket {
 
 /// Binds every declared TCP and UDP port of `pod` inside namespace `ns` (IPv6 and IPv4 where the
 /// namespace has IPv6, else IPv4) and serves them: TCP accepts, writes `ns/name` and closes; UDP
-/// echoes. Fails, naming the port, when one cannot be bound. SCTP ports are skipped (no SCTP
-/// sockets on these kernels; the datapath tests cover it).
-pub(super) fn start_listeners(ns: &str, pod: &Pod) -> Result<Listeners, LabError> {
+/// echoes, or with `dns` answers DNS queries on port 53 ([`super::dns`]). Fails, naming the port,
+/// when one cannot be bound. SCTP ports are skipped (no SCTP sockets on these kernels; the
+/// datapath tests cover it).
+pub(super) fn start_listeners(ns: &str, pod: &Pod, dns: Option<Names>) -> Result<Listeners, LabError> {
     let stop = CancellationToken::new();
     let reply = format!("{}/{}\n", pod.namespace, pod.name).into_bytes();
     let ports: Vec<(u16, Protocol)> = pod
@@ -83,7 +84,7 @@ pub(super) fn start_listeners(ns: &str, pod: &Pod) -> Result<Listeners, LabError
         runtime.block_on(async move {
             let mut tasks = tokio::task::JoinSet::new();
             for socket in sockets {
-                tasks.spawn(serve(socket, reply.clone()));
+                tasks.spawn(serve(socket, reply.clone(), dns.clone()));
             }
             token.cancelled().await;
             tasks.abort_all();
@@ -100,7 +101,7 @@ pub(super) fn start_listeners(ns: &str, pod: &Pod) -> Result<Listeners, LabError
     Ok(listeners)
 }
 
-async fn serve(socket: Socket, reply: Vec<u8>) {
+async fn serve(socket: Socket, reply: Vec<u8>, dns: Option<Names>) {
     match socket {
         Socket::Tcp(listener) => {
             let Ok(listener) = listener
@@ -117,13 +118,15 @@ async fn serve(socket: Socket, reply: Vec<u8>) {
             }
         }
         Socket::Udp(sock) => {
+            let dns = dns.filter(|_| sock.local_addr().is_ok_and(|a| a.port() == 53));
             let Ok(sock) = sock.set_nonblocking(true).and_then(|()| UdpSocket::from_std(sock)) else {
                 return;
             };
             let mut buf = [0u8; 512];
             loop {
                 if let Ok((n, peer)) = sock.recv_from(&mut buf).await {
-                    let _ = sock.send_to(&buf[..n], peer).await;
+                    let answer = dns.as_ref().and_then(|names| super::dns::answer(&buf[..n], names));
+                    let _ = sock.send_to(answer.as_deref().unwrap_or(&buf[..n]), peer).await;
                 }
             }
         }

@@ -4,6 +4,7 @@
 //! machine); each Pod gets a namespace and a veth to the bridge, and listeners on its declared
 //! container ports (TCP: accept, reply, close; UDP: echo). The agent's datapath attaches to the
 //! host-side veths inside the node namespace and enforces exactly as on a node.
+pub mod dns;
 mod kube_proxy;
 mod listeners;
 mod matrix;
@@ -118,6 +119,8 @@ pub struct Lab {
     cluster_ips: BTreeMap<ObjectRef, IpAddr>,
     /// Whether kube-proxy's rules were ever written (from then on they follow every change).
     nat_applied: bool,
+    /// What the lab's kube-dns pods answer.
+    names: dns::Names,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -177,6 +180,7 @@ impl Lab {
             node_addr,
             cluster_ips: BTreeMap::new(),
             nat_applied: false,
+            names: dns::Names::default(),
         };
         lab.apply(loaded)?;
         Ok(lab)
@@ -243,7 +247,7 @@ impl Lab {
                 if self.state.pods.get(&id).is_some_and(|old| old.ports != pod.ports) {
                     // Declared ports changed: new listeners (the old ones stop first).
                     self.listeners.remove(&id);
-                    let listeners = start_listeners(self.pods[&id].ns.name(), &pod)?;
+                    let listeners = start_listeners(self.pods[&id].ns.name(), &pod, self.dns_for(&pod))?;
                     self.listeners.insert(id.clone(), listeners);
                 }
             } else {
@@ -262,6 +266,20 @@ impl Lab {
             legacy_default_deny: self.opts.legacy_default_deny,
             ..placed.to_state()
         };
+        if let Ok(mut names) = self.names.write() {
+            *names = self
+                .state
+                .services
+                .values()
+                .filter_map(|svc| {
+                    let vip = svc.vips.iter().find_map(|a| match a {
+                        IpAddr::V4(v4) => Some(*v4),
+                        IpAddr::V6(_) => None,
+                    })?;
+                    Some((dns::service_name(&svc.namespace, &svc.name), vip))
+                })
+                .collect();
+        }
         if !self.state.services.is_empty() || self.nat_applied {
             let table = kube_proxy::nat_table(&self.state);
             self.node.run(|| netns::iptables_restore(&table))??;
@@ -286,6 +304,11 @@ impl Lab {
             }
         }
         Ok(stats)
+    }
+
+    /// The cluster DNS table for a pod that is a kube-dns pod (label `k8s-app=kube-dns`).
+    fn dns_for(&self, pod: &Pod) -> Option<dns::Names> {
+        (pod.labels.get("k8s-app").map(String::as_str) == Some("kube-dns")).then(|| self.names.clone())
     }
 
     /// A namespace, a veth into the bridge, addresses and listeners.
@@ -317,7 +340,7 @@ impl Lab {
             let (cidr, via) = (IpNet::V4(self.opts.service_cidr), self.node_addr);
             ns.run(|| netns::add_route_via(cidr, via))??;
         }
-        let listeners = start_listeners(ns.name(), pod)?;
+        let listeners = start_listeners(ns.name(), pod, self.dns_for(pod))?;
         self.listeners.insert(pod.object_ref(), listeners);
         self.pods.insert(pod.object_ref(), LabPod { ns, veth, ifindex });
         Ok(())
@@ -360,6 +383,11 @@ impl Lab {
                 })
                 .collect(),
             services: self.record_services(),
+            dns: self
+                .state
+                .services
+                .get(&ObjectRef::new("kube-system", "kube-dns"))
+                .and_then(|svc| svc.vips.iter().copied().find(IpAddr::is_ipv4)),
         }
     }
 

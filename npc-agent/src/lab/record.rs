@@ -11,7 +11,7 @@ use npc_common::DropKey;
 use npc_policy::model::Protocol;
 use serde::{Deserialize, Serialize};
 
-use super::{LabError, LabOptions, Probe, connect, netns};
+use super::{LabError, LabOptions, Probe, connect, dns::Lookup, netns};
 use crate::datapath::pinned_drops;
 
 /// A running lab as `lab up` writes it down for `lab probe` and `lab down` (other processes).
@@ -26,6 +26,9 @@ pub struct LabRecord {
     /// Service ports the lab's kube-proxy rules serve, to probe through their ClusterIP.
     #[serde(default)]
     pub services: Vec<RecordService>,
+    /// The kube-system/kube-dns ClusterIP, when the lab has that Service.
+    #[serde(default)]
+    pub dns: Option<IpAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,6 +144,28 @@ impl LabRecord {
             self.prove_blocked(before.as_ref(), &[(ports, protocol, 1)])?;
         }
         Ok(ok)
+    }
+
+    /// Resolves `name` from inside pod `from` through the kube-dns ClusterIP, as a pod's resolver
+    /// does. No reply is proven like a blocked probe (a drop at UDP 53 or at kube-dns's target
+    /// port); a lab without kube-dns is an error.
+    pub fn resolve(&self, from: &str, name: &str) -> Result<Lookup, LabError> {
+        let server = self
+            .dns
+            .ok_or_else(|| LabError::Setup("the lab has no kube-system/kube-dns Service to resolve with".into()))?;
+        let (_, targets) = self.service_port("svc/kube-system/kube-dns", 53, Protocol::Udp)?;
+        let src = self.pod(from)?;
+        let timeout = Duration::from_millis(self.probe_timeout_ms);
+        let before = self.drops()?;
+        let got = netns::run_in(&src.netns, || {
+            super::dns::resolve(SocketAddr::new(server, 53), name, timeout)
+        })?;
+        if got == Lookup::NoReply {
+            let mut ports = targets;
+            ports.push(53);
+            self.prove_blocked(before.as_ref(), &[(ports, Protocol::Udp, 1)])?;
+        }
+        Ok(got)
     }
 
     fn service_port(&self, id: &str, port: u16, protocol: Protocol) -> Result<(IpAddr, Vec<u16>), LabError> {

@@ -1,8 +1,11 @@
 //! Seed 002's "Enforcing network isolation" walk-through, replayed in the lab.
 //!
-//! ns-1 holds http-echo (app=http-echo, port 80) and busybox. Four steps, each applied live to the
-//! running lab: no policy; `deny-all-by-default`; that replaced by `allow` (from app=busybox);
-//! busybox labelled app=busybox.
+//! ns-1 holds http-echo (app=http-echo, port 80, behind the http-echo Service) and busybox;
+//! kube-system holds the cluster DNS. Four steps, each applied live to the running lab: no policy;
+//! `deny-all-by-default`; that replaced by `allow` (from app=busybox); busybox labelled
+//! app=busybox. Each step does what the seed's `wget http://http-echo.ns-1.svc.cluster.local`
+//! does: resolve the name through the kube-dns ClusterIP, then connect to the Service's ClusterIP
+//! (kube-proxy's DNAT in the lab's node picks the pod).
 use std::{io::Write, path::Path};
 
 use anyhow::Context as _;
@@ -22,7 +25,13 @@ pub struct Step {
 pub const STEPS: [Step; 4] = [
     Step {
         title: "no network policy: busybox -> http-echo:80 succeeds",
-        files: &["namespace.yaml", "http-echo.yaml", "busybox.yaml"],
+        files: &[
+            "namespace.yaml",
+            "http-echo.yaml",
+            "busybox.yaml",
+            "http-echo-service.yaml",
+            "kube-dns.yaml",
+        ],
         expected_allowed: true,
     },
     Step {
@@ -31,6 +40,8 @@ pub const STEPS: [Step; 4] = [
             "namespace.yaml",
             "http-echo.yaml",
             "busybox.yaml",
+            "http-echo-service.yaml",
+            "kube-dns.yaml",
             "steps/deny-all-by-default.yaml",
         ],
         expected_allowed: false,
@@ -41,6 +52,8 @@ pub const STEPS: [Step; 4] = [
             "namespace.yaml",
             "http-echo.yaml",
             "busybox.yaml",
+            "http-echo-service.yaml",
+            "kube-dns.yaml",
             "steps/allow-network-policy.yaml",
         ],
         expected_allowed: false,
@@ -51,6 +64,8 @@ pub const STEPS: [Step; 4] = [
             "namespace.yaml",
             "http-echo.yaml",
             "steps/busybox-labeled.yaml",
+            "http-echo-service.yaml",
+            "kube-dns.yaml",
             "steps/allow-network-policy.yaml",
         ],
         expected_allowed: true,
@@ -79,6 +94,35 @@ pub fn http_echo() -> ObjectRef {
     ObjectRef::new("ns-1", "http-echo")
 }
 
+/// The name busybox's wget asks for.
+pub const HTTP_ECHO_NAME: &str = "http-echo.ns-1.svc.cluster.local";
+
+/// What `wget http://http-echo.ns-1.svc.cluster.local/` does from busybox: resolve the name through
+/// the cluster DNS, then connect to the address it got on port 80. Returns that address and
+/// whether the request succeeded (a block is proven by a drop counter, as every lab probe is).
+pub fn wget(lab: &Lab) -> anyhow::Result<(std::net::IpAddr, bool)> {
+    let record = lab.record();
+    let from = busybox().to_string();
+    let addr = match record.resolve(&from, HTTP_ECHO_NAME)? {
+        crate::lab::dns::Lookup::Address(addr) => addr,
+        other => anyhow::bail!("busybox could not resolve {HTTP_ECHO_NAME}: {other:?}"),
+    };
+    let vip = record
+        .services
+        .iter()
+        .find(|s| s.id == "svc/ns-1/http-echo")
+        .map(|s| s.vip)
+        .context("the lab serves no svc/ns-1/http-echo")?;
+    anyhow::ensure!(
+        addr == vip,
+        "{HTTP_ECHO_NAME} resolved to {addr}, not the ClusterIP {vip}"
+    );
+    Ok((
+        addr,
+        record.probe_service(&from, "svc/ns-1/http-echo", 80, Protocol::Tcp)?,
+    ))
+}
+
 /// Runs the four steps in one lab and prints each outcome; fails if one differs from the seed.
 pub fn run(dir: &Path, out: &mut impl Write) -> anyhow::Result<()> {
     let mut lab: Option<Lab> = None;
@@ -92,13 +136,18 @@ pub fn run(dir: &Path, out: &mut impl Write) -> anyhow::Result<()> {
             }
         }
         let lab = lab.as_ref().expect("set above");
-        let allowed = lab.probe(&busybox(), &http_echo(), 80, Protocol::Tcp)?;
+        let (addr, allowed) = wget(lab)?;
         let outcome = if allowed {
             "request succeeded"
         } else {
             "request timed out (blocked)"
         };
-        writeln!(out, "step {}: {}\n        -> {outcome}", i + 1, step.title)?;
+        writeln!(
+            out,
+            "step {}: {}\n        busybox$ wget http://{HTTP_ECHO_NAME}/\n        Connecting to {HTTP_ECHO_NAME} ({addr}:80)\n        -> {outcome}",
+            i + 1,
+            step.title
+        )?;
         write!(out, "{}", crate::lab::matrix(&lab.probe_all()?))?;
         if allowed != step.expected_allowed {
             mismatches.push(i + 1);
