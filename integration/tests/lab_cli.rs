@@ -104,6 +104,29 @@ fn check_against_reference(state: &State, probes: &[Probe]) {
     assert_eq!(probes.len(), expected, "probe count");
 }
 
+/// `lab run --output json` on an example.
+fn lab_run_json(dir: &Path) -> Vec<Probe> {
+    let d = dir.to_str().expect("utf-8 path");
+    parse_probes(&stdout(&agent(&["lab", "run", "--manifests", d, "--output", "json"])))
+}
+
+/// `lab run`'s table for an example is the last fenced block of its README.
+#[track_caller]
+fn assert_readme_is_the_output(dir: &Path) {
+    let table = stdout(&agent(&[
+        "lab",
+        "run",
+        "--manifests",
+        dir.to_str().expect("utf-8 path"),
+    ]));
+    assert_eq!(
+        table.trim(),
+        readme_matrix(dir),
+        "{}/README.md is out of date",
+        dir.display()
+    );
+}
+
 /// The matrix in an example's README (the last fenced block).
 fn readme_matrix(dir: &Path) -> String {
     let text = std::fs::read_to_string(dir.join("README.md")).expect("README");
@@ -115,26 +138,19 @@ fn readme_matrix(dir: &Path) -> String {
 fn lab_run_on_the_sock_shop_matches_the_reference_and_its_readme() {
     require_root();
     let dir = example("sock-shop");
-    let d = dir.to_str().expect("utf-8 path");
-    let probes = parse_probes(&stdout(&agent(&["lab", "run", "--manifests", d, "--output", "json"])));
+    let probes = lab_run_json(&dir);
     let loaded = manifests::load_dir(&dir).expect("read the example");
     assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
     let state = lab::lab_state(&loaded, &LabOptions::new("expected"));
     check_against_reference(&state, &probes);
-    let table = stdout(&agent(&["lab", "run", "--manifests", d]));
-    assert_eq!(
-        table.trim(),
-        readme_matrix(&dir),
-        "manifests/examples/sock-shop/README.md is out of date"
-    );
+    assert_readme_is_the_output(&dir);
 }
 
 #[test]
 fn lab_run_on_dns_egress_allows_dns_through_the_cluster_ip_and_matches_its_readme() {
     require_root();
     let dir = example("dns-egress");
-    let d = dir.to_str().expect("utf-8 path");
-    let probes = parse_probes(&stdout(&agent(&["lab", "run", "--manifests", d, "--output", "json"])));
+    let probes = lab_run_json(&dir);
     let allowed = |from: &str, to: &str, port: u16, protocol: Protocol| {
         probes
             .iter()
@@ -149,12 +165,7 @@ fn lab_run_on_dns_egress_allows_dns_through_the_cluster_ip_and_matches_its_readm
     assert!(!allowed("shop/client", "svc/shop/web", 80, Protocol::Tcp));
     assert!(!allowed("shop/client", "shop/web", 80, Protocol::Tcp));
     assert!(allowed("kube-system/coredns", "svc/shop/web", 80, Protocol::Tcp));
-    let table = stdout(&agent(&["lab", "run", "--manifests", d]));
-    assert_eq!(
-        table.trim(),
-        readme_matrix(&dir),
-        "manifests/examples/dns-egress/README.md is out of date"
-    );
+    assert_readme_is_the_output(&dir);
 }
 
 #[test]

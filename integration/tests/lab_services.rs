@@ -36,6 +36,12 @@ fn web_pod(name: &str, ip: &str) -> String {
 struct Probes<'a>(&'a Lab);
 
 impl Probes<'_> {
+    /// shop/client -> svc/shop/web TCP 80, the question most steps ask.
+    #[track_caller]
+    fn client_to_web(&self, what: &str, want: bool) {
+        self.service(what, "shop/client", "svc/shop/web", 80, Protocol::Tcp, want);
+    }
+
     #[track_caller]
     fn service(&self, what: &str, from: &str, svc: &str, port: u16, protocol: Protocol, want: bool) {
         let got = self
@@ -70,7 +76,7 @@ fn services_are_judged_by_their_backends_through_real_dnat() {
     {
         let p = Probes(&lab);
         // No policy: the ClusterIPs work (DNAT there, un-DNAT on the bridged reply).
-        p.service("open", "shop/client", web, 80, Protocol::Tcp, true);
+        p.client_to_web("open", true);
         p.service("open", "shop/client", dns, 53, Protocol::Udp, true);
         p.service("open", "shop/client", dns, 53, Protocol::Tcp, true);
         // Hairpin: a backend reaching its own Service (kube-proxy masquerades it; the bridge
@@ -90,7 +96,7 @@ fn services_are_judged_by_their_backends_through_real_dnat() {
     let p = Probes(&lab);
     p.service("dns-only", "shop/client", dns, 53, Protocol::Udp, true);
     p.service("dns-only", "shop/client", dns, 53, Protocol::Tcp, true);
-    p.service("dns-only", "shop/client", web, 80, Protocol::Tcp, false);
+    p.client_to_web("dns-only", false);
     p.pod("dns-only", "shop/client", "shop/web-1", 8080, false);
     p.service("others unaffected", "shop/other", web, 80, Protocol::Tcp, true);
     // Real DNS queries through the ClusterIP: the lab's CoreDNS pod answers with the VIP.
@@ -114,36 +120,22 @@ fn services_are_judged_by_their_backends_through_real_dnat() {
         let rule =
             format!("    - to: [{{podSelector: {{matchLabels: {{app: web}}}}}}]\n      ports: [{{port: {port}}}]\n");
         lab.apply(&loaded(&[&client_egress(&rule)])).expect("apply");
-        Probes(&lab).service(
-            &format!("backends allowed on {port}"),
-            "shop/client",
-            web,
-            80,
-            Protocol::Tcp,
-            true,
-        );
+        Probes(&lab).client_to_web(&format!("backends allowed on {port}"), true);
     }
     // The Service port on the backends is not their target port: blocked.
     let wrong_port = "    - to: [{podSelector: {matchLabels: {app: web}}}]\n      ports: [{port: 80}]\n";
     lab.apply(&loaded(&[&client_egress(wrong_port)])).expect("apply");
-    Probes(&lab).service(
-        "service port on the backends",
-        "shop/client",
-        web,
-        80,
-        Protocol::Tcp,
-        false,
-    );
+    Probes(&lab).client_to_web("service port on the backends", false);
 
     // The backend's IP/32 as an ipBlock, through the ClusterIP; then scaled to three backends, of
     // which the block holds one: partly allowed, refused (fail-closed).
     let block = "    - to: [{ipBlock: {cidr: 10.244.0.101/32}}]\n";
     lab.apply(&loaded(&[&client_egress(block)])).expect("apply");
-    Probes(&lab).service("ipBlock of the backend", "shop/client", web, 80, Protocol::Tcp, true);
+    Probes(&lab).client_to_web("ipBlock of the backend", true);
     let (web2, web3) = (web_pod("web-2", "10.244.0.102"), web_pod("web-3", "10.244.0.103"));
     lab.apply(&loaded(&[&client_egress(block), &web2, &web3]))
         .expect("apply");
-    Probes(&lab).service("partly allowed", "shop/client", web, 80, Protocol::Tcp, false);
+    Probes(&lab).client_to_web("partly allowed", false);
     // By label, all three are allowed.
     let by_label = "    - to: [{podSelector: {matchLabels: {app: web}}}]\n";
     lab.apply(&loaded(&[&client_egress(by_label), &web2, &web3]))
@@ -151,7 +143,7 @@ fn services_are_judged_by_their_backends_through_real_dnat() {
     let p = Probes(&lab);
     for _ in 0..3 {
         // kube-proxy picks a backend at random: each must answer.
-        p.service("three backends by label", "shop/client", web, 80, Protocol::Tcp, true);
+        p.client_to_web("three backends by label", true);
     }
 
     // A backend leaving the selector: web-1 (the one the ipBlock holds) relabelled away leaves
@@ -165,14 +157,7 @@ fn services_are_judged_by_their_backends_through_real_dnat() {
         relabelled.extend(files::parse_str("extra.yaml".as_ref(), &text));
     }
     lab.apply(&relabelled).expect("apply");
-    Probes(&lab).service(
-        "backend left the selector",
-        "shop/client",
-        web,
-        80,
-        Protocol::Tcp,
-        false,
-    );
+    Probes(&lab).client_to_web("backend left the selector", false);
 
     // Ingress at the backend, after DNAT, with the client's real address: the backends admit only
     // shop/other. Replies from the VIP reach an ingress-isolated client.
@@ -180,7 +165,7 @@ fn services_are_judged_by_their_backends_through_real_dnat() {
     let isolated = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-in, namespace: shop}\nspec:\n  podSelector: {matchLabels: {app: other}}\n  policyTypes: [Ingress]\n";
     lab.apply(&loaded(&[web_in, isolated])).expect("apply");
     let p = Probes(&lab);
-    p.service("ingress at the backend", "shop/client", web, 80, Protocol::Tcp, false);
+    p.client_to_web("ingress at the backend", false);
     p.service(
         "ingress-isolated client, replies from the VIP",
         "shop/other",
@@ -194,7 +179,7 @@ fn services_are_judged_by_their_backends_through_real_dnat() {
     let deny = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-out, namespace: shop}\nspec: {podSelector: {}, policyTypes: [Egress]}\n";
     lab.apply(&loaded(&[deny])).expect("apply");
     let p = Probes(&lab);
-    p.service("egress deny-all", "shop/client", web, 80, Protocol::Tcp, false);
+    p.client_to_web("egress deny-all", false);
     p.service("egress deny-all", "shop/client", dns, 53, Protocol::Udp, false);
     assert_eq!(
         lab.record()

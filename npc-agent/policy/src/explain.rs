@@ -13,22 +13,29 @@ use crate::{
     policy::Direction,
 };
 
-/// One end of the connection: a pod by name, or a bare address (outside the cluster, a node...).
+/// One end of the connection: a pod by name, a Service (as a destination: through its ClusterIP),
+/// or a bare address (outside the cluster, a node...).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Endpoint {
     Pod(ObjectRef),
+    Service(ObjectRef),
     Addr(IpAddr),
 }
 
 impl Endpoint {
-    /// `NS/POD` or an IP address.
+    /// `NS/POD`, `svc/NS/NAME` or an IP address.
     pub fn parse(s: &str) -> Result<Self, String> {
         if let Ok(ip) = s.parse() {
             return Ok(Self::Addr(ip));
         }
+        if let Some(svc) = s.strip_prefix("svc/") {
+            return ObjectRef::parse(svc)
+                .map(Self::Service)
+                .ok_or_else(|| format!("{s:?} is not svc/NAMESPACE/NAME"));
+        }
         ObjectRef::parse(s)
             .map(Self::Pod)
-            .ok_or_else(|| format!("{s:?} is neither NAMESPACE/POD nor an IP address"))
+            .ok_or_else(|| format!("{s:?} is neither NAMESPACE/POD, svc/NAMESPACE/NAME nor an IP address"))
     }
 }
 
@@ -36,6 +43,7 @@ impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Pod(p) => write!(f, "{p}"),
+            Self::Service(s) => write!(f, "svc/{s}"),
             Self::Addr(a) => write!(f, "{a}"),
         }
     }
@@ -53,6 +61,10 @@ pub struct Explanation {
     /// The source pod's egress check, then the destination pod's ingress check.
     pub egress: Side,
     pub ingress: Side,
+    /// Through a Service: each backend kube-proxy may pick, on its target port (the egress
+    /// check at the VIP above is decided by their egress verdicts; ingress is at the backend).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<Explanation>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -76,6 +88,14 @@ pub enum ExplainError {
     NoAddress(ObjectRef),
     #[error("{0} and {1} share no address family (one is IPv4 only, the other IPv6 only)")]
     NoCommonFamily(String, String),
+    #[error("no Service {0} in the manifests")]
+    NoSuchService(ObjectRef),
+    #[error("Service {0} has no ClusterIP (headless, or none given yet)")]
+    NoVip(ObjectRef),
+    #[error("a Service is only a destination (--to svc/NS/NAME)")]
+    ServiceAsSource,
+    #[error("Service {0} has no port {1}/{2}")]
+    NoSuchServicePort(ObjectRef, u16, Protocol),
 }
 
 /// Explains a connection from `from` to `to` on `protocol`/`port` under `state`.
@@ -87,9 +107,30 @@ pub fn explain(
     port: u16,
 ) -> Result<Explanation, ExplainError> {
     let compiled = compiler::compile(state);
+    explain_compiled(state, &compiled, from, to, protocol, port)
+}
+
+fn explain_compiled(
+    state: &State,
+    compiled: &Compiled,
+    from: &Endpoint,
+    to: &Endpoint,
+    protocol: Protocol,
+    port: u16,
+) -> Result<Explanation, ExplainError> {
     let addrs = |e: &Endpoint| -> Result<Vec<IpAddr>, ExplainError> {
         match e {
             Endpoint::Addr(a) => Ok(vec![*a]),
+            Endpoint::Service(s) => {
+                let svc = state
+                    .services
+                    .get(s)
+                    .ok_or_else(|| ExplainError::NoSuchService(s.clone()))?;
+                if svc.vips.is_empty() {
+                    return Err(ExplainError::NoVip(s.clone()));
+                }
+                Ok(svc.vips.clone())
+            }
             Endpoint::Pod(p) => {
                 let pod = state.pods.get(p).ok_or_else(|| ExplainError::NoSuchPod(p.clone()))?;
                 if pod.ips.is_empty() {
@@ -104,8 +145,50 @@ pub fn explain(
         .iter()
         .find_map(|f| to_addrs.iter().find(|t| t.is_ipv4() == f.is_ipv4()).map(|t| (*f, *t)))
         .ok_or_else(|| ExplainError::NoCommonFamily(from.to_string(), to.to_string()))?;
-    let egress = side(state, &compiled, Direction::Egress, from, to_addr, protocol, port);
-    let ingress = side(state, &compiled, Direction::Ingress, to, from_addr, protocol, port);
+    if matches!(from, Endpoint::Service(_)) {
+        return Err(ExplainError::ServiceAsSource);
+    }
+    let mut egress = side(state, compiled, Direction::Egress, from, to_addr, protocol, port);
+    let mut ingress = side(state, compiled, Direction::Ingress, to, from_addr, protocol, port);
+    let mut backends = Vec::new();
+    if let Endpoint::Service(id) = to {
+        let svc = &state.services[id];
+        let sp = svc
+            .ports
+            .iter()
+            .find(|p| p.port == port && p.protocol == protocol)
+            .ok_or_else(|| ExplainError::NoSuchServicePort(id.clone(), port, protocol))?;
+        for b in crate::service::picked_backends(state, svc) {
+            let Some(target) = b.port_for(sp).filter(|_| b.addr.is_ipv4() == to_addr.is_ipv4()) else {
+                continue;
+            };
+            let at = match compiled.address_owners.get(&b.addr) {
+                Some(pod) => Endpoint::Pod(pod.clone()),
+                None => Endpoint::Addr(b.addr),
+            };
+            backends.push(explain_compiled(state, compiled, from, &at, protocol, target)?);
+        }
+        let allowed = backends.iter().filter(|b| b.egress.allowed).count();
+        if egress.isolated {
+            egress.reason = match (allowed, backends.len()) {
+                (_, 0) => format!("{}; the Service has no endpoints", egress.reason),
+                (a, n) if a == n => format!("every backend ({n}) allowed on its target port: {}", egress.reason),
+                (0, _) if !egress.allowed => "no backend allowed".into(),
+                (a, n) if !egress.allowed => {
+                    format!("only {a} of {n} backends allowed: refused, whichever kube-proxy picks (fail-closed)")
+                }
+                _ => format!("the ClusterIP itself is allowed: {}", egress.reason),
+            };
+        }
+        ingress = Side {
+            pod: None,
+            enforced: false,
+            isolated: false,
+            isolated_by: Vec::new(),
+            allowed: !backends.is_empty() && backends.iter().all(|b| b.ingress.allowed),
+            reason: "at the backend kube-proxy picks, after DNAT (below)".into(),
+        };
+    }
     Ok(Explanation {
         from: from.to_string(),
         to: to.to_string(),
@@ -116,6 +199,7 @@ pub fn explain(
         allowed: egress.allowed && ingress.allowed,
         egress,
         ingress,
+        backends,
     })
 }
 
@@ -211,6 +295,9 @@ impl fmt::Display for Explanation {
             }
             writeln!(f, "; {}", side.reason)?;
         }
+        for b in &self.backends {
+            write!(f, "  via backend {}", b.to_string().replace("\n  ", "\n      "))?;
+        }
         Ok(())
     }
 }
@@ -256,6 +343,37 @@ mod tests {
         assert!(e.allowed, "ingress[0] has no ports");
         assert_eq!(e.ingress.reason, "shop/db-in ingress[0]");
         assert!(!e.egress.enforced);
+    }
+
+    #[test]
+    fn through_a_service_each_backend_is_explained() {
+        let svc = "---\napiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\nspec: {clusterIP: 10.96.0.5, selector: {app: db}, ports: [{port: 5000, targetPort: pg}]}\n";
+        let state = files::parse_str(Path::new("c.yaml"), &format!("{CLUSTER}{svc}")).to_state();
+        let e = explain(&state, &ep("shop/web"), &ep("svc/shop/db"), Protocol::Tcp, 5000).unwrap();
+        assert_eq!(e.to_addr.to_string(), "10.96.0.5");
+        assert_eq!(e.backends.len(), 1);
+        assert_eq!(e.backends[0].to, "shop/db");
+        assert_eq!(e.backends[0].port, 5432, "the target port, resolved by name");
+        assert!(e.allowed, "{e}");
+        assert!(
+            e.to_string()
+                .contains("via backend shop/web (10.0.0.1) -> shop/db (10.0.0.2) TCP/5432: ALLOWED"),
+            "{e}"
+        );
+        let e = explain(&state, &ep("10.9.9.9"), &ep("svc/shop/db"), Protocol::Tcp, 5000).unwrap();
+        assert!(
+            !e.allowed,
+            "db-in admits neither 10.9.9.9 nor anyone else at the backend: {e}"
+        );
+        assert!(!e.ingress.allowed && e.egress.allowed, "{e}");
+        assert_eq!(
+            explain(&state, &ep("shop/web"), &ep("svc/shop/db"), Protocol::Tcp, 80),
+            Err(ExplainError::NoSuchServicePort(
+                ObjectRef::new("shop", "db"),
+                80,
+                Protocol::Tcp
+            ))
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::{
 
 use ipnet::IpNet;
 use k8s_openapi::{
-    api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort},
+    api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec},
     apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
 };
 
@@ -335,18 +335,10 @@ impl Policy {
             .ok_or_else(|| err("metadata.name", "missing"))?;
         let spec = np.spec.as_ref().ok_or_else(|| err("spec", "missing"))?;
         let pod_selector = Selector::from_k8s(&spec.pod_selector.clone().unwrap_or_default(), "spec.podSelector")?;
-        let ingress_rules = spec.ingress.iter().flatten();
-        let ingress = rules_from_k8s(
-            ingress_rules.map(|r| (r.from.as_deref(), r.ports.as_deref())),
-            "spec.ingress",
-            "from",
-        )?;
-        let egress_rules = spec.egress.iter().flatten();
-        let egress = rules_from_k8s(
-            egress_rules.map(|r| (r.to.as_deref(), r.ports.as_deref())),
-            "spec.egress",
-            "to",
-        )?;
+        let (ingress, egress) = (
+            rules_from_k8s(ingress_rules(spec), "spec.ingress", "from")?,
+            rules_from_k8s(egress_rules(spec), "spec.egress", "to")?,
+        );
         // policyTypes omitted or empty: Ingress, plus Egress when there is at least one egress
         // rule (as the API server's SetDefaults_NetworkPolicy defaults it: it tests `len == 0`).
         let (isolate_ingress, isolate_egress) = match &spec.policy_types {
@@ -377,6 +369,19 @@ impl Policy {
     }
 }
 
+/// One k8s rule's peers (`from` / `to`) and ports.
+pub(crate) type RuleParts<'a> = (Option<&'a [NetworkPolicyPeer]>, Option<&'a [NetworkPolicyPort]>);
+
+pub(crate) fn ingress_rules(spec: &NetworkPolicySpec) -> impl Iterator<Item = RuleParts<'_>> + Clone {
+    let rules = spec.ingress.iter().flatten();
+    rules.map(|r| (r.from.as_deref(), r.ports.as_deref()))
+}
+
+pub(crate) fn egress_rules(spec: &NetworkPolicySpec) -> impl Iterator<Item = RuleParts<'_>> + Clone {
+    let rules = spec.egress.iter().flatten();
+    rules.map(|r| (r.to.as_deref(), r.ports.as_deref()))
+}
+
 /// Converts each item of an optional list, naming it `field[i]` in errors; a missing or empty list
 /// is `None` (the API's "all peers" / "all ports").
 fn each<T, U>(
@@ -396,7 +401,7 @@ fn each<T, U>(
 }
 
 fn rules_from_k8s<'a>(
-    rules: impl Iterator<Item = (Option<&'a [NetworkPolicyPeer]>, Option<&'a [NetworkPolicyPort]>)>,
+    rules: impl Iterator<Item = RuleParts<'a>>,
     field: &str,
     peers_field: &str,
 ) -> Result<Vec<Rule>, PolicyError> {

@@ -985,17 +985,9 @@ mod tests {
             Ok(())
         };
         check_sel(spec.pod_selector.as_ref().unwrap())?;
-        let ingress = spec
-            .ingress
-            .iter()
-            .flatten()
-            .map(|r| (r.from.as_deref(), r.ports.as_deref()));
-        let egress = spec
-            .egress
-            .iter()
-            .flatten()
-            .map(|r| (r.to.as_deref(), r.ports.as_deref()));
-        let rules: Vec<_> = ingress.chain(egress).collect();
+        let rules: Vec<_> = crate::policy::ingress_rules(spec)
+            .chain(crate::policy::egress_rules(spec))
+            .collect();
         for peer in rules.iter().flat_map(|(peers, _)| peers.iter().copied().flatten()) {
             match (&peer.ip_block, &peer.pod_selector, &peer.namespace_selector) {
                 (Some(b), None, None) => {

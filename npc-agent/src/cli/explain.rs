@@ -13,7 +13,7 @@ use crate::{lab, node::metrics::Metrics, source::kube::KubeStores};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// A directory of manifests (Namespaces, Pods, NetworkPolicies), as for `lab`. Without
+    /// A directory of manifests (Namespaces, Pods, NetworkPolicies, Services), as for `lab`. Without
     /// it, the cluster of --kubeconfig (else $KUBECONFIG, else in-cluster).
     #[arg(long)]
     pub(super) manifests: Option<PathBuf>,
@@ -22,7 +22,8 @@ pub(crate) struct Args {
     /// NAMESPACE/POD or an IP address.
     #[arg(long)]
     pub(super) from: String,
-    /// NAMESPACE/POD or an IP address.
+    /// NAMESPACE/POD, svc/NAMESPACE/NAME (through its ClusterIP: each backend explained) or an IP
+    /// address.
     #[arg(long)]
     pub(super) to: String,
     #[arg(long)]

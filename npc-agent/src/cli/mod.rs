@@ -78,7 +78,8 @@ struct LabName {
 
 #[derive(Subcommand)]
 enum LabCommand {
-    /// Read the manifests, probe every pair of pods on every declared port, print, tear down.
+    /// Read the manifests, probe every pair of pods on every declared port and every pod to every
+    /// Service port (through its ClusterIP), print, tear down.
     Run {
         #[arg(long)]
         manifests: PathBuf,

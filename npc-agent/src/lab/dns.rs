@@ -115,29 +115,21 @@ mod tests {
             .write()
             .unwrap()
             .insert(service_name("ns-1", "http-echo"), Ipv4Addr::new(10, 96, 0, 7));
-        let mut q = Packet::new_query(7);
-        q.questions.push(Question::new(
-            Name::new("http-echo.ns-1.svc.cluster.local").unwrap(),
-            TYPE::A.into(),
-            CLASS::IN.into(),
-            false,
-        ));
-        let reply = answer(&q.build_bytes_vec().unwrap(), &names).expect("a DNS reply");
+        let query = |id: u16, name: &str| {
+            let mut q = Packet::new_query(id);
+            let name = Name::new(name).unwrap();
+            q.questions
+                .push(Question::new(name, TYPE::A.into(), CLASS::IN.into(), false));
+            q.build_bytes_vec().unwrap()
+        };
+        let reply = answer(&query(7, "http-echo.ns-1.svc.cluster.local"), &names).expect("a DNS reply");
         let reply = Packet::parse(&reply).unwrap();
         assert_eq!(reply.id(), 7);
         assert!(
             matches!(&reply.answers[0].rdata, RData::A(a) if Ipv4Addr::from(a.address) == Ipv4Addr::new(10, 96, 0, 7))
         );
-        let mut q = Packet::new_query(8);
-        q.questions.push(Question::new(
-            Name::new("nope.ns-1.svc.cluster.local").unwrap(),
-            TYPE::A.into(),
-            CLASS::IN.into(),
-            false,
-        ));
-        let reply = Packet::parse(&answer(&q.build_bytes_vec().unwrap(), &names).unwrap())
-            .unwrap()
-            .rcode();
+        let nxdomain = answer(&query(8, "nope.ns-1.svc.cluster.local"), &names).unwrap();
+        let reply = Packet::parse(&nxdomain).unwrap().rcode();
         assert_eq!(reply, RCODE::NameError);
         assert!(answer(b"npc-probe", &names).is_none(), "a probe is not DNS");
     }

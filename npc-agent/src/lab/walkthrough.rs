@@ -16,58 +16,39 @@ use npc_policy::model::{ObjectRef, Protocol};
 
 pub struct Step {
     pub title: &'static str,
-    /// Files of the walk-through directory that make up the cluster in this step.
+    /// Files of the walk-through directory that this step adds to [`CLUSTER`].
     pub files: &'static [&'static str],
     /// What the seed says happens to busybox's request.
     pub expected_allowed: bool,
 }
 
+/// The files every step has: ns-1, http-echo and its Service, the cluster DNS.
+pub const CLUSTER: [&str; 4] = [
+    "namespace.yaml",
+    "http-echo.yaml",
+    "http-echo-service.yaml",
+    "kube-dns.yaml",
+];
+
 pub const STEPS: [Step; 4] = [
     Step {
         title: "no network policy: busybox -> http-echo:80 succeeds",
-        files: &[
-            "namespace.yaml",
-            "http-echo.yaml",
-            "busybox.yaml",
-            "http-echo-service.yaml",
-            "kube-dns.yaml",
-        ],
+        files: &["busybox.yaml"],
         expected_allowed: true,
     },
     Step {
         title: "deny-all-by-default created: the request times out",
-        files: &[
-            "namespace.yaml",
-            "http-echo.yaml",
-            "busybox.yaml",
-            "http-echo-service.yaml",
-            "kube-dns.yaml",
-            "steps/deny-all-by-default.yaml",
-        ],
+        files: &["busybox.yaml", "steps/deny-all-by-default.yaml"],
         expected_allowed: false,
     },
     Step {
         title: "deny-all deleted, `allow` (from app=busybox) created: still times out",
-        files: &[
-            "namespace.yaml",
-            "http-echo.yaml",
-            "busybox.yaml",
-            "http-echo-service.yaml",
-            "kube-dns.yaml",
-            "steps/allow-network-policy.yaml",
-        ],
+        files: &["busybox.yaml", "steps/allow-network-policy.yaml"],
         expected_allowed: false,
     },
     Step {
         title: "busybox labelled app=busybox: the request succeeds",
-        files: &[
-            "namespace.yaml",
-            "http-echo.yaml",
-            "steps/busybox-labeled.yaml",
-            "http-echo-service.yaml",
-            "kube-dns.yaml",
-            "steps/allow-network-policy.yaml",
-        ],
+        files: &["steps/busybox-labeled.yaml", "steps/allow-network-policy.yaml"],
         expected_allowed: true,
     },
 ];
@@ -75,7 +56,7 @@ pub const STEPS: [Step; 4] = [
 /// Reads the files of a step.
 pub fn load_step(dir: &Path, step: &Step) -> anyhow::Result<Loaded> {
     let mut loaded = Loaded::default();
-    for file in step.files {
+    for file in CLUSTER.iter().chain(step.files) {
         let path = dir.join(file);
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         loaded.extend(files::parse_str(&path, &text));
