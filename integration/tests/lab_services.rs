@@ -2,7 +2,10 @@
 //! (DNAT after npc's from-pod hook, br_netfilter undoing it on the bridged reply), real sockets
 //! through the ClusterIP, and every block proven by a drop counter (`LabRecord::probe_service`).
 //! One lab, changed live from step to step, as a user edits manifests under `lab up`.
-use npc_agent::lab::{Lab, LabOptions, dns::Lookup};
+use npc_agent::lab::{
+    Lab, LabOptions,
+    dns::{Lookup, Transport},
+};
 use npc_integration::{require_root, tag};
 use npc_policy::{
     files::{self, Loaded},
@@ -101,17 +104,17 @@ fn services_are_judged_by_their_backends_through_real_dnat() {
     p.service("others unaffected", "shop/other", web, 80, Protocol::Tcp, true);
     // Real DNS queries through the ClusterIP: the lab's CoreDNS pod answers with the VIP.
     let record = lab.record();
+    let lookup = |name: &str, transport| record.resolve("shop/client", name, transport).expect("resolve");
+    for transport in [Transport::Udp, Transport::Tcp] {
+        let got = lookup("web.shop.svc.cluster.local", transport);
+        assert_eq!(
+            got,
+            Lookup::Address(web_vip),
+            "dns-only: names resolve over {transport:?}"
+        );
+    }
     assert_eq!(
-        record
-            .resolve("shop/client", "web.shop.svc.cluster.local")
-            .expect("resolve"),
-        Lookup::Address(web_vip),
-        "dns-only: names resolve"
-    );
-    assert_eq!(
-        record
-            .resolve("shop/client", "nope.shop.svc.cluster.local")
-            .expect("resolve"),
+        lookup("nope.shop.svc.cluster.local", Transport::Udp),
         Lookup::NoSuchName
     );
 
@@ -183,7 +186,7 @@ fn services_are_judged_by_their_backends_through_real_dnat() {
     p.service("egress deny-all", "shop/client", dns, 53, Protocol::Udp, false);
     assert_eq!(
         lab.record()
-            .resolve("shop/client", "web.shop.svc.cluster.local")
+            .resolve("shop/client", "web.shop.svc.cluster.local", Transport::Udp)
             .expect("a refused query, proven by a drop"),
         Lookup::NoReply,
         "egress deny-all: no DNS"

@@ -65,12 +65,16 @@ pub enum Lookup {
     NoReply,
 }
 
+/// How a lookup travels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    /// RFC 7766: each message after two length bytes.
+    Tcp,
+}
+
 /// Looks `name` up (an A query) at `server`, from the calling thread's namespace.
-pub fn resolve(server: SocketAddr, name: &str, timeout: Duration) -> Lookup {
-    let Ok(sock) = UdpSocket::bind("0.0.0.0:0") else {
-        return Lookup::NoReply;
-    };
-    let _ = sock.set_read_timeout(Some(timeout));
+pub fn resolve(server: SocketAddr, name: &str, transport: Transport, timeout: Duration) -> Lookup {
     let id = (std::process::id() as u16) ^ 0x5a5a;
     let mut query = Packet::new_query(id);
     query.set_flags(PacketFlag::RECURSION_DESIRED);
@@ -83,15 +87,14 @@ pub fn resolve(server: SocketAddr, name: &str, timeout: Duration) -> Lookup {
     let Ok(bytes) = query.build_bytes_vec() else {
         return Lookup::NoSuchName;
     };
-    if sock.send_to(&bytes, server).is_err() {
-        return Lookup::NoReply;
-    }
-    let mut buf = [0u8; 512];
-    let reply = match sock.recv_from(&mut buf) {
-        Ok((n, from)) if from == server => Packet::parse(&buf[..n]).ok(),
-        _ => None,
+    let reply = match transport {
+        Transport::Udp => exchange_udp(server, &bytes, timeout),
+        Transport::Tcp => exchange_tcp(server, &bytes, timeout),
     };
-    let Some(reply) = reply.filter(|r| r.id() == id) else {
+    let Some(reply) = reply else {
+        return Lookup::NoReply;
+    };
+    let Some(reply) = Packet::parse(&reply).ok().filter(|r| r.id() == id) else {
         return Lookup::NoReply;
     };
     reply
@@ -102,6 +105,29 @@ pub fn resolve(server: SocketAddr, name: &str, timeout: Duration) -> Lookup {
             _ => None,
         })
         .unwrap_or(Lookup::NoSuchName)
+}
+
+fn exchange_udp(server: SocketAddr, query: &[u8], timeout: Duration) -> Option<Vec<u8>> {
+    let sock = UdpSocket::bind("0.0.0.0:0").ok()?;
+    sock.set_read_timeout(Some(timeout)).ok()?;
+    sock.send_to(query, server).ok()?;
+    let mut buf = [0u8; 512];
+    let (n, from) = sock.recv_from(&mut buf).ok()?;
+    (from == server).then(|| buf[..n].to_vec())
+}
+
+fn exchange_tcp(server: SocketAddr, query: &[u8], timeout: Duration) -> Option<Vec<u8>> {
+    use std::io::{Read as _, Write as _};
+    let mut conn = std::net::TcpStream::connect_timeout(&server, timeout).ok()?;
+    conn.set_read_timeout(Some(timeout)).ok()?;
+    let mut framed = u16::try_from(query.len()).ok()?.to_be_bytes().to_vec();
+    framed.extend_from_slice(query);
+    conn.write_all(&framed).ok()?;
+    let mut len = [0u8; 2];
+    conn.read_exact(&mut len).ok()?;
+    let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    conn.read_exact(&mut reply).ok()?;
+    Some(reply)
 }
 
 #[cfg(test)]

@@ -76,7 +76,7 @@ pub(super) fn start_listeners(ns: &str, pod: &Pod, dns: Option<Names>) -> Result
             Ok(s) => s,
             Err(e) => return drop(ready_tx.send(Err(e))),
         };
-        let runtime = match tokio::runtime::Builder::new_current_thread().enable_io().build() {
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(r) => r,
             Err(e) => return drop(ready_tx.send(Err(format!("listener runtime: {e}")))),
         };
@@ -110,10 +110,23 @@ async fn serve(socket: Socket, reply: Vec<u8>, dns: Option<Names>) {
             else {
                 return;
             };
+            let dns = dns.filter(|_| listener.local_addr().is_ok_and(|a| a.port() == 53));
             loop {
                 // A failed accept (a connection reset before we took it) loses that one only.
                 if let Ok((mut conn, _)) = listener.accept().await {
-                    let _ = conn.write_all(&reply).await;
+                    match &dns {
+                        // DNS over TCP: a length-prefixed query first; a probe sends nothing.
+                        Some(names) => {
+                            let (names, reply) = (names.clone(), reply.clone());
+                            tokio::spawn(async move {
+                                let answer = tcp_dns_query(&mut conn, &names).await;
+                                let _ = conn.write_all(answer.as_deref().unwrap_or(&reply)).await;
+                            });
+                        }
+                        None => {
+                            let _ = conn.write_all(&reply).await;
+                        }
+                    }
                 }
             }
         }
@@ -131,6 +144,25 @@ async fn serve(socket: Socket, reply: Vec<u8>, dns: Option<Names>) {
             }
         }
     }
+}
+
+/// A DNS query over TCP (RFC 7766: two length bytes, then the message) answered, length-prefixed;
+/// `None` when nothing that parses arrives within a moment (a lab probe, which only reads).
+async fn tcp_dns_query(conn: &mut tokio::net::TcpStream, names: &Names) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt as _;
+    let read = async {
+        let len = conn.read_u16().await.ok()?;
+        let mut query = vec![0u8; usize::from(len)];
+        conn.read_exact(&mut query).await.ok()?;
+        let answer = super::dns::answer(&query, names)?;
+        let mut framed = u16::try_from(answer.len()).ok()?.to_be_bytes().to_vec();
+        framed.extend(answer);
+        Some(framed)
+    };
+    tokio::time::timeout(Duration::from_millis(300), read)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Connects (TCP: and reads the reply; UDP: and waits for the echo) within `timeout`.

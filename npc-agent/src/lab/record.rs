@@ -11,7 +11,11 @@ use npc_common::DropKey;
 use npc_policy::model::Protocol;
 use serde::{Deserialize, Serialize};
 
-use super::{LabError, LabOptions, Probe, connect, dns::Lookup, netns};
+use super::{
+    LabError, LabOptions, Probe, connect,
+    dns::{Lookup, Transport},
+    netns,
+};
 use crate::datapath::pinned_drops;
 
 /// A running lab as `lab up` writes it down for `lab probe` and `lab down` (other processes).
@@ -147,23 +151,28 @@ impl LabRecord {
     }
 
     /// Resolves `name` from inside pod `from` through the kube-dns ClusterIP, as a pod's resolver
-    /// does. No reply is proven like a blocked probe (a drop at UDP 53 or at kube-dns's target
-    /// port); a lab without kube-dns is an error.
-    pub fn resolve(&self, from: &str, name: &str) -> Result<Lookup, LabError> {
+    /// does (over UDP, or TCP as resolvers retry truncated answers). No reply is proven like a
+    /// blocked probe (a drop at port 53 or at kube-dns's target port); a lab without kube-dns is an
+    /// error.
+    pub fn resolve(&self, from: &str, name: &str, transport: Transport) -> Result<Lookup, LabError> {
         let server = self
             .dns
             .ok_or_else(|| LabError::Setup("the lab has no kube-system/kube-dns Service to resolve with".into()))?;
-        let (_, targets) = self.service_port("svc/kube-system/kube-dns", 53, Protocol::Udp)?;
+        let protocol = match transport {
+            Transport::Udp => Protocol::Udp,
+            Transport::Tcp => Protocol::Tcp,
+        };
+        let (_, targets) = self.service_port("svc/kube-system/kube-dns", 53, protocol)?;
         let src = self.pod(from)?;
         let timeout = Duration::from_millis(self.probe_timeout_ms);
         let before = self.drops()?;
         let got = netns::run_in(&src.netns, || {
-            super::dns::resolve(SocketAddr::new(server, 53), name, timeout)
+            super::dns::resolve(SocketAddr::new(server, 53), name, transport, timeout)
         })?;
         if got == Lookup::NoReply {
             let mut ports = targets;
             ports.push(53);
-            self.prove_blocked(before.as_ref(), &[(ports, Protocol::Udp, 1)])?;
+            self.prove_blocked(before.as_ref(), &[(ports, protocol, 1)])?;
         }
         Ok(got)
     }

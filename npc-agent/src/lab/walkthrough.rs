@@ -84,7 +84,7 @@ pub const HTTP_ECHO_NAME: &str = "http-echo.ns-1.svc.cluster.local";
 pub fn wget(lab: &Lab) -> anyhow::Result<(std::net::IpAddr, bool)> {
     let record = lab.record();
     let from = busybox().to_string();
-    let addr = match record.resolve(&from, HTTP_ECHO_NAME)? {
+    let addr = match record.resolve(&from, HTTP_ECHO_NAME, crate::lab::dns::Transport::Udp)? {
         crate::lab::dns::Lookup::Address(addr) => addr,
         other => anyhow::bail!("busybox could not resolve {HTTP_ECHO_NAME}: {other:?}"),
     };

@@ -163,6 +163,7 @@ impl Enforcer {
         {
             let mut names = self.names.write().expect("not poisoned");
             names.by_addr = compiled.address_owners.clone();
+            names.services = compiled.vip_owners.clone();
             names.by_ifindex = ifindexes.iter().map(|(pod, i)| (*i, pod.clone())).collect();
         }
         let synced = self.datapath.sync(&compiled.maps, |pod| ifindexes.get(pod).copied());

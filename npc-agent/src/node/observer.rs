@@ -26,6 +26,8 @@ use npc_policy::policy::direction_name;
 #[derive(Clone, Debug, Default)]
 pub struct Names {
     pub by_addr: BTreeMap<IpAddr, ObjectRef>,
+    /// Service VIPs: a pod's blocked connection to one names the Service.
+    pub services: BTreeMap<IpAddr, ObjectRef>,
     pub by_ifindex: BTreeMap<u32, ObjectRef>,
 }
 
@@ -34,9 +36,10 @@ pub type SharedNames = Arc<RwLock<Names>>;
 /// One event as a log line: what, between whom, and why.
 pub fn describe(ev: &VerdictEvent, names: &Names) -> String {
     let (src, dst) = (addr_from_bytes(ev.src), addr_from_bytes(ev.dst));
-    let who = |ip: IpAddr| match names.by_addr.get(&ip) {
-        Some(pod) => format!(" ({pod})"),
-        None => String::new(),
+    let who = |ip: IpAddr| match (names.by_addr.get(&ip), names.services.get(&ip)) {
+        (Some(pod), _) => format!(" ({pod})"),
+        (None, Some(svc)) => format!(" (svc/{svc})"),
+        (None, None) => String::new(),
     };
     let protocol = protocol_name(ev.protocol).map_or_else(|| format!("protocol {}", ev.protocol), str::to_string);
     let endpoint = |ip: IpAddr, port: u16| match ip {
@@ -232,6 +235,17 @@ mod tests {
         assert_eq!(
             describe(&event(), &names),
             "blocked TCP 10.0.0.2:40000 (shop/client) -> 10.0.0.1:80 (shop/web): ingress policy of shop/web: no policy rule allows it"
+        );
+        // A connection to a Service's VIP names the Service.
+        names
+            .services
+            .insert("10.96.0.80".parse().unwrap(), ObjectRef::new("shop", "web"));
+        let mut to_vip = event();
+        to_vip.dst = npc_common::v4_mapped([10, 96, 0, 80]);
+        assert!(
+            describe(&to_vip, &names).contains("-> 10.96.0.80:80 (svc/shop/web)"),
+            "{}",
+            describe(&to_vip, &names)
         );
         let mut ev = event();
         ev.src = "fd00::9".parse::<std::net::Ipv6Addr>().unwrap().octets();
