@@ -556,37 +556,44 @@ fn service_backends(c: &Cluster, svc: &Service, port: &k8s_openapi::api::core::v
     out
 }
 
-/// Sentence 18: the egress verdict at `src` for a connection to `vip`:`port`, when `vip` is a
-/// Service's VIP and `port` one of its ports; `None` when it is not (an address like any other).
-pub fn service_egress_allows(c: &Cluster, src: IpAddr, vip: IpAddr, protocol: &str, port: u16) -> Option<bool> {
+/// Sentences 16-17: the (backend address, target port) pairs a connection to `vip`:`port` may be
+/// sent to, of the VIP's family; `None` when `vip` is no Service's VIP or `port` none of its ports.
+pub fn vip_backends(c: &Cluster, vip: IpAddr, protocol: &str, port: u16) -> Option<Vec<(IpAddr, u16)>> {
     for svc in &c.services {
         if !vips(svc).contains(&vip) {
             continue;
         }
         let ports = svc.spec.as_ref().and_then(|s| s.ports.as_ref());
         for sp in ports.into_iter().flatten() {
-            if sp.protocol.as_deref().unwrap_or("TCP") != protocol || sp.port != i32::from(port) {
-                continue;
+            if sp.protocol.as_deref().unwrap_or("TCP") == protocol && sp.port == i32::from(port) {
+                let backends = service_backends(c, svc, sp);
+                return Some(
+                    backends
+                        .into_iter()
+                        .filter(|(a, _)| a.is_ipv4() == vip.is_ipv4())
+                        .collect(),
+                );
             }
-            if side_allows(c, Direction::Egress, src, vip, protocol, port) {
-                return Some(true);
-            }
-            let backends: Vec<(IpAddr, u16)> = service_backends(c, svc, sp)
-                .into_iter()
-                .filter(|(addr, _)| addr.is_ipv4() == vip.is_ipv4())
-                .collect();
-            return Some(
-                !backends.is_empty()
-                    && backends
-                        .iter()
-                        .all(|(addr, target)| side_allows(c, Direction::Egress, src, *addr, protocol, *target)),
-            );
         }
     }
     None
 }
 
-/// Both enforcement points: egress at `src`, ingress at `dst`.
+/// Sentence 18: the egress verdict at `src` for a connection to `vip`:`port`, when `vip` is a
+/// Service's VIP and `port` one of its ports; `None` when it is not (an address like any other).
+pub fn service_egress_allows(c: &Cluster, src: IpAddr, vip: IpAddr, protocol: &str, port: u16) -> Option<bool> {
+    let backends = vip_backends(c, vip, protocol, port)?;
+    if side_allows(c, Direction::Egress, src, vip, protocol, port) {
+        return Some(true);
+    }
+    Some(
+        !backends.is_empty()
+            && backends
+                .iter()
+                .all(|(addr, target)| side_allows(c, Direction::Egress, src, *addr, protocol, *target)),
+    )
+}
+
 /// A VIP owns no pod, so its ingress side allows everything; its egress side is sentence 18.
 pub fn allowed(c: &Cluster, src: IpAddr, dst: IpAddr, protocol: &str, port: u16) -> bool {
     let egress = service_egress_allows(c, src, dst, protocol, port)
