@@ -146,6 +146,25 @@ pub fn ipv6_with(src: [u8; 16], dst: [u8; 16], l4: L4, ext: &[(u8, Vec<u8>)]) ->
     ethernet(0x86dd, &[&h, &chain, &payload])
 }
 
+/// `frame` with 802.1Q/802.1ad tags inserted after the MAC addresses, outermost first: each tag
+/// is its TPID (0x8100 802.1Q, 0x88a8 802.1ad) and a TCI of 0 (priority 0, VID 0).
+pub fn vlan_tagged(tpids: &[u16], frame: &[u8]) -> Vec<u8> {
+    let mut out = frame[..12].to_vec();
+    for tpid in tpids {
+        out.extend_from_slice(&tpid.to_be_bytes());
+        out.extend_from_slice(&[0, 0]);
+    }
+    out.extend_from_slice(&frame[12..]);
+    out
+}
+
+/// `frame` with its ethertype replaced.
+pub fn with_ethertype(ethertype: u16, frame: &[u8]) -> Vec<u8> {
+    let mut out = frame.to_vec();
+    out[12..14].copy_from_slice(&ethertype.to_be_bytes());
+    out
+}
+
 /// An ARP request.
 pub fn arp() -> Vec<u8> {
     ethernet(0x0806, &[&[0, 1, 8, 0, 6, 4, 0, 1], &[0u8; 20]])

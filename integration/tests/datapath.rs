@@ -202,6 +202,33 @@ fn connection_opened_before_any_policy_is_cut_by_deny_all() {
 }
 
 #[test]
+fn tagged_frames_and_unknown_ethertypes_are_dropped_for_isolated_pods_only() {
+    let mut fx = Fixture::new("vlan");
+    // An allowed flow, so that only the tags can be why it is dropped.
+    let allowed = packet::tcp(CLIENT, SERVER, 41000, 80, TCP_SYN);
+    let allowed_v6 = packet::tcp(ip("fd00::20"), ip("fd00::10"), 41000, 80, TCP_SYN);
+    let frames = [
+        ("802.1Q VID 0", packet::vlan_tagged(&[0x8100], &allowed)),
+        ("802.1ad + 802.1Q", packet::vlan_tagged(&[0x88a8, 0x8100], &allowed)),
+        ("802.1Q, IPv6 inside", packet::vlan_tagged(&[0x8100], &allowed_v6)),
+        ("unknown ethertype", packet::with_ethertype(0x88b5, &allowed)),
+    ];
+    // Not isolated: everything passes (nothing to protect), as before.
+    fx.apply("");
+    for (what, frame) in &frames {
+        assert_eq!(fx.run(Hook::ToPod, frame), PASS, "{what}, not isolated");
+    }
+    fx.apply(POLICIES);
+    fx.expect(Hook::ToPod, &allowed, PASS);
+    for (what, frame) in &frames {
+        assert_eq!(fx.run(Hook::ToPod, frame), SHOT, "{what} to an isolated pod");
+        assert_eq!(fx.run(Hook::FromPod, frame), SHOT, "{what} from an isolated pod");
+    }
+    assert_eq!(fx.drops(DIR_INGRESS, 0, 0), frames.len() as u64, "each counted");
+    assert_eq!(fx.drops(DIR_EGRESS, 0, 0), frames.len() as u64, "each counted");
+}
+
+#[test]
 fn arp_passes_an_isolated_pod() {
     let fx = Fixture::policed("arp");
     fx.expect(Hook::ToPod, &packet::arp(), PASS);

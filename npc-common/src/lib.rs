@@ -233,6 +233,9 @@ pub mod drop_reason {
     pub const UNPARSEABLE: u8 = 2;
     /// An established connection that a policy change no longer allows.
     pub const POLICY_CHANGED: u8 = 3;
+    /// A frame that is neither IPv4, IPv6 nor ARP (VLAN-tagged, unknown ethertype) to or from a pod
+    /// isolated in that direction.
+    pub const NOT_IP: u8 = 4;
 }
 
 /// Event kinds in `NPC_EVENTS`.

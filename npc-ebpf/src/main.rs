@@ -6,7 +6,8 @@
 //! Per packet, in this order (the first step that decides, decides):
 //!
 //! 1. `NPC_ENDPOINTS[ifindex]` missing → not a pod of ours → pass.
-//! 2. Non-IP (ARP, ...) → pass. ICMPv6 neighbour and multicast listener discovery → pass. ICMP errors → pass (they
+//! 2. ARP → pass. Any other non-IP frame (VLAN tags of any kind, unknown ethertypes) → drop if
+//!    the pod is isolated in this direction, else pass. ICMPv6 neighbour and multicast listener discovery → pass. ICMP errors → pass (they
 //!    belong to a connection; see docs/datapath.md). Non-first IP fragments → pass (they carry no
 //!    ports and cannot be reassembled without the first fragment, which is judged).
 //!    A packet that cannot be parsed → drop if the pod is isolated in this direction, else pass.
@@ -73,6 +74,7 @@ static NPC_STATS: PerCpuArray<u64, { stats::COUNT as usize }> = PerCpuArray::new
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_ARP: u16 = 0x0806;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
@@ -108,6 +110,8 @@ enum Parsed {
     /// Too short, bad header length, unknown extension header... (`Packet::protocol` holds the
     /// protocol if parsing got that far, else 0).
     Unparseable,
+    /// Neither IPv4, IPv6 nor ARP: VLAN tags, unknown ethertypes.
+    NotIp,
 }
 
 #[classifier]
@@ -149,6 +153,8 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
             deny(ctx, &hook, &pkt, drop_reason::UNPARSEABLE)
         }
         Parsed::Unparseable => TC_ACT_UNSPEC,
+        Parsed::NotIp if is_isolated(&hook.endpoint, direction) => deny(ctx, &hook, &pkt, drop_reason::NOT_IP),
+        Parsed::NotIp => TC_ACT_UNSPEC,
         Parsed::Ip => judge(ctx, &hook, &pkt),
     }
 }
@@ -564,8 +570,11 @@ fn parse(ctx: &TcContext, pkt: &mut Packet) -> Parsed {
             }
             offset
         }
-        // ARP and every other non-IP frame.
-        _ => return Parsed::AlwaysPass,
+        // ARP: a pod needs it whatever its policy.
+        ETH_P_ARP => return Parsed::AlwaysPass,
+        // VLAN-tagged frames (802.1Q, 802.1ad, any depth: the receiving kernel would strip the
+        // tags and deliver the IP packet inside unjudged) and every other ethertype.
+        _ => return Parsed::NotIp,
     };
 
     match pkt.protocol {

@@ -351,6 +351,7 @@ impl Metrics {
             npc_common::drop_reason::POLICY => "policy",
             npc_common::drop_reason::UNPARSEABLE => "unparseable",
             npc_common::drop_reason::POLICY_CHANGED => "policy_changed",
+            npc_common::drop_reason::NOT_IP => "not_ip",
             _ => "other",
         };
         self.inner

@@ -60,6 +60,7 @@ pub fn describe(ev: &VerdictEvent, names: &Names) -> String {
         drop_reason::POLICY => "no policy rule allows it",
         drop_reason::UNPARSEABLE => "the packet could not be parsed",
         drop_reason::POLICY_CHANGED => "a policy change no longer allows this established connection",
+        drop_reason::NOT_IP => "not IPv4, IPv6 or ARP (VLAN-tagged or an unknown ethertype)",
         _ => "unknown reason",
     };
     format!(
