@@ -476,12 +476,35 @@ fn egress_to_a_service_vip_is_judged_by_its_backends_and_replies_from_the_vip_pa
     // Another port of the VIP, and a Service whose backends are reached on a port not allowed.
     fx.expect(Hook::FromPod, &packet::tcp(SERVER, vip, 34001, 81, TCP_SYN), SHOT);
     assert_eq!(fx.drops(DIR_EGRESS, PROTO_TCP, 81), 1);
-    fx.expect(
-        Hook::FromPod,
-        &packet::tcp(SERVER, ip("10.96.0.21"), 34002, 80, TCP_SYN),
-        SHOT,
-    );
+    let via_9999 = packet::tcp(SERVER, ip("10.96.0.21"), 34002, 80, TCP_SYN);
+    fx.expect(Hook::FromPod, &via_9999, SHOT);
     assert_eq!(fx.drops(DIR_EGRESS, PROTO_TCP, 80), 1);
     // Unsolicited traffic from the VIP in is still judged by ingress policy.
     fx.expect(Hook::ToPod, &packet::tcp(vip, SERVER, 80, 35000, TCP_SYN), SHOT);
+}
+
+/// A packet that claims to be a reply (SYN-ACK, a bare ACK, a RST) with no tracked connection
+/// behind it is a new packet, judged by policy like any other: no "established" shortcut for an
+/// attacker who forges one (issue 12's "replies" row).
+#[test]
+fn forged_replies_to_an_isolated_pod_are_judged_as_new() {
+    let fx = Fixture::policed("forged");
+    let (client_v6, server_v6) = (ip("fd00::20"), ip("fd00::10"));
+    for (client, server) in [(CLIENT, SERVER), (client_v6, server_v6)] {
+        for flags in [TCP_SYN | TCP_ACK, TCP_ACK, TCP_FIN | TCP_ACK] {
+            // From the client's port 80, as if the server had connected out to it: the server's
+            // ingress allows the client on port 80 only, and this arrives on port 42000.
+            let forged = packet::tcp(client, server, 80, 42000, flags);
+            fx.expect(Hook::ToPod, &forged, SHOT);
+        }
+    }
+    assert_eq!(
+        fx.drops(DIR_INGRESS, PROTO_TCP, 42000),
+        6,
+        "each forged reply is counted"
+    );
+    // The control: a real reply passes. server-out lets the server open to the client's 8080.
+    fx.expect(Hook::FromPod, &packet::tcp(SERVER, CLIENT, 42001, 8080, TCP_SYN), PASS);
+    let reply = packet::tcp(CLIENT, SERVER, 8080, 42001, TCP_SYN | TCP_ACK);
+    fx.expect(Hook::ToPod, &reply, PASS);
 }
