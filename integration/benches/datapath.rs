@@ -132,6 +132,20 @@ fn main() {
             PASS,
         ),
         (
+            "established TCP out of a pod (the reply direction; source validated)",
+            Hook::FromPod,
+            packet::tcp(server_ip, client, 80, 1000, TCP_ACK),
+            Kind::Steady,
+            PASS,
+        ),
+        (
+            "forged source out of a pod (source validation drops it; counted; event emitted)",
+            Hook::FromPod,
+            packet::tcp(ip("10.1.0.8"), client, 80, 1000, TCP_ACK),
+            Kind::Steady,
+            SHOT,
+        ),
+        (
             "a packet on an interface that is not a pod's (endpoint lookup only)",
             Hook::FromPod,
             packet::tcp(server_ip, client, 40003, 443, TCP_SYN),
@@ -184,6 +198,10 @@ fn main() {
             }
         };
         println!("{:>8}  {name}", per_packet.as_nanos());
+    }
+    for (program, count) in dp.verified_instructions() {
+        let count = count.map_or_else(|| "not reported by this kernel".to_string(), |n| n.to_string());
+        println!("verifier: {program} accepted after {count} instructions walked (limit 1000000)");
     }
     lab_matrix();
 }

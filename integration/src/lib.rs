@@ -3,6 +3,7 @@
 pub mod cluster;
 pub mod fake_api;
 pub mod packet;
+pub mod raw;
 
 /// Fails (never skips) when the test cannot do what it exists to do.
 pub fn require_root() {

@@ -169,3 +169,78 @@ pub fn with_ethertype(ethertype: u16, frame: &[u8]) -> Vec<u8> {
 pub fn arp() -> Vec<u8> {
     ethernet(0x0806, &[&[0, 1, 8, 0, 6, 4, 0, 1], &[0u8; 20]])
 }
+
+/// An ARP request whose sender protocol address is `sender`.
+pub fn arp_from(sender: [u8; 4]) -> Vec<u8> {
+    let mut f = arp();
+    f[28..32].copy_from_slice(&sender);
+    f
+}
+
+/// An ICMP (ICMPv6 by the family of `src`) error of `icmp_type`/`code` quoting `quoted`, an IP
+/// packet (a frame from this module without its Ethernet header).
+pub fn icmp_error(src: IpAddr, dst: IpAddr, icmp_type: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+    let mut f = ip(src, dst, L4::Icmp { icmp_type, id: 0 });
+    let icmp = if src.is_ipv4() { 14 + 20 } else { 14 + 40 };
+    f[icmp + 1] = code;
+    f.extend_from_slice(quoted);
+    set_ip_length(&mut f, src.is_ipv6());
+    f
+}
+
+/// Rewrites the IP length field (IPv4 total length, IPv6 payload length) to the frame's size.
+fn set_ip_length(f: &mut [u8], v6: bool) {
+    if v6 {
+        let len = (f.len() - 14 - 40) as u16;
+        f[18..20].copy_from_slice(&len.to_be_bytes());
+    } else {
+        let len = (f.len() - 14) as u16;
+        f[16..18].copy_from_slice(&len.to_be_bytes());
+    }
+}
+
+/// `frame` (plain IPv4 from this module) as a fragment of datagram `id`: `offset` bytes into it
+/// (a multiple of 8), with the more-fragments flag `more`. A later fragment carries the original
+/// transport bytes as its data; the programs never read a later fragment's payload.
+pub fn ipv4_fragment(frame: &[u8], id: u16, offset: u16, more: bool) -> Vec<u8> {
+    assert!(offset.is_multiple_of(8), "fragment offsets are in 8-octet units");
+    let mut f = frame.to_vec();
+    f[18..20].copy_from_slice(&id.to_be_bytes());
+    let field = (offset / 8) | if more { 0x2000 } else { 0 };
+    f[20..22].copy_from_slice(&field.to_be_bytes());
+    f
+}
+
+/// `frame` (plain IPv6 from this module, no extension headers) with a fragment header: datagram
+/// `id`, `offset` bytes into it, more-fragments flag `more`.
+pub fn ipv6_fragment(frame: &[u8], id: u32, offset: u16, more: bool) -> Vec<u8> {
+    assert!(offset.is_multiple_of(8), "fragment offsets are in 8-octet units");
+    let mut f = frame[..54].to_vec();
+    let next = f[20];
+    f[20] = 44;
+    f.extend_from_slice(&[next, 0]);
+    f.extend_from_slice(&(offset | u16::from(more)).to_be_bytes());
+    f.extend_from_slice(&id.to_be_bytes());
+    f.extend_from_slice(&frame[54..]);
+    set_ip_length(&mut f, true);
+    f
+}
+
+/// `frame` (IPv4) claiming an IP total length of `total` bytes, whatever it really carries (the
+/// rest is link-layer padding to a receiver).
+pub fn with_ipv4_total_length(frame: &[u8], total: u16) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[16..18].copy_from_slice(&total.to_be_bytes());
+    f
+}
+
+/// An IPv4 UDP datagram carrying `payload` (UDP checksum 0: none, which IPv4 allows).
+pub fn udp4_with_payload(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = ip(src, dst, L4::Udp { sport, dport });
+    assert!(src.is_ipv4(), "IPv6 UDP needs a checksum: not built here");
+    f.extend_from_slice(payload);
+    let udp_len = (8 + payload.len()) as u16;
+    f[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&udp_len.to_be_bytes());
+    set_ip_length(&mut f, false);
+    f
+}

@@ -27,7 +27,7 @@ const POLICY: &str = include_str!("fixtures/shop-bpftool-policy.yaml");
 type Fields = Option<&'static [&'static str]>;
 
 const EXPECTED: &[(&str, Fields, Fields)] = &[
-    (map_names::ENDPOINTS, None, Some(&["identity", "flags", "addr"])),
+    (map_names::ENDPOINTS, None, Some(&["identity", "flags", "addrs"])),
     (map_names::IDENTITIES, None, None),
     (map_names::CIDRS, Some(&["prefix_len", "data"]), None),
     (
@@ -225,9 +225,11 @@ fn map_show(path: &Path) -> Value {
 }
 
 /// An upgrade: the new object is loaded over maps an older agent pinned without BTF. aya 0.14
-/// opens a pinned map by path and uses it as it is (it compares nothing), which is right here:
-/// the layouts are byte for byte the ones the programs were built for, BTF only describes them.
-/// Enforcement carries on, on the very same maps.
+/// opens a pinned map by path and uses it as it is (it compares nothing; npc compares the
+/// layouts first), which is right here: the layouts are byte for byte the ones the programs were
+/// built for, BTF only describes them. Enforcement carries on, on the very same maps, except
+/// `NPC_ENDPOINTS`, whose values grew (one address per pod then, two now): its entries are carried
+/// into a new map.
 #[test]
 fn maps_pinned_without_btf_are_adopted_and_keep_enforcing() {
     npc_integration::require_root();
@@ -266,14 +268,40 @@ fn maps_pinned_without_btf_are_adopted_and_keep_enforcing() {
     }
     // A "before" policy written by the old agent stays in force until the new one syncs.
     let result = std::panic::catch_unwind(|| {
+        // The old agent's endpoint: the server behind ifindex 1, identity 300, ingress-isolated.
+        let old_endpoint: Vec<String> = [
+            1u32.to_ne_bytes().as_slice(),
+            &300u32.to_ne_bytes(),
+            &1u32.to_ne_bytes(),
+        ]
+        .concat()
+        .into_iter()
+        .chain(npc_common::v4_mapped([10, 0, 0, 10]))
+        .map(|b| b.to_string())
+        .collect();
+        let endpoints_pin = pin_root.join(map_names::ENDPOINTS);
+        let mut args = vec!["map", "update", "pinned", endpoints_pin.to_str().unwrap(), "key"];
+        args.extend(old_endpoint[..4].iter().map(String::as_str));
+        args.push("value");
+        args.extend(old_endpoint[4..].iter().map(String::as_str));
+        run_bpftool(&args);
+
         let mut dp = Datapath::load(&pin_root).expect("load the new object over maps pinned without BTF");
         for ((name, ..), id) in LEGACY.iter().zip(&ids) {
-            assert_eq!(
-                &map_show(&pin_root.join(name))["id"],
-                id,
-                "{name} was replaced, not adopted"
-            );
+            let same = &map_show(&pin_root.join(name))["id"] == id;
+            if *name == map_names::ENDPOINTS {
+                assert!(!same, "{name} has a new layout: it must be a new map");
+            } else {
+                assert!(same, "{name} was replaced, not adopted");
+            }
         }
+        let carried = dp.endpoints().unwrap();
+        let server = npc_common::v4_mapped([10, 0, 0, 10]);
+        assert_eq!(
+            carried.get(&1),
+            Some(&npc_common::EndpointInfo::new(300, 1, &[server])),
+            "the old endpoint was carried into the new layout"
+        );
         sync(&mut dp);
         traffic(&dp);
         assert_eq!(
@@ -282,7 +310,7 @@ fn maps_pinned_without_btf_are_adopted_and_keep_enforcing() {
             "the denied SYN was counted"
         );
         // These maps stay without BTF until they are removed: bpftool shows their bytes.
-        let entries = dump_json(&pin_root, map_names::ENDPOINTS);
+        let entries = dump_json(&pin_root, map_names::IDENTITIES);
         assert!(entries[0].get("formatted").is_none(), "{entries:?}");
     });
     let _ = std::fs::remove_dir_all(&pin_root);

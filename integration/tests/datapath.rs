@@ -7,7 +7,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use npc_agent::datapath::Hook;
-use npc_common::{DIR_EGRESS, DIR_INGRESS, DropKey, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+use npc_common::{DIR_EGRESS, DIR_INGRESS, DropKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 use npc_integration::packet::{self, L4, TCP_ACK, TCP_FIN, TCP_SYN};
 use npc_integration::{TestDatapath, compile_for};
 use npc_policy::model::ObjectRef;
@@ -65,7 +65,11 @@ impl Fixture {
 
     /// Compiles CLUSTER plus `policies` and syncs it, with the server behind ifindex 1.
     fn apply(&mut self, policies: &str) {
-        let compiled = compile_for("node-a", &[("cluster.yaml", CLUSTER), ("policies.yaml", policies)]);
+        self.apply_cluster(CLUSTER, policies);
+    }
+
+    fn apply_cluster(&mut self, cluster: &str, policies: &str) {
+        let compiled = compile_for("node-a", &[("cluster.yaml", cluster), ("policies.yaml", policies)]);
         let server = ObjectRef::new("shop", "server");
         self.t
             .dp
@@ -202,7 +206,7 @@ fn connection_opened_before_any_policy_is_cut_by_deny_all() {
 }
 
 #[test]
-fn tagged_frames_and_unknown_ethertypes_are_dropped_for_isolated_pods_only() {
+fn tagged_frames_and_unknown_ethertypes_never_leave_a_pod_and_enter_only_one_not_isolated() {
     let mut fx = Fixture::new("vlan");
     // An allowed flow, so that only the tags can be why it is dropped.
     let allowed = packet::tcp(CLIENT, SERVER, 41000, 80, TCP_SYN);
@@ -213,11 +217,14 @@ fn tagged_frames_and_unknown_ethertypes_are_dropped_for_isolated_pods_only() {
         ("802.1Q, IPv6 inside", packet::vlan_tagged(&[0x8100], &allowed_v6)),
         ("unknown ethertype", packet::with_ethertype(0x88b5, &allowed)),
     ];
-    // Not isolated: everything passes (nothing to protect), as before.
+    // Not isolated: everything passes in (nothing to protect), and nothing out (a pod never has
+    // a reason to send them, and stacked tags would hide a forged source).
     fx.apply("");
     for (what, frame) in &frames {
         assert_eq!(fx.run(Hook::ToPod, frame), PASS, "{what}, not isolated");
+        assert_eq!(fx.run(Hook::FromPod, frame), SHOT, "{what} from a pod not isolated");
     }
+    assert_eq!(fx.drops(DIR_EGRESS, 0, 0), frames.len() as u64);
     fx.apply(POLICIES);
     fx.expect(Hook::ToPod, &allowed, PASS);
     for (what, frame) in &frames {
@@ -225,7 +232,7 @@ fn tagged_frames_and_unknown_ethertypes_are_dropped_for_isolated_pods_only() {
         assert_eq!(fx.run(Hook::FromPod, frame), SHOT, "{what} from an isolated pod");
     }
     assert_eq!(fx.drops(DIR_INGRESS, 0, 0), frames.len() as u64, "each counted");
-    assert_eq!(fx.drops(DIR_EGRESS, 0, 0), frames.len() as u64, "each counted");
+    assert_eq!(fx.drops(DIR_EGRESS, 0, 0), 2 * frames.len() as u64, "each counted");
 }
 
 #[test]
@@ -276,7 +283,10 @@ fn truncated_headers_are_dropped_and_counted_for_isolated_pods() {
     );
     fx.expect(Hook::ToPod, &v6, SHOT);
     assert_eq!(fx.drops(DIR_INGRESS, PROTO_UDP, 0), 1);
-    // Not isolated for egress? It is (SERVER-out): the same garbage leaving the pod is dropped too.
+    // Not isolated for egress? It is (SERVER-out): the same garbage leaving the pod (from its own
+    // address: any other would be dropped as spoofed first) is dropped too.
+    let mut lying = packet::tcp(SERVER, CLIENT, 80, 40000, TCP_SYN)[..14 + 20].to_vec();
+    lying[14] = 0x4f;
     fx.expect(Hook::FromPod, &lying, SHOT);
     assert_eq!(fx.drops(DIR_EGRESS, PROTO_TCP, 0), 1);
 }
@@ -507,4 +517,206 @@ fn forged_replies_to_an_isolated_pod_are_judged_as_new() {
     fx.expect(Hook::FromPod, &packet::tcp(SERVER, CLIENT, 42001, 8080, TCP_SYN), PASS);
     let reply = packet::tcp(CLIENT, SERVER, 8080, 42001, TCP_SYN | TCP_ACK);
     fx.expect(Hook::ToPod, &reply, PASS);
+}
+
+/// Source validation (issue 12): whatever its policy, a pod sends only from its own addresses,
+/// IPv6 link-local ones, and `::` for neighbour discovery; ARP only with its own sender address
+/// (or 0.0.0.0, a probe). Forged packets have their own counter, not the policy drop counters.
+#[test]
+fn a_pod_sends_only_from_its_own_addresses() {
+    let mut fx = Fixture::new("spoof");
+    let forged = [
+        (
+            "another pod's address",
+            packet::ip(CLIENT, ip("10.0.0.30"), L4::Udp { sport: 1, dport: 53 }),
+        ),
+        (
+            "the node's",
+            packet::ip(ip("10.0.0.1"), CLIENT, L4::Udp { sport: 1, dport: 53 }),
+        ),
+        (
+            "an outside address",
+            packet::ip(ip("192.0.2.7"), CLIENT, L4::Udp { sport: 1, dport: 53 }),
+        ),
+        (
+            "another pod's IPv6",
+            packet::tcp(ip("fd00::20"), ip("fd00::30"), 1, 80, TCP_SYN),
+        ),
+        (
+            "unspecified, not ND",
+            packet::ip(ip("::"), ip("fd00::20"), L4::Udp { sport: 1, dport: 53 }),
+        ),
+        ("ARP as another pod", packet::arp_from([10, 0, 0, 20])),
+    ];
+    let honest = [
+        ("its IPv4", packet::tcp(SERVER, CLIENT, 1, 8080, TCP_SYN)),
+        (
+            "its IPv6",
+            packet::tcp(ip("fd00::10"), ip("fd00::20"), 1, 8080, TCP_SYN),
+        ),
+        (
+            "link-local ND",
+            packet::ip(ip("fe80::1"), ip("fe80::2"), L4::Icmp { icmp_type: 136, id: 0 }),
+        ),
+        (
+            "DAD from ::",
+            packet::ip(ip("::"), ip("ff02::1:ff00:10"), L4::Icmp { icmp_type: 135, id: 0 }),
+        ),
+        ("ARP as itself", packet::arp_from([10, 0, 0, 10])),
+        ("ARP probe", packet::arp_from([0, 0, 0, 0])),
+    ];
+    // Not isolated, then isolated both ways (server-out allows the client on 8080): the same.
+    for (round, policies) in ["", POLICIES].into_iter().enumerate() {
+        fx.apply(policies);
+        for (what, frame) in &forged {
+            assert_eq!(fx.run(Hook::FromPod, frame), SHOT, "{what}, round {round}");
+        }
+        for (what, frame) in &honest {
+            assert_eq!(fx.run(Hook::FromPod, frame), PASS, "{what}, round {round}");
+        }
+        let expected = (forged.len() * (round + 1)) as u64;
+        assert_eq!(
+            fx.t.dp.spoofed_packets().unwrap(),
+            expected,
+            "each forged packet counted"
+        );
+    }
+    assert!(
+        fx.t.dp.drops().unwrap().is_empty(),
+        "no policy drop counted for a forgery"
+    );
+    // Packets *to* the pod are not its to forge: the sender's own hook validates them.
+    fx.expect(Hook::ToPod, &packet::tcp(CLIENT, SERVER, 40000, 80, TCP_SYN), PASS);
+}
+
+/// ICMP errors pass only about a connection tracked at the pod's interface (conntrack's
+/// RELATED), in either direction; any other is judged as a new packet (issue 12).
+#[test]
+fn icmp_errors_pass_only_for_tracked_connections() {
+    let fx = Fixture::policed("icmp-errors");
+    let router = ip("10.0.0.1");
+    for (server, client, router, frag_needed) in [
+        (SERVER, CLIENT, router, (3u8, 4u8)),
+        (ip("fd00::10"), ip("fd00::20"), ip("fd00::1"), (2, 0)),
+    ] {
+        // The server opens to the client's 8080 (server-out allows it): tracked.
+        let out = packet::tcp(server, client, 42001, 8080, TCP_SYN);
+        fx.expect(Hook::FromPod, &out, PASS);
+        // Path MTU discovery: "fragmentation needed" / "packet too big" quoting that packet.
+        let pmtu = packet::icmp_error(router, server, frag_needed.0, frag_needed.1, &out[14..]);
+        fx.expect(Hook::ToPod, &pmtu, PASS);
+        // The same error quoting a connection the server never had.
+        let never = packet::tcp(server, client, 42002, 9999, TCP_SYN);
+        let forged = packet::icmp_error(client, server, frag_needed.0, frag_needed.1, &never[14..]);
+        fx.expect(Hook::ToPod, &forged, SHOT);
+        // A port-unreachable the server sends about a datagram it was allowed to receive (UDP 53
+        // from the client), and one about a datagram nobody sent it.
+        let query = packet::ip(client, server, L4::Udp { sport: 5353, dport: 53 });
+        fx.expect(Hook::ToPod, &query, PASS);
+        let unreachable = if server.is_ipv4() { (3, 3) } else { (1, 4) };
+        let reply = packet::icmp_error(server, client, unreachable.0, unreachable.1, &query[14..]);
+        fx.expect(Hook::FromPod, &reply, PASS);
+        let stray = packet::ip(client, server, L4::Udp { sport: 5353, dport: 54 });
+        let forged = packet::icmp_error(server, client, unreachable.0, unreachable.1, &stray[14..]);
+        fx.expect(Hook::FromPod, &forged, SHOT);
+    }
+    assert_eq!(fx.drops(DIR_INGRESS, PROTO_ICMP, 0), 1, "the forged v4 error, counted");
+    assert_eq!(
+        fx.drops(DIR_INGRESS, PROTO_ICMPV6, 0),
+        1,
+        "the forged v6 error, counted"
+    );
+    assert_eq!(fx.drops(DIR_EGRESS, PROTO_ICMP, 0), 1);
+    assert_eq!(fx.drops(DIR_EGRESS, PROTO_ICMPV6, 0), 1);
+}
+
+/// A later fragment passes only after its datagram's first fragment was allowed here, and only
+/// if it does not overlap the transport header; a first fragment too short for its transport
+/// header is dropped (issue 12). Both families.
+#[test]
+fn fragments_follow_their_first_fragment() {
+    let mut fx = Fixture::policed("fragments");
+    let v4 = |dport: u16, id: u16, offset: u16, more: bool| {
+        packet::ipv4_fragment(
+            &packet::ip(CLIENT, SERVER, L4::Udp { sport: 5353, dport }),
+            id,
+            offset,
+            more,
+        )
+    };
+    let v6 = |dport: u16, id: u16, offset: u16, more: bool| {
+        let frame = packet::ip(ip("fd00::20"), ip("fd00::10"), L4::Udp { sport: 5353, dport });
+        packet::ipv6_fragment(&frame, u32::from(id) << 16 | 1, offset, more)
+    };
+    /// A UDP fragment to `dport` of datagram `id`, at `offset`, more to come or not.
+    type Fragment<'a> = &'a dyn Fn(u16, u16, u16, bool) -> Vec<u8>;
+    let families: [(&str, Fragment); 2] = [("IPv4", &v4), ("IPv6", &v6)];
+    for (family, fragment) in families {
+        // An allowed datagram (UDP 53): all its fragments pass.
+        fx.expect(Hook::ToPod, &fragment(53, 7, 0, true), PASS);
+        assert_eq!(fx.run(Hook::ToPod, &fragment(53, 7, 1480, true)), PASS, "{family}");
+        assert_eq!(fx.run(Hook::ToPod, &fragment(53, 7, 2960, false)), PASS, "{family}");
+        // A denied one (UDP 54): its first fragment and the rest are dropped.
+        assert_eq!(fx.run(Hook::ToPod, &fragment(54, 8, 0, true)), SHOT, "{family}");
+        assert_eq!(fx.run(Hook::ToPod, &fragment(54, 8, 1480, false)), SHOT, "{family}");
+        // A later fragment whose first fragment never came.
+        assert_eq!(fx.run(Hook::ToPod, &fragment(53, 9, 1480, false)), SHOT, "{family}");
+    }
+    // Later fragments carry no ports: counted under port 0, per family.
+    assert_eq!(fx.drops(DIR_INGRESS, PROTO_UDP, 0), 4, "two later fragments per family");
+    assert_eq!(fx.drops(DIR_INGRESS, PROTO_UDP, 54), 2, "the denied first fragments");
+
+    // TCP: an allowed first fragment (port 80), then a later one at offset 8, inside the 20-byte
+    // TCP header it could rewrite (flags, and with them the connection state): dropped. At 24: fine.
+    let syn = packet::tcp(CLIENT, SERVER, 40000, 80, TCP_SYN);
+    fx.expect(Hook::ToPod, &packet::ipv4_fragment(&syn, 11, 0, true), PASS);
+    fx.expect(Hook::ToPod, &packet::ipv4_fragment(&syn, 11, 8, true), SHOT);
+    fx.expect(Hook::ToPod, &packet::ipv4_fragment(&syn, 11, 24, false), PASS);
+    assert_eq!(fx.drops(DIR_INGRESS, PROTO_TCP, 0), 1);
+    // A tiny first fragment: its IP length covers only 8 bytes of TCP (the ports, not the flags),
+    // though the frame is padded to look whole.
+    let tiny = packet::with_ipv4_total_length(&packet::ipv4_fragment(&syn, 12, 0, true), 28);
+    fx.expect(Hook::ToPod, &tiny, SHOT);
+    assert_eq!(fx.drops(DIR_INGRESS, PROTO_TCP, 0), 2);
+
+    // A pod that is not isolated has nothing to protect: fragments pass as they come.
+    fx.apply("");
+    fx.expect(Hook::ToPod, &v4(54, 13, 1480, false), PASS);
+    fx.expect(Hook::ToPod, &v6(54, 13, 1480, false), PASS);
+}
+
+/// A pod that routes may send from the prefixes its `npc.dev/source-prefixes` annotation lists,
+/// and only from those (issue 12).
+#[test]
+fn the_source_prefixes_annotation_lets_a_routing_pod_send_from_its_prefixes() {
+    let mut fx = Fixture::new("source-prefixes");
+    let plain = "metadata: {name: server, namespace: shop, labels: {app: server}}";
+    assert!(CLUSTER.contains(plain), "the fixture's server line changed");
+    let routing = CLUSTER.replace(
+        plain,
+        "metadata: {name: server, namespace: shop, labels: {app: server}, annotations: {npc.dev/source-prefixes: '192.168.50.0/24, fd00:50::/64'}}",
+    );
+    let from = |src: &str| {
+        packet::ip(
+            ip(src),
+            if src.contains(':') { ip("fd00::20") } else { CLIENT },
+            L4::Udp { sport: 1, dport: 53 },
+        )
+    };
+    fx.apply_cluster(&routing, "");
+    for src in ["192.168.50.7", "fd00:50::7", "10.0.0.10"] {
+        assert_eq!(
+            fx.run(Hook::FromPod, &from(src)),
+            PASS,
+            "{src} is in the annotation (or the pod's own)"
+        );
+    }
+    for src in ["192.168.51.7", "fd00:51::7", "10.0.0.20"] {
+        assert_eq!(fx.run(Hook::FromPod, &from(src)), SHOT, "{src} is not");
+    }
+    assert_eq!(fx.t.dp.spoofed_packets().unwrap(), 3);
+    // The annotation removed: the prefixes are forged again.
+    fx.apply("");
+    fx.expect(Hook::FromPod, &from("192.168.50.7"), SHOT);
+    assert_eq!(fx.t.dp.spoofed_packets().unwrap(), 4);
 }

@@ -1,10 +1,12 @@
 //! A failed load removes the pins it created and keeps those it found (an earlier agent's,
-//! which a later start adopts). The load is made to fail for real: one map pinned under the
-//! name of another, with a smaller value, so the verifier rejects the programs after every
-//! other map was created and pinned.
+//! which a later start adopts), and a pinned map of another layout (another npc version's) is
+//! refused before anything is created. The loads are made to fail for real: a map pinned under
+//! the name of another, with a smaller value; and a map of the right layout that programs may
+//! only read (`BPF_F_RDONLY_PROG`), so the verifier rejects the programs after every other map
+//! was created and pinned.
 use std::{collections::BTreeSet, path::PathBuf};
 
-use npc_agent::datapath::{Datapath, loaded_program_ids, uninstall};
+use npc_agent::datapath::{Datapath, DatapathError, loaded_program_ids, uninstall};
 use npc_common::map_names;
 use npc_integration::{require_root, tag};
 
@@ -31,10 +33,39 @@ fn a_failed_load_removes_the_pins_it_created_and_keeps_the_ones_it_found() {
     let programs_before: BTreeSet<u32> = loaded_program_ids().into_iter().collect();
 
     let err = Datapath::load(&root).err().expect("the load fails");
-    eprintln!("the load failed as planned: {err}");
+    let text = err.to_string();
+    assert!(
+        matches!(&err, DatapathError::PinnedLayout { map, .. } if map == map_names::ENDPOINTS)
+            && text.contains("value 4 B")
+            && text.contains("value 40 B")
+            && text.contains("--uninstall"),
+        "the error names the map, both layouts and the way out: {text}"
+    );
     assert_eq!(
         names(&root),
         BTreeSet::from([map_names::ENDPOINTS.to_string()]),
+        "a refused load created pins (or removed the one it found)"
+    );
+    std::fs::remove_file(root.join(map_names::ENDPOINTS)).expect("remove the planted pin");
+
+    // The stats counters, of the right layout but read-only to programs (bpftool creates it): the
+    // layout check passes it, every other map is created and pinned, and the verifier refuses
+    // the programs' counter writes.
+    let stats = root.join(map_names::STATS);
+    let created = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&stats)
+        .args(["type", "percpu_array", "key", "4", "value", "8", "entries"])
+        .arg(npc_common::stats::COUNT.to_string())
+        .args(["name", map_names::STATS, "flags", "0x80"])
+        .status()
+        .expect("run bpftool (cargo xtask setup installs it)");
+    assert!(created.success(), "bpftool map create failed");
+    let err = Datapath::load(&root).err().expect("the load fails");
+    eprintln!("the load failed as planned: {err}");
+    assert_eq!(
+        names(&root),
+        BTreeSet::from([map_names::STATS.to_string()]),
         "a failed load left pins behind (or removed the one it found)"
     );
     let programs_after: BTreeSet<u32> = loaded_program_ids().into_iter().collect();
@@ -43,9 +74,9 @@ fn a_failed_load_removes_the_pins_it_created_and_keeps_the_ones_it_found() {
         "a failed load left programs loaded: {:?}",
         programs_after.difference(&programs_before).collect::<Vec<_>>()
     );
+    std::fs::remove_file(&stats).expect("remove the planted pin");
 
-    // Without the bad pin the next start succeeds.
-    std::fs::remove_file(root.join(map_names::ENDPOINTS)).expect("remove the planted pin");
+    // Without them the next start succeeds.
     let dp = Datapath::load(&root).expect("a clean start loads");
     drop(dp);
     assert!(

@@ -327,7 +327,7 @@ fn services_and_endpoint_slices_are_watched_and_judged_by_their_backends() {
         let identities = dp.kernel_numbering().expect("read maps").0;
         let service = *identities.get(&vip)?;
         let endpoints = dp.endpoints().expect("endpoints");
-        let local = endpoints.values().find(|e| e.addr == client)?.identity;
+        let local = endpoints.values().find(|e| e.addrs[0] == client)?.identity;
         let (exact, _) = dp.policy_entries().expect("policy entries");
         exact.into_iter().find(|(k, _)| {
             k.identity == local

@@ -113,6 +113,8 @@ fn cluster(pods: usize) -> State {
             terminated: false,
             ports,
             created: 0,
+            source_prefixes: Vec::new(),
+            ignored: Vec::new(),
         };
         state.pods.insert(pod.object_ref(), pod);
     }

@@ -24,7 +24,9 @@ pub mod map_names {
     pub const EVENTS: &str = "NPC_EVENTS";
     pub const CONFIG: &str = "NPC_CONFIG";
     pub const STATS: &str = "NPC_STATS";
-    pub const ALL: [&str; 10] = [
+    pub const SOURCES: &str = "NPC_SOURCES";
+    pub const FRAGMENTS: &str = "NPC_FRAGMENTS";
+    pub const ALL: [&str; 12] = [
         ENDPOINTS,
         IDENTITIES,
         CIDRS,
@@ -35,6 +37,8 @@ pub mod map_names {
         EVENTS,
         CONFIG,
         STATS,
+        SOURCES,
+        FRAGMENTS,
     ];
 }
 
@@ -44,6 +48,8 @@ pub mod stats {
     pub const ALLOWED_INGRESS: u32 = 0;
     /// New connections allowed (and tracked) at a pod's egress.
     pub const ALLOWED_EGRESS: u32 = 1;
+    /// Packets a pod sent with a source address that is not its own (dropped, whatever policy).
+    pub const SPOOFED: u32 = 2;
     pub const COUNT: u32 = 4;
 }
 
@@ -65,6 +71,8 @@ pub mod capacity {
     pub const CONNTRACK: u32 = 262_144;
     pub const DROPS: u32 = 16_384;
     pub const EVENTS_BYTES: u32 = 256 * 1024;
+    pub const SOURCES: u32 = 4096;
+    pub const FRAGMENTS: u32 = 8192;
 }
 
 /// Policy direction, from the local pod's point of view.
@@ -108,6 +116,9 @@ pub mod endpoint_flags {
     /// The pod's identity has port-range (`endPort`) entries for ingress: consult `NPC_PORT_RANGES`.
     pub const INGRESS_RANGES: u32 = 1 << 2;
     pub const EGRESS_RANGES: u32 = 1 << 3;
+    /// The pod may send from prefixes besides its own addresses (an annotation): consult
+    /// `NPC_SOURCES` before calling a source forged.
+    pub const EXTRA_SOURCES: u32 = 1 << 4;
 }
 
 /// `NPC_ENDPOINTS`: host-side interface index → the pod behind it.
@@ -116,10 +127,56 @@ pub mod endpoint_flags {
 pub struct EndpointInfo {
     pub identity: u32,
     pub flags: u32,
-    /// The pod's primary address (for events and `inspect`).
+    /// The pod's addresses: Kubernetes gives a pod at most one per family. The first is its
+    /// primary address (for events and `inspect`); a single-address pod has it in both slots, and
+    /// a pod with none has zeros. The only sources the from-pod program accepts besides IPv6
+    /// link-local (and `::` for neighbour discovery) and `NPC_SOURCES`.
+    pub addrs: [[u8; 16]; 2],
+}
+const _: () = assert!(size_of::<EndpointInfo>() == 40);
+
+impl EndpointInfo {
+    /// The value for a pod with these addresses (only the first two count; see `addrs`).
+    pub fn new(identity: u32, flags: u32, addrs: &[[u8; 16]]) -> Self {
+        let first = addrs.first().copied().unwrap_or([0; 16]);
+        Self {
+            identity,
+            flags,
+            addrs: [first, addrs.get(1).copied().unwrap_or(first)],
+        }
+    }
+}
+
+/// `NPC_SOURCES` LPM key data: extra source prefixes a pod may send from, per host-side interface.
+/// The interface index is big-endian so that it is the prefix's leading, always fully matched,
+/// [`SOURCE_FIXED_BITS`]; the address follows.
+#[repr(C)]
+#[derive(NoUninit, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceKey {
+    pub ifindex_be: [u8; 4],
     pub addr: [u8; 16],
 }
-const _: () = assert!(size_of::<EndpointInfo>() == 24);
+const _: () = assert!(size_of::<SourceKey>() == 20);
+pub const SOURCE_FIXED_BITS: u32 = 32;
+
+/// `NPC_FRAGMENTS` key: one fragmented datagram at one interface. The first fragment's verdict is
+/// kept under it (as Cilium does), because later fragments carry no ports to judge.
+#[repr(C)]
+#[derive(NoUninit, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    pub ifindex: u32,
+    /// IPv4's 16-bit identification or IPv6's 32-bit one, host byte order.
+    pub id: u32,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<FragmentKey>() == 44);
+
+/// How long a first fragment's verdict stands for its later fragments (nanoseconds): IPv6's
+/// reassembly timeout, the longer of the two families'.
+pub const FRAGMENT_TIMEOUT_NS: u64 = 60_000_000_000;
 
 /// `NPC_POLICY` key: is traffic between a local identity and a peer, in a direction, on a
 /// protocol and port, allowed? Lookups try the exact port, then [`PORT_ANY`] with the protocol,
@@ -236,6 +293,11 @@ pub mod drop_reason {
     /// A frame that is neither IPv4, IPv6 nor ARP (VLAN-tagged, unknown ethertype) to or from a pod
     /// isolated in that direction.
     pub const NOT_IP: u8 = 4;
+    /// A pod sent from an address that is not its own (source validation, every pod).
+    pub const SPOOFED: u8 = 5;
+    /// A later fragment whose first fragment was not seen or not allowed, or one that overlaps the
+    /// transport header the first fragment was judged by.
+    pub const FRAGMENT: u8 = 6;
 }
 
 /// Event kinds in `NPC_EVENTS`.
@@ -312,6 +374,8 @@ mod pod_impls {
     unsafe impl aya::Pod for DropKey {}
     unsafe impl aya::Pod for VerdictEvent {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for SourceKey {}
+    unsafe impl aya::Pod for FragmentKey {}
 }
 
 #[cfg(test)]

@@ -6,21 +6,30 @@
 //! Per packet, in this order (the first step that decides, decides):
 //!
 //! 1. `NPC_ENDPOINTS[ifindex]` missing → not a pod of ours → pass.
-//! 2. ARP → pass. Any other non-IP frame (VLAN tags of any kind, unknown ethertypes) → drop if
-//!    the pod is isolated in this direction, else pass. ICMPv6 neighbour and multicast listener discovery → pass. ICMP errors → pass (they
-//!    belong to a connection; see docs/datapath.md). Non-first IP fragments → pass (they carry no
-//!    ports and cannot be reassembled without the first fragment, which is judged).
-//!    A packet that cannot be parsed → drop if the pod is isolated in this direction, else pass.
-//! 3. Conntrack, scoped by interface: the packet's tuple, then the reversed tuple (a reply).
+//! 2. From the pod: **source validation**, whatever the pod's policy. An IPv4/IPv6 packet (or an
+//!    ARP sender address) that is not one of the pod's own addresses is dropped (reason `spoofed`,
+//!    its own counter), except IPv6 link-local sources, `::` for neighbour discovery, `0.0.0.0`
+//!    for ARP probes and the prefixes of the pod's `NPC_SOURCES` entries.
+//! 3. ARP → pass. Any other frame (VLAN-tagged, in the frame or in the skb, or an unknown
+//!    ethertype) → drop when it leaves a pod, or enters one isolated for ingress; else pass. ICMPv6 neighbour and multicast listener
+//!    discovery → pass. A packet that cannot be parsed (or a first fragment too short to hold its
+//!    transport header) → drop if the pod is isolated in this direction, else pass.
+//! 4. ICMP errors → pass when the datagram they quote belongs to a connection tracked at this
+//!    interface (conntrack's RELATED); otherwise judged by policy like a new packet, not tracked.
+//!    Later IP fragments (no ports) → pass when the first fragment of the datagram was allowed
+//!    here (`NPC_FRAGMENTS`) and they do not overlap the transport header; else dropped for an
+//!    isolated pod.
+//! 5. Conntrack, scoped by interface: the packet's tuple, then the reversed tuple (a reply).
 //!    A live entry → pass and refresh, unless it was judged under an older policy epoch: then the
 //!    connection is judged again in the direction that opened it, and cut if no longer allowed.
-//! 4. New connection. To the pod from the node itself → allowed (kubelet probes). Not isolated in
+//! 6. New connection. To the pod from the node itself → allowed (kubelet probes). Not isolated in
 //!    this direction → allowed. Otherwise policy, most specific first, for each of the peer's pod
 //!    identity, its ipBlock class and the wildcard peer:
 //!    exact (proto, port) → (proto, any port) → (any proto) → port ranges (only when the
 //!    endpoint has range entries). Every entry is an allow: order only affects cost.
-//! 5. Allowed → conntrack entry, pass. Denied → per-CPU drop counter, event, `TC_ACT_SHOT`
-//!    (audit mode: counter and event, then pass).
+//! 7. Allowed → conntrack entry (and, for a first fragment, its verdict in `NPC_FRAGMENTS`), pass.
+//!    Denied → per-CPU drop counter, event, `TC_ACT_SHOT` (audit mode: counter and event, then
+//!    pass).
 //!
 //! "Pass" is `TC_ACT_UNSPEC`, not `TC_ACT_OK`: with TCX links that means "next program", so a CNI's
 //! own tc programs on the same interface still run; with no program after us the packet passes.
@@ -31,17 +40,17 @@ use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes},
     macros::{btf_map, classifier, map},
     maps::RingBuf,
     programs::TcContext,
 };
 use aya_log_ebpf::debug;
 use npc_common::{
-    CIDR_CLASS_BASE, Config, ConntrackKey, ConntrackValue, DIR_EGRESS, DIR_INGRESS, DropKey, EndpointInfo, PORT_ANY,
-    PORT_RANGE_FIXED_BITS, PROTO_ANY, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyKey,
-    PolicyValue, PortRangeKey, VerdictEvent, capacity, ct_state, ct_timeout, drop_reason, endpoint_flags, event_kind,
-    log_level, mode, peer, stats,
+    CIDR_CLASS_BASE, Config, ConntrackKey, ConntrackValue, DIR_EGRESS, DIR_INGRESS, DropKey, EndpointInfo,
+    FRAGMENT_TIMEOUT_NS, FragmentKey, PORT_ANY, PORT_RANGE_FIXED_BITS, PROTO_ANY, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP,
+    PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, PortRangeKey, SOURCE_FIXED_BITS, SourceKey, VerdictEvent, capacity,
+    ct_state, ct_timeout, drop_reason, endpoint_flags, event_kind, log_level, mode, peer, stats,
 };
 
 mod maps;
@@ -70,6 +79,14 @@ static NPC_EVENTS: RingBuf = RingBuf::pinned(capacity::EVENTS_BYTES, 0);
 static NPC_CONFIG: Array<Config, 1> = Array::new();
 #[btf_map]
 static NPC_STATS: PerCpuArray<u64, { stats::COUNT as usize }> = PerCpuArray::new();
+/// One `Packet` per CPU (see `handle`). Not pinned: nothing outside a program run reads it.
+#[map]
+static NPC_SCRATCH: aya_ebpf::maps::PerCpuArray<Packet> = aya_ebpf::maps::PerCpuArray::with_max_entries(1, 0);
+#[btf_map]
+static NPC_SOURCES: LpmTrie<SourceKey, u32, { capacity::SOURCES as usize }> = LpmTrie::new();
+/// First-fragment verdicts: the time an allowed first fragment passed.
+#[btf_map]
+static NPC_FRAGMENTS: LruHashMap<FragmentKey, u64, { capacity::FRAGMENTS as usize }> = LruHashMap::new();
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -88,25 +105,60 @@ const MAX_IPV6_EXT_HEADERS: usize = 6;
 struct Packet {
     src: [u8; 16],
     dst: [u8; 16],
+    /// The IP identification of a fragmented datagram (IPv4's 16 bits or IPv6's 32).
+    frag_id: u32,
     sport: u16,
     dport: u16,
     protocol: u8,
     tcp_flags: u8,
+    /// 4 or 6 once the addresses (for ARP: the sender's) are read, 0 before.
+    family: u8,
+    /// [`FIRST_FRAGMENT`] for the first fragment of a fragmented datagram, else 0.
+    fragment: u8,
+    /// For [`Parsed::IcmpError`], where the quoted datagram starts; for
+    /// [`Parsed::LaterFragment`], the fragment's offset in its datagram (bytes). In the packet
+    /// struct rather than in enum payloads: LLVM merged a payload register with the packet-end
+    /// pointer across paths, and the verifier refused the arithmetic on it.
+    offset: u16,
+    /// Judge but do not track (an ICMP error that belongs to no connection of ours).
+    untracked: u8,
+    /// The skb carries a VLAN tag outside the frame data (`__sk_buff.vlan_present`).
+    tagged: u8,
 }
+
+const FIRST_FRAGMENT: u8 = 1;
 
 /// What one run of a program knows about where it runs.
-struct Hook {
+/// The endpoint and config are the map values themselves, not copies: 56 bytes of stack the
+/// main frame cannot spare (every call chain shares 512).
+struct Hook<'a> {
     ifindex: u32,
     direction: u8,
-    endpoint: EndpointInfo,
-    config: Config,
+    endpoint: &'a EndpointInfo,
+    config: &'a Config,
 }
 
+/// The default config, for the moment before the agent writes `NPC_CONFIG[0]`.
+static DEFAULT_CONFIG: Config = Config {
+    log_level: 0,
+    mode: 0,
+    epoch: 0,
+    _pad: 0,
+};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 enum Parsed {
     /// Judge it.
     Ip,
-    /// Let it through whatever the policy (ARP, neighbour discovery, ICMP errors, non-first fragments).
-    AlwaysPass,
+    /// ARP, the sender's address in `Packet::src`. Passes whatever the policy.
+    Arp,
+    /// ICMPv6 neighbour and multicast listener discovery. Passes whatever the policy.
+    LinkControl,
+    /// An ICMP error; the datagram it quotes starts at `Packet::offset`.
+    IcmpError,
+    /// A fragment after the first, starting `Packet::offset` bytes into its datagram's payload.
+    LaterFragment,
     /// Too short, bad header length, unknown extension header... (`Packet::protocol` holds the
     /// protocol if parsing got that far, else 0).
     Unparseable,
@@ -128,35 +180,301 @@ pub fn npc_to_pod(ctx: TcContext) -> i32 {
 fn handle(ctx: &TcContext, direction: u8) -> i32 {
     // SAFETY: `skb` is the context pointer the kernel handed us.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: plain-old-data value; a concurrent update by the agent can at worst give us a mix
-    // of old and new fields of a value that is consistent either way.
-    let Some(endpoint) = (unsafe { NPC_ENDPOINTS.get(&ifindex) }).copied() else {
+    // SAFETY: plain-old-data values, RCU-protected while the program runs; a concurrent update
+    // by the agent can at worst give us a mix of old and new fields of a value that is
+    // consistent either way.
+    let Some(endpoint) = (unsafe { NPC_ENDPOINTS.get(&ifindex) }) else {
         return TC_ACT_UNSPEC;
     };
     let hook = Hook {
         ifindex,
         direction,
         endpoint,
-        config: unsafe { NPC_CONFIG.get(&0) }.copied().unwrap_or_default(),
+        config: unsafe { NPC_CONFIG.get(&0) }.unwrap_or(&DEFAULT_CONFIG),
     };
-    let mut pkt = Packet {
+    // The packet's fields live in a per-CPU scratch map, not on the stack: what the verifier
+    // reads back from a map value it knows nothing about, so the states of the many parse paths
+    // (each with its own constants for family, protocol, fragment...) become one after parsing,
+    // instead of each walking the rest of the program (6.1 went past its million instructions).
+    // A CPU runs one of our programs at a time (tc runs with bottom halves off), so one slot
+    // each is enough.
+    let Some(pkt) = NPC_SCRATCH.get_ptr_mut(0) else {
+        return TC_ACT_UNSPEC;
+    };
+    // SAFETY: a per-CPU slot no one else uses while we run (see above).
+    let pkt = unsafe { &mut *pkt };
+    *pkt = Packet {
         protocol: 0,
+        src: [0; 16],
+        dst: [0; 16],
+        frag_id: 0,
+        sport: 0,
+        dport: 0,
+        tcp_flags: 0,
+        family: 0,
+        fragment: 0,
+        offset: 0,
+        untracked: 0,
+        tagged: 0,
+    };
+    let parsed = parse(ctx, pkt);
+    // A VLAN tag the kernel already moved out of the frame into the skb (it does on receive for
+    // the outermost 802.1Q tag, before tc ingress): the frame is tagged all the same, and the
+    // receiving pod's kernel would strip a VID 0 tag and take the IP packet inside.
+    // SAFETY: `skb` is the context pointer the kernel handed us.
+    pkt.tagged = u8::from(unsafe { (*ctx.skb.skb).vlan_present } != 0);
+    // Every drop goes through the one `deny` call below: each call site of a subprogram is
+    // verified again for every state that reaches it, and seven sites put the program past the
+    // 6.1 verifier's million-instruction budget.
+    let reason = decide(ctx, &hook, pkt, parsed);
+    if reason == PASS {
+        TC_ACT_UNSPEC
+    } else {
+        deny(ctx, &hook, pkt, reason)
+    }
+}
+
+/// "No drop reason": the packet passes.
+const PASS: u8 = 0;
+
+/// The verdict on a parsed packet: [`PASS`] or the drop reason.
+#[inline(always)]
+fn decide(ctx: &TcContext, hook: &Hook, pkt: &mut Packet, parsed: Parsed) -> u8 {
+    let (ifindex, direction) = (hook.ifindex, hook.direction);
+    if direction == DIR_EGRESS && pkt.family != 0 && source_ok(hook, pkt, parsed as u8) == 0 {
+        return drop_reason::SPOOFED;
+    }
+    let isolated = is_isolated(hook.endpoint, direction);
+    // Tagged frames and other ethertypes: never from a pod (nothing in Kubernetes has a pod send
+    // them, and a stacked 802.1ad + 802.1Q frame hides its source from the check above), and to a
+    // pod only when it is not isolated.
+    if parsed == Parsed::NotIp || pkt.tagged != 0 {
+        return if isolated || direction == DIR_EGRESS {
+            drop_reason::NOT_IP
+        } else {
+            PASS
+        };
+    }
+    match parsed {
+        Parsed::Ip => {}
+        Parsed::Arp | Parsed::LinkControl => return PASS,
+        Parsed::Unparseable if isolated => return drop_reason::UNPARSEABLE,
+        Parsed::Unparseable | Parsed::NotIp => return PASS,
+        Parsed::IcmpError => {
+            if related(ctx, ifindex, pkt.offset as usize, pkt.family) != 0 {
+                return PASS;
+            }
+            // Not about a connection of ours: a new packet, judged as one (below), never tracked.
+            pkt.untracked = 1;
+        }
+        Parsed::LaterFragment if !isolated => return PASS,
+        Parsed::LaterFragment => {
+            // A later fragment that starts inside the transport header could rewrite the ports or
+            // flags the first fragment was judged by (RFC 1858's overlapping fragment attack).
+            let whole = pkt.offset as usize >= transport_header_len(pkt.protocol);
+            return if whole && first_fragment_allowed(ifindex, pkt) != 0 {
+                PASS
+            } else {
+                drop_reason::FRAGMENT
+            };
+        }
+    }
+    // One inlined copy of `judge` (for IP packets and unrelated ICMP errors alike).
+    let reason = judge(ctx, hook, pkt);
+    if reason == PASS && isolated {
+        record_first_fragment(ifindex, pkt);
+    }
+    reason
+}
+
+/// Is the packet's source one the pod may send from? 1 if so, else 0. (Only called for packets
+/// leaving the pod.) Not inlined: its branches then end in one return value instead of
+/// multiplying the verifier's states for everything after it.
+#[inline(never)]
+fn source_ok(hook: &Hook, pkt: &Packet, parsed: u8) -> i64 {
+    // Word by word in place: copies of the three addresses cost this frame 48 bytes of the 512
+    // every call chain shares (6.1 counted main + this + `extra_source` at 544).
+    let src = &pkt.src;
+    let [own, other] = &hook.endpoint.addrs;
+    // No address known yet (the pod's status has none): nothing to hold it to.
+    let ok = is(own, [0; 4])
+        || same(src, own)
+        || same(src, other)
+        // An ARP probe (RFC 5227) asks with sender 0.0.0.0 before claiming an address.
+        || (parsed == Parsed::Arp as u8 && is(src, [0, 0, V4_MAPPED_MARK, 0]))
+        // Duplicate address detection and MLD reports before an address is configured send from
+        // `::`; neighbour discovery from the link-local address.
+        || (parsed == Parsed::LinkControl as u8 && is(src, [0; 4]))
+        || (pkt.family == 6 && src[0] == 0xfe && src[1] & 0xc0 == 0x80)
+        || (hook.endpoint.flags & endpoint_flags::EXTRA_SOURCES != 0 && extra_source(hook.ifindex, pkt) != 0);
+    i64::from(ok)
+}
+
+/// Whether the address at `a` (4-aligned) is the one whose memory image is `w`.
+#[inline(always)]
+fn is(a: &[u8; 16], w: [u32; 4]) -> bool {
+    let a = a.as_ptr() as *const u32;
+    // SAFETY: 16 readable bytes, 4-aligned (fields of `Packet` and `EndpointInfo`).
+    unsafe { (*a ^ w[0]) | (*a.add(1) ^ w[1]) | (*a.add(2) ^ w[2]) | (*a.add(3) ^ w[3]) == 0 }
+}
+
+/// Word by word: `==` on arrays may become a `bcmp` call, which BPF has no symbol for. Both
+/// arguments are 4-aligned (fields of `Packet` and `EndpointInfo`).
+#[inline(always)]
+fn same(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    let (a, b) = (a.as_ptr() as *const u32, b.as_ptr() as *const u32);
+    // SAFETY: 16 readable bytes each, 4-aligned (see above).
+    unsafe { (*a ^ *b) | (*a.add(1) ^ *b.add(1)) | (*a.add(2) ^ *b.add(2)) | (*a.add(3) ^ *b.add(3)) == 0 }
+}
+
+/// The shortest transport header of a protocol: the part a first fragment must hold whole, and a
+/// later fragment must not overlap.
+#[inline(always)]
+fn transport_header_len(protocol: u8) -> usize {
+    match protocol {
+        PROTO_TCP => 20,
+        PROTO_SCTP => 12,
+        PROTO_UDP | PROTO_ICMP | PROTO_ICMPV6 => 8,
+        _ => 0,
+    }
+}
+
+/// Is `pkt` a first fragment too short to hold its whole transport header? 1 if so. Not inlined,
+/// for the verifier (see [`record_first_fragment`]).
+#[inline(never)]
+fn tiny_first_fragment(pkt: &Packet, l4: usize, datagram_end: usize) -> i64 {
+    i64::from(pkt.fragment == FIRST_FRAGMENT && l4 + transport_header_len(pkt.protocol) > datagram_end)
+}
+
+/// The key a fragment's datagram is known by at this interface.
+#[inline(always)]
+fn fragment_key(ifindex: u32, pkt: &Packet) -> FragmentKey {
+    FragmentKey {
+        ifindex,
+        id: pkt.frag_id,
+        src: pkt.src,
+        dst: pkt.dst,
+        protocol: pkt.protocol,
+        _pad: [0; 3],
+    }
+}
+
+/// Remembers that the first fragment of `pkt`'s datagram was allowed. Not inlined (nor is
+/// [`first_fragment_allowed`]): their keys would otherwise sit in the main frame, whose stack
+/// every call shares (see [`allowed`]).
+/// (Checks that it is one itself: a branch on the flag in the caller would double the
+/// verifier's states for the rest of the program.)
+#[inline(never)]
+fn record_first_fragment(ifindex: u32, pkt: &Packet) {
+    if pkt.fragment == FIRST_FRAGMENT {
+        // SAFETY: ktime has no preconditions.
+        let _ = NPC_FRAGMENTS.insert(&fragment_key(ifindex, pkt), &unsafe { bpf_ktime_get_ns() }, 0);
+    }
+}
+
+/// Was the first fragment of `pkt`'s datagram allowed here, recently? 1 if so, else 0.
+#[inline(never)]
+fn first_fragment_allowed(ifindex: u32, pkt: &Packet) -> i64 {
+    // SAFETY: the value is copied out at once.
+    match unsafe { NPC_FRAGMENTS.get(&fragment_key(ifindex, pkt)) }.copied() {
+        // SAFETY: ktime has no preconditions.
+        Some(at) if unsafe { bpf_ktime_get_ns() }.wrapping_sub(at) <= FRAGMENT_TIMEOUT_NS => 1,
+        _ => 0,
+    }
+}
+
+/// Is `pkt`'s source inside one of the extra prefixes this interface's pod may send from? 1 if so.
+#[inline(never)]
+fn extra_source(ifindex: u32, pkt: &Packet) -> i64 {
+    let key = SourceKey {
+        ifindex_be: ifindex.to_be_bytes(),
+        addr: pkt.src,
+    };
+    // SAFETY: a presence test; the value is not read.
+    i64::from(unsafe { NPC_SOURCES.get(&LpmKey::new(SOURCE_FIXED_BITS + 128, key)) }.is_some())
+}
+
+/// Does the datagram an ICMP error quotes (at `quoted`) belong to a connection tracked at this
+/// interface, in either direction? Returns 1 if so, else 0. Not inlined, for the stack (see
+/// [`allowed`]).
+#[inline(never)]
+fn related(ctx: &TcContext, ifindex: u32, quoted: usize, family: u8) -> i64 {
+    let mut key = ConntrackKey {
+        ifindex,
+        protocol: 0,
+        _pad: [0; 3],
         src: [0; 16],
         dst: [0; 16],
         sport: 0,
         dport: 0,
-        tcp_flags: 0,
     };
-    match parse(ctx, &mut pkt) {
-        Parsed::AlwaysPass => TC_ACT_UNSPEC,
-        Parsed::Unparseable if is_isolated(&hook.endpoint, direction) => {
-            deny(ctx, &hook, &pkt, drop_reason::UNPARSEABLE)
+    // bpf_skb_load_bytes rather than direct packet access: this path is rare, and with a second
+    // variable header length in the offsets LLVM shifted the packet-end pointer, which the
+    // verifier refuses ("pointer arithmetic on pkt_end prohibited").
+    let l4 = if family == 4 {
+        let (Ok(version_ihl), Ok(protocol), Ok(src), Ok(dst)) = (
+            ctx.load::<u8>(quoted),
+            ctx.load::<u8>(quoted + 9),
+            ctx.load::<u32>(quoted + 12),
+            ctx.load::<u32>(quoted + 16),
+        ) else {
+            return 0;
+        };
+        let ihl = ((version_ihl & 0x0f) as usize) * 4;
+        if version_ihl >> 4 != 4 || ihl < 20 {
+            return 0;
         }
-        Parsed::Unparseable => TC_ACT_UNSPEC,
-        Parsed::NotIp if is_isolated(&hook.endpoint, direction) => deny(ctx, &hook, &pkt, drop_reason::NOT_IP),
-        Parsed::NotIp => TC_ACT_UNSPEC,
-        Parsed::Ip => judge(ctx, &hook, &pkt),
+        key.protocol = protocol;
+        key.src = words([0, 0, V4_MAPPED_MARK, src]);
+        key.dst = words([0, 0, V4_MAPPED_MARK, dst]);
+        quoted + ihl
+    } else {
+        let Ok(protocol) = ctx.load::<u8>(quoted + 6) else {
+            return 0;
+        };
+        // Straight into the key: two 16-byte temporaries cost the stack this frame cannot spare.
+        if !load_into(ctx, quoted + 8, &mut key.src) || !load_into(ctx, quoted + 24, &mut key.dst) {
+            return 0;
+        }
+        key.protocol = protocol;
+        quoted + 40
+    };
+    let (Ok(first), Ok(second)) = (ctx.load::<[u8; 2]>(l4), ctx.load::<[u8; 2]>(l4 + 2)) else {
+        return 0;
+    };
+    match key.protocol {
+        PROTO_TCP | PROTO_UDP | PROTO_SCTP => {
+            key.sport = u16::from_be_bytes(first);
+            key.dport = u16::from_be_bytes(second);
+        }
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            let Ok(id) = ctx.load::<[u8; 2]>(l4 + 4) else {
+                return 0;
+            };
+            let id = u16::from_be_bytes(id);
+            match (key.protocol, first[0]) {
+                (PROTO_ICMP, 8) | (PROTO_ICMPV6, 128) => key.sport = id,
+                (PROTO_ICMP, 0) | (PROTO_ICMPV6, 129) => key.dport = id,
+                _ => return 0,
+            }
+        }
+        _ => return 0,
     }
+    // SAFETY: ktime has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    for reversed in [false, true] {
+        if reversed {
+            core::mem::swap(&mut key.src, &mut key.dst);
+            core::mem::swap(&mut key.sport, &mut key.dport);
+        }
+        // SAFETY: the value is copied out at once.
+        if let Some(entry) = unsafe { NPC_CONNTRACK.get(&key) }.copied()
+            && now.wrapping_sub(entry.last_seen_ns) <= timeout(entry.state)
+        {
+            return 1;
+        }
+    }
+    0
 }
 
 #[inline(always)]
@@ -169,17 +487,18 @@ fn is_isolated(endpoint: &EndpointInfo, direction: u8) -> bool {
     endpoint.flags & flag != 0
 }
 
+/// Conntrack, then policy for a new connection: [`PASS`] or the drop reason.
 #[inline(always)]
-fn judge(ctx: &TcContext, hook: &Hook, pkt: &Packet) -> i32 {
+fn judge(ctx: &TcContext, hook: &Hook, pkt: &Packet) -> u8 {
     let Hook {
         ifindex,
         direction,
-        ref endpoint,
-        ref config,
+        endpoint,
+        config,
     } = *hook;
     // SAFETY: no helper reads uninitialised memory; ktime has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let forward = ConntrackKey {
+    let mut key = ConntrackKey {
         ifindex,
         protocol: pkt.protocol,
         _pad: [0; 3],
@@ -191,8 +510,8 @@ fn judge(ctx: &TcContext, hook: &Hook, pkt: &Packet) -> i32 {
     let opens = pkt.protocol == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
 
     // Established (our tuple opened it) or a reply (the reversed tuple did). One key, reversed in
-    // place, keeps the stack small.
-    let mut key = forward;
+    // place (and back for the insert), keeps the stack small.
+    let mut tracked: Option<(*mut ConntrackValue, bool)> = None;
     for is_reply in [false, true] {
         if is_reply {
             key.src = pkt.dst;
@@ -204,33 +523,53 @@ fn judge(ctx: &TcContext, hook: &Hook, pkt: &Packet) -> i32 {
             continue;
         };
         // SAFETY: the pointer came from a successful lookup; entries are plain old data.
-        let entry = unsafe { &mut *entry };
-        if now.wrapping_sub(entry.last_seen_ns) > timeout(entry.state) {
+        let e = unsafe { &*entry };
+        if now.wrapping_sub(e.last_seen_ns) > timeout(e.state) {
             continue;
         }
         // A fresh SYN on a closed tuple is a new connection (port reuse), not part of the old one.
-        if opens && !is_reply && entry.state >= ct_state::TCP_CLOSING {
+        if opens && !is_reply && e.state >= ct_state::TCP_CLOSING {
             continue;
         }
-        if entry.epoch != config.epoch {
-            // The policy changed since this connection was judged: judge it again, as opened.
-            let origin = entry.direction;
-            let query = Query::new(endpoint, origin, key.src, key.dst, key.dport, key.protocol);
-            if allowed(&query) == NOT_ALLOWED {
-                let _ = NPC_CONNTRACK.remove(&key);
-                return deny(ctx, hook, pkt, drop_reason::POLICY_CHANGED);
+        tracked = Some((entry, is_reply));
+        break;
+    }
+
+    // One `allowed` call for both questions (see `handle` on call sites): a connection judged
+    // under an older policy epoch is judged again as it was opened; otherwise it is new.
+    let query = match tracked {
+        Some((entry, is_reply)) => {
+            // SAFETY: as above.
+            let entry = unsafe { &mut *entry };
+            if entry.epoch == config.epoch {
+                entry.state = next_state(entry.state, pkt, is_reply);
+                entry.last_seen_ns = now;
+                return PASS;
             }
-            entry.epoch = config.epoch;
+            Query::new(endpoint, entry.direction, key.src, key.dst, key.dport, key.protocol)
         }
+        None => Query::new(endpoint, direction, pkt.src, pkt.dst, pkt.dport, pkt.protocol),
+    };
+    let verdict = allowed(&query);
+    if let Some((entry, is_reply)) = tracked {
+        if verdict == NOT_ALLOWED {
+            let _ = NPC_CONNTRACK.remove(&key);
+            return drop_reason::POLICY_CHANGED;
+        }
+        // SAFETY: as above (LRU entries are not freed under a running program).
+        let entry = unsafe { &mut *entry };
+        entry.epoch = config.epoch;
         entry.state = next_state(entry.state, pkt, is_reply);
         entry.last_seen_ns = now;
-        return TC_ACT_UNSPEC;
+        return PASS;
     }
 
     // A new connection.
-    let query = Query::new(endpoint, direction, pkt.src, pkt.dst, pkt.dport, pkt.protocol);
-    if allowed(&query) == NOT_ALLOWED {
-        return deny(ctx, hook, pkt, drop_reason::POLICY);
+    if verdict == NOT_ALLOWED {
+        return drop_reason::POLICY;
+    }
+    if pkt.untracked != 0 {
+        return PASS;
     }
     let slot = if direction == DIR_INGRESS {
         stats::ALLOWED_INGRESS
@@ -258,7 +597,11 @@ fn judge(ctx: &TcContext, hook: &Hook, pkt: &Packet) -> i32 {
             direction,
             _pad: [0; 2],
         };
-        let _ = NPC_CONNTRACK.insert(&forward, &value, 0);
+        key.src = pkt.src;
+        key.dst = pkt.dst;
+        key.sport = pkt.sport;
+        key.dport = pkt.dport;
+        let _ = NPC_CONNTRACK.insert(&key, &value, 0);
     }
     if config.log_level >= log_level::DEBUG {
         debug!(
@@ -266,7 +609,7 @@ fn judge(ctx: &TcContext, hook: &Hook, pkt: &Packet) -> i32 {
             "npc: new connection ifindex={} dir={} proto={} dport={}", ifindex, direction, pkt.protocol, pkt.dport
         );
     }
-    TC_ACT_UNSPEC
+    PASS
 }
 
 #[inline(always)]
@@ -397,18 +740,26 @@ fn allowed(q: &Query) -> i64 {
 #[inline(never)]
 fn deny(ctx: &TcContext, hook: &Hook, pkt: &Packet, reason: u8) -> i32 {
     let (ifindex, direction) = (hook.ifindex, hook.direction);
-    let (endpoint, config) = (&hook.endpoint, &hook.config);
+    let (endpoint, config) = (hook.endpoint, hook.config);
     let (protocol, dport) = (pkt.protocol, pkt.dport);
     let key = DropKey {
         direction,
         protocol,
         dport,
     };
-    match NPC_DROPS.get_ptr_mut(&key) {
-        // SAFETY: per-CPU value: only this CPU writes it while we run.
-        Some(count) => unsafe { *count += 1 },
-        None => {
-            let _ = NPC_DROPS.insert(&key, &1, 0);
+    if reason == drop_reason::SPOOFED {
+        // Its own counter: forged packets are not connections any policy refused.
+        if let Some(count) = NPC_STATS.get_ptr_mut(&stats::SPOOFED) {
+            // SAFETY: a per-CPU slot: no other CPU writes it, and this program is not re-entered.
+            unsafe { *count += 1 };
+        }
+    } else {
+        match NPC_DROPS.get_ptr_mut(&key) {
+            // SAFETY: per-CPU value: only this CPU writes it while we run.
+            Some(count) => unsafe { *count += 1 },
+            None => {
+                let _ = NPC_DROPS.insert(&key, &1, 0);
+            }
         }
     }
     let audit = config.mode == mode::AUDIT;
@@ -450,6 +801,21 @@ fn deny(ctx: &TcContext, hook: &Hook, pkt: &Packet, reason: u8) -> i32 {
     if audit { TC_ACT_UNSPEC } else { TC_ACT_SHOT as i32 }
 }
 
+/// Copies `N` bytes of the packet at `offset` into `dst` (`bpf_skb_load_bytes`); false if the
+/// packet is shorter.
+#[inline(always)]
+fn load_into<const N: usize>(ctx: &TcContext, offset: usize, dst: &mut [u8; N]) -> bool {
+    // SAFETY: `dst` is N writable bytes; the helper checks the packet bounds itself.
+    unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            offset as u32,
+            dst.as_mut_ptr().cast(),
+            N as u32,
+        ) == 0
+    }
+}
+
 /// Bounds-checked pointer into the packet (direct packet access: no helper call per field).
 #[inline(always)]
 fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
@@ -489,6 +855,8 @@ fn parse(ctx: &TcContext, pkt: &mut Packet) -> Parsed {
     let Some(ethertype) = be16(ctx, 12) else {
         return Parsed::Unparseable;
     };
+    // Where the datagram ends by its own header (frames may carry padding past it).
+    let datagram_end;
     let l4 = match ethertype {
         ETH_P_IP => {
             // One bounds check for the whole fixed header, then reads through the pointer: with a
@@ -498,10 +866,12 @@ fn parse(ctx: &TcContext, pkt: &mut Packet) -> Parsed {
                 return Parsed::Unparseable;
             };
             // SAFETY: ptr_at checked the 20 bytes; all reads below are inside them.
-            let (version_ihl, frag, protocol, src, dst) = unsafe {
+            let (version_ihl, total_len, id, frag, protocol, src, dst) = unsafe {
                 let b = ip as *const u8;
                 (
                     *b,
+                    u16::from_be_bytes([*b.add(2), *b.add(3)]),
+                    u16::from_be_bytes([*b.add(4), *b.add(5)]),
                     u16::from_be_bytes([*b.add(6), *b.add(7)]),
                     *b.add(9),
                     core::ptr::read_unaligned(b.add(12) as *const u32),
@@ -509,15 +879,24 @@ fn parse(ctx: &TcContext, pkt: &mut Packet) -> Parsed {
                 )
             };
             pkt.protocol = protocol;
+            pkt.src = words([0, 0, V4_MAPPED_MARK, src]);
+            pkt.dst = words([0, 0, V4_MAPPED_MARK, dst]);
+            pkt.family = 4;
             let ihl = ((version_ihl & 0x0f) as usize) * 4;
             if version_ihl >> 4 != 4 || ihl < 20 {
                 return Parsed::Unparseable;
             }
-            if frag & 0x1fff != 0 {
-                return Parsed::AlwaysPass;
+            // More-fragments flag, fragment offset in 8-octet units.
+            let (more, offset) = (frag & 0x2000 != 0, (frag & 0x1fff) as usize * 8);
+            if more || offset != 0 {
+                pkt.frag_id = u32::from(id);
+                if offset != 0 {
+                    pkt.offset = offset as u16;
+                    return Parsed::LaterFragment;
+                }
+                pkt.fragment = FIRST_FRAGMENT;
             }
-            pkt.src = words([0, 0, V4_MAPPED_MARK, src]);
-            pkt.dst = words([0, 0, V4_MAPPED_MARK, dst]);
+            datagram_end = ETH_HLEN + total_len as usize;
             ETH_HLEN + ihl
         }
         ETH_P_IPV6 => {
@@ -525,15 +904,17 @@ fn parse(ctx: &TcContext, pkt: &mut Packet) -> Parsed {
                 return Parsed::Unparseable;
             };
             // SAFETY: ptr_at checked the 40 bytes of the fixed header.
-            let (version, next_header) = unsafe {
+            let (version, payload_len, next_header) = unsafe {
                 let b = ip as *const u8;
                 pkt.src = core::ptr::read_unaligned(b.add(8) as *const [u8; 16]);
                 pkt.dst = core::ptr::read_unaligned(b.add(24) as *const [u8; 16]);
-                (*b, *b.add(6))
+                (*b, u16::from_be_bytes([*b.add(4), *b.add(5)]), *b.add(6))
             };
+            pkt.family = 6;
             if version >> 4 != 6 {
                 return Parsed::Unparseable;
             }
+            datagram_end = ETH_HLEN + 40 + payload_len as usize;
             let mut next = next_header;
             let mut offset = ETH_HLEN + 40;
             let mut done = false;
@@ -541,7 +922,8 @@ fn parse(ctx: &TcContext, pkt: &mut Packet) -> Parsed {
                 let kind = match next {
                     // Hop-by-hop, routing, destination options: 8-octet units past the first 8.
                     0 | 43 | 60 => 1,
-                    // Fragment header: fixed 8 octets, offset in the high 13 bits of octets 2..4.
+                    // Fragment header: fixed 8 octets, offset in the high 13 bits of octets 2..4,
+                    // more-fragments in the lowest bit, the identification in octets 4..8.
                     44 => 2,
                     // Authentication header: 4-octet units, minus 2.
                     51 => 3,
@@ -554,10 +936,20 @@ fn parse(ctx: &TcContext, pkt: &mut Packet) -> Parsed {
                     pkt.protocol = next;
                     return Parsed::Unparseable;
                 };
-                if kind == 2 && frag >> 3 != 0 {
-                    return Parsed::AlwaysPass;
-                }
                 next = following;
+                if kind == 2 && frag & 0xfff9 != 0 {
+                    let Some(id) = read::<4>(ctx, offset + 4) else {
+                        pkt.protocol = next;
+                        return Parsed::Unparseable;
+                    };
+                    pkt.frag_id = u32::from_be_bytes(id);
+                    if frag >> 3 != 0 {
+                        pkt.protocol = next;
+                        pkt.offset = (frag >> 3) * 8;
+                        return Parsed::LaterFragment;
+                    }
+                    pkt.fragment = FIRST_FRAGMENT;
+                }
                 offset += match kind {
                     1 => (length as usize + 1) * 8,
                     2 => 8,
@@ -570,34 +962,62 @@ fn parse(ctx: &TcContext, pkt: &mut Packet) -> Parsed {
             }
             offset
         }
-        // ARP: a pod needs it whatever its policy.
-        ETH_P_ARP => return Parsed::AlwaysPass,
+        // ARP: a pod needs it whatever its policy. The sender's protocol address (after the
+        // 8-octet header and the sender's hardware address) is what source validation checks.
+        ETH_P_ARP => {
+            let Some(sender) = read::<4>(ctx, ETH_HLEN + 14) else {
+                return Parsed::Unparseable;
+            };
+            pkt.src = words([0, 0, V4_MAPPED_MARK, u32::from_ne_bytes(sender)]);
+            pkt.family = 4;
+            return Parsed::Arp;
+        }
         // VLAN-tagged frames (802.1Q, 802.1ad, any depth: the receiving kernel would strip the
         // tags and deliver the IP packet inside unjudged) and every other ethertype.
         _ => return Parsed::NotIp,
     };
+    // A first fragment must hold the whole transport header: a tiny one (RFC 1858) would leave
+    // the ports or flags to a later fragment, which is never judged.
+    if tiny_first_fragment(pkt, l4, datagram_end) != 0 {
+        return Parsed::Unparseable;
+    }
 
     match pkt.protocol {
+        // One bounds check per header, then reads through the pointer (as for the IP header):
+        // a check per field let LLVM reuse a register across paths, and the verifier refused a
+        // port store from one that held the context pointer on another ("invalid size of
+        // register spill").
         PROTO_TCP => {
-            let (Some(sport), Some(dport), Some([_, flags])) =
-                (be16(ctx, l4), be16(ctx, l4 + 2), read::<2>(ctx, l4 + 12))
-            else {
+            let Some(tcp) = ptr_at::<[u8; 14]>(ctx, l4) else {
                 return Parsed::Unparseable;
             };
-            pkt.sport = sport;
-            pkt.dport = dport;
-            pkt.tcp_flags = flags;
+            // SAFETY: ptr_at checked the 14 bytes (ports ... flags).
+            unsafe {
+                let b = tcp as *const u8;
+                pkt.sport = u16::from_be_bytes([*b, *b.add(1)]);
+                pkt.dport = u16::from_be_bytes([*b.add(2), *b.add(3)]);
+                pkt.tcp_flags = *b.add(13);
+            }
         }
         PROTO_UDP | PROTO_SCTP => {
-            let (Some(sport), Some(dport)) = (be16(ctx, l4), be16(ctx, l4 + 2)) else {
+            let Some(ports) = ptr_at::<[u8; 4]>(ctx, l4) else {
                 return Parsed::Unparseable;
             };
-            pkt.sport = sport;
-            pkt.dport = dport;
+            // SAFETY: ptr_at checked the 4 bytes.
+            unsafe {
+                let b = ports as *const u8;
+                pkt.sport = u16::from_be_bytes([*b, *b.add(1)]);
+                pkt.dport = u16::from_be_bytes([*b.add(2), *b.add(3)]);
+            }
         }
         PROTO_ICMP | PROTO_ICMPV6 => {
-            let (Some([icmp_type, _]), Some(id)) = (read::<2>(ctx, l4), be16(ctx, l4 + 4)) else {
+            let Some(icmp) = ptr_at::<[u8; 6]>(ctx, l4) else {
                 return Parsed::Unparseable;
+            };
+            // SAFETY: ptr_at checked the 6 bytes (type, code, checksum, identifier).
+            let (icmp_type, id) = unsafe {
+                let b = icmp as *const u8;
+                (*b, u16::from_be_bytes([*b.add(4), *b.add(5)]))
             };
             match (pkt.protocol, icmp_type) {
                 // Echo request opens (id, 0); its reply (0, id) is then the reversed tuple.
@@ -605,13 +1025,16 @@ fn parse(ctx: &TcContext, pkt: &mut Packet) -> Parsed {
                 (PROTO_ICMP, 0) | (PROTO_ICMPV6, 129) => pkt.dport = id,
                 // Destination unreachable, time exceeded, parameter problem (and packet too big):
                 // errors about a connection, needed for path MTU discovery.
-                (PROTO_ICMP, 3 | 11 | 12) | (PROTO_ICMPV6, 1..=4) => return Parsed::AlwaysPass,
+                (PROTO_ICMP, 3 | 11 | 12) | (PROTO_ICMPV6, 1..=4) => {
+                    pkt.offset = (l4 + 8) as u16;
+                    return Parsed::IcmpError;
+                }
                 // Neighbour discovery: router/neighbour solicitation and advertisement, redirect.
                 // Multicast listener discovery (MLD queries, reports, done; MLDv2 reports): link
                 // control traffic the kernel sends by itself, flooded by bridges to every pod.
                 // Policy never meant to filter it, and counting it as "blocked connections" would
                 // only make the headline metric noisy.
-                (PROTO_ICMPV6, 130..=137 | 143) => return Parsed::AlwaysPass,
+                (PROTO_ICMPV6, 130..=137 | 143) => return Parsed::LinkControl,
                 _ => {}
             }
         }

@@ -159,7 +159,13 @@ pub fn parse_str(file: &Path, text: &str) -> Loaded {
         }
         match parse_object(value) {
             Ok(Some(Object::Namespace(ns))) => loaded.namespaces.push(ns),
-            Ok(Some(Object::Pod(pod))) => loaded.pods.push(pod),
+            Ok(Some(Object::Pod(pod))) => {
+                for (field, message) in &pod.ignored {
+                    let object = Some(format!("Pod {}", pod.object_ref()));
+                    loaded.errors.push(error(object, field.clone(), message.clone()));
+                }
+                loaded.pods.push(pod);
+            }
             Ok(Some(Object::Policy(p))) => loaded.policies.push(p),
             Ok(Some(Object::Service(svc))) => loaded.services.push(svc),
             Ok(Some(Object::Slice(svc, backends))) => loaded.slices.push((svc, backends)),

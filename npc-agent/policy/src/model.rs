@@ -136,6 +136,34 @@ pub struct Pod {
     /// `metadata.creationTimestamp` in Unix seconds (0 when absent, as in hand-written files):
     /// when two pods claim one address, the newest owns it.
     pub created: i64,
+    /// Prefixes the pod may send from besides its own addresses ([`SOURCE_PREFIXES_ANNOTATION`]).
+    pub source_prefixes: Vec<ipnet::IpNet>,
+    /// Parts of the object that were ignored, as (field, why): the pod is enforced without them.
+    pub ignored: Vec<(String, String)>,
+}
+
+/// A pod that really routes (a VPN gateway, a router pod) sends from addresses that are not its
+/// own; this annotation lists the prefixes it may (comma- or space-separated CIDRs). Everything
+/// else a pod sends from an address not its own is dropped as forged.
+pub const SOURCE_PREFIXES_ANNOTATION: &str = "npc.dev/source-prefixes";
+
+/// The pod's [`SOURCE_PREFIXES_ANNOTATION`]: the prefixes that parse, and an error naming each one
+/// that does not.
+fn source_prefixes(annotations: Option<&Labels>) -> (Vec<ipnet::IpNet>, Vec<(String, String)>) {
+    let (mut prefixes, mut ignored) = (Vec::new(), Vec::new());
+    let Some(value) = annotations.and_then(|a| a.get(SOURCE_PREFIXES_ANNOTATION)) else {
+        return (prefixes, ignored);
+    };
+    for item in value.split([',', ' ', '\n', '\t']).filter(|s| !s.is_empty()) {
+        match item.parse::<ipnet::IpNet>() {
+            Ok(net) => prefixes.push(net.trunc()),
+            Err(_) => ignored.push((
+                format!("metadata.annotations[{SOURCE_PREFIXES_ANNOTATION}]"),
+                format!("{item:?} is not a CIDR prefix (like 10.8.0.0/16 or fd00:8::/64): ignored, the pod may not send from it"),
+            )),
+        }
+    }
+    (prefixes, ignored)
 }
 
 impl Pod {
@@ -271,6 +299,7 @@ pub fn pod_from_k8s(pod: &K8sPod, default_namespace: &str) -> Result<Pod, Object
         }
     }
     let phase = status.and_then(|s| s.phase.as_deref());
+    let (source_prefixes, ignored) = source_prefixes(pod.metadata.annotations.as_ref());
     Ok(Pod {
         namespace,
         name,
@@ -281,6 +310,8 @@ pub fn pod_from_k8s(pod: &K8sPod, default_namespace: &str) -> Result<Pod, Object
         terminated: matches!(phase, Some("Succeeded" | "Failed")),
         ports,
         created: pod.metadata.creation_timestamp.as_ref().map_or(0, |t| t.0.as_second()),
+        source_prefixes,
+        ignored,
     })
 }
 

@@ -27,6 +27,8 @@ pub struct Snapshot {
     pub conntrack: Vec<Connection>,
     pub drops: Vec<Counter>,
     pub allowed_connections: AllowedCounters,
+    /// Packets local pods sent from addresses not their own (dropped).
+    pub spoofed_packets: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -125,7 +127,7 @@ impl Snapshot {
             .map(|(ifindex, ep)| Endpoint {
                 ifindex,
                 identity: ep.identity,
-                addr: addr_from_bytes(ep.addr),
+                addr: addr_from_bytes(ep.addrs[0]),
                 ingress_isolated: ep.flags & endpoint_flags::INGRESS_ISOLATED != 0,
                 egress_isolated: ep.flags & endpoint_flags::EGRESS_ISOLATED != 0,
             })
@@ -231,6 +233,7 @@ impl Snapshot {
             conntrack,
             drops,
             allowed_connections: AllowedCounters { ingress, egress },
+            spoofed_packets: dp.spoofed_packets()?,
         })
     }
 }
@@ -282,6 +285,11 @@ impl fmt::Display for Snapshot {
             f,
             "new connections allowed: {} at ingress, {} at egress",
             self.allowed_connections.ingress, self.allowed_connections.egress
+        )?;
+        writeln!(
+            f,
+            "forged packets dropped (a pod sending from an address not its own): {}",
+            self.spoofed_packets
         )?;
         writeln!(f, "drops:")?;
         f.write_str(&table(&self.drops))

@@ -32,8 +32,8 @@ use aya::{
     programs::{ProgramError, SchedClassifier, TcAttachType, links::LinkError},
 };
 use npc_common::{
-    Config, ConntrackKey, ConntrackValue, DropKey, EndpointInfo, PolicyKey, PolicyValue, PortRangeKey, map_names,
-    program_names,
+    Config, ConntrackKey, ConntrackValue, DropKey, EndpointInfo, PolicyKey, PolicyValue, PortRangeKey, SourceKey,
+    map_names, program_names,
 };
 
 use npc_policy::compiler::CidrKey;
@@ -65,6 +65,18 @@ pub enum DatapathError {
     NoInterface(String),
     #[error("{0}")]
     Environment(String),
+    #[error(
+        "the map {map} pinned under {pin_root} has another layout than this npc's ({pinned}; this npc needs {expected}): \
+         an npc of another version pinned it. Nothing was loaded, and what it pinned still enforces. Remove the old \
+         datapath with `npc-agent run --uninstall --pin-root {pin_root}` (the node is unenforced until this agent \
+         starts) and start again"
+    )]
+    PinnedLayout {
+        map: String,
+        pin_root: String,
+        pinned: String,
+        expected: String,
+    },
 }
 
 impl DatapathError {
@@ -79,6 +91,7 @@ impl DatapathError {
             Self::MissingMap(_) | Self::MissingProgram(_) => "object",
             Self::NoInterface(_) => "interface",
             Self::Environment(_) => "environment",
+            Self::PinnedLayout { .. } => "pinned_layout",
         }
     }
 }
@@ -155,6 +168,7 @@ pub struct Datapath {
     drops: PerCpuHashMap<MapData, DropKey, u64>,
     config: Array<MapData, Config>,
     stats: PerCpuArray<MapData, u64>,
+    sources: LpmTrie<MapData, SourceKey, u32>,
     /// The verdict events ring buffer, until the observer takes it.
     events: Option<RingBuf<MapData>>,
     _log: Option<LogPump>,
@@ -211,6 +225,8 @@ impl Datapath {
     }
 
     fn load_pinned(pin_root: &Path) -> Result<Self, DatapathError> {
+        let carried = take_previous_endpoints(pin_root)?;
+        check_pinned_layouts(pin_root)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_root)
             .load(EBPF_OBJECT)?;
@@ -233,11 +249,22 @@ impl Datapath {
             config: take_map!(ebpf, map_names::CONFIG),
             events: Some(take_map!(ebpf, map_names::EVENTS)),
             stats: take_map!(ebpf, map_names::STATS),
+            sources: take_map!(ebpf, map_names::SOURCES),
             ebpf,
             pin_root: pin_root.to_path_buf(),
             _log: log,
         };
         std::fs::create_dir_all(dp.links_dir()).map_err(io_err("creating the links directory"))?;
+        let mut dp = dp;
+        for (ifindex, info) in &carried {
+            dp.endpoints.insert(ifindex, info, 0)?;
+        }
+        if !carried.is_empty() {
+            tracing::info!(
+                endpoints = carried.len(),
+                "carried the previous release's endpoints into the new layout"
+            );
+        }
         Ok(dp)
     }
 
@@ -273,11 +300,35 @@ impl Datapath {
 
     /// New connections allowed so far, summed over CPUs: (at ingress, at egress).
     pub fn allowed_connections(&self) -> Result<(u64, u64), DatapathError> {
-        let sum = |slot: u32| -> Result<u64, DatapathError> { Ok(self.stats.get(&slot, 0)?.iter().sum()) };
         Ok((
-            sum(npc_common::stats::ALLOWED_INGRESS)?,
-            sum(npc_common::stats::ALLOWED_EGRESS)?,
+            self.stat(npc_common::stats::ALLOWED_INGRESS)?,
+            self.stat(npc_common::stats::ALLOWED_EGRESS)?,
         ))
+    }
+
+    /// How many instructions the verifier walked to accept each program (Linux 5.16+ reports it):
+    /// the cost of a datapath change to load time, and the margin to the verifier's 1M limit.
+    pub fn verified_instructions(&self) -> Vec<(&'static str, Option<u32>)> {
+        [Hook::FromPod, Hook::ToPod]
+            .into_iter()
+            .map(|hook| {
+                let count = self
+                    .ebpf
+                    .program(hook.program())
+                    .and_then(|p| p.info().ok())
+                    .and_then(|info| info.verified_instruction_count());
+                (hook.program(), count)
+            })
+            .collect()
+    }
+
+    /// Packets pods sent from addresses not their own, summed over CPUs.
+    pub fn spoofed_packets(&self) -> Result<u64, DatapathError> {
+        self.stat(npc_common::stats::SPOOFED)
+    }
+
+    fn stat(&self, slot: u32) -> Result<u64, DatapathError> {
+        Ok(self.stats.get(&slot, 0)?.iter().sum())
     }
 
     /// Every allow entry: exact ones, and port ranges as (prefix length, key, value).
@@ -354,6 +405,69 @@ impl Datapath {
     pub fn endpoints(&self) -> Result<BTreeMap<u32, EndpointInfo>, DatapathError> {
         Ok(self.endpoints.iter().collect::<Result<_, _>>()?)
     }
+}
+
+/// `NPC_ENDPOINTS` as the release before source validation pinned it: 24-byte values (identity,
+/// flags, one address).
+const PREVIOUS_ENDPOINT_VALUE_SIZE: u32 = 24;
+
+/// An upgrade from the release whose `NPC_ENDPOINTS` held one address per pod: its entries are
+/// read and converted (the address fills both slots), and its pin removed so the load creates
+/// the map in the new layout; the caller writes the entries back before anything is attached.
+/// The old programs, still attached, keep the old map alive and keep enforcing with it until the
+/// new ones replace them. Every entry is derived state (the next sync rewrites it), so a load
+/// that fails after this loses nothing a sync cannot restore.
+fn take_previous_endpoints(pin_root: &Path) -> Result<Vec<(u32, EndpointInfo)>, DatapathError> {
+    let pin = pin_root.join(map_names::ENDPOINTS);
+    if !pin.exists() || aya::maps::MapInfo::from_pin(&pin)?.value_size() != PREVIOUS_ENDPOINT_VALUE_SIZE {
+        return Ok(Vec::new());
+    }
+    let old: HashMap<MapData, u32, [u8; 24]> = aya::maps::Map::HashMap(MapData::from_pin(&pin)?).try_into()?;
+    let mut carried = Vec::new();
+    for entry in old.iter() {
+        let (ifindex, v) = entry?;
+        let word = |i: usize| u32::from_ne_bytes([v[i], v[i + 1], v[i + 2], v[i + 3]]);
+        let addr: [u8; 16] = v[8..24].try_into().expect("16 bytes");
+        carried.push((ifindex, EndpointInfo::new(word(0), word(4), &[addr])));
+    }
+    std::fs::remove_file(&pin).map_err(io_err(format!("removing the previous release's {}", pin.display())))?;
+    Ok(carried)
+}
+
+/// Refuses maps pinned under `pin_root` whose type, key size, value size or capacity differ from
+/// the object's: aya 0.14 reuses a pinned map by name without comparing, and the programs would
+/// then read another npc version's values as ours (an `EndpointInfo` grew from 24 to 40 bytes
+/// in one release), or the verifier would refuse them with an opaque message. Flags are not
+/// compared: what they change for the programs (read-only maps, say) the verifier checks.
+fn check_pinned_layouts(pin_root: &Path) -> Result<(), DatapathError> {
+    let object = aya_obj::Object::parse(EBPF_OBJECT)
+        .map_err(|e| DatapathError::Environment(format!("parsing the eBPF object: {e}")))?;
+    for (name, def) in &object.maps {
+        let pin = pin_root.join(name);
+        if !pin.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&pin)?;
+        let layout = |kind: u32, key: u32, value: u32, max: u32| {
+            format!("type {kind}, key {key} B, value {value} B, {max} entries")
+        };
+        let pinned = layout(
+            info.map_type()? as u32,
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+        );
+        let expected = layout(def.map_type(), def.key_size(), def.value_size(), def.max_entries());
+        if pinned != expected {
+            return Err(DatapathError::PinnedLayout {
+                map: name.clone(),
+                pin_root: pin_root.display().to_string(),
+                pinned,
+                expected,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The drop counters pinned under `pin_root`, summed over CPUs, read without loading anything

@@ -9,7 +9,7 @@ use aya::{
     },
     sys::SyscallError,
 };
-use npc_common::{EndpointInfo, PolicyValue};
+use npc_common::{EndpointInfo, PolicyValue, SOURCE_FIXED_BITS, SourceKey};
 use npc_policy::{
     compiler::{CidrKey, DesiredMaps, RangeKey},
     model::ObjectRef,
@@ -38,6 +38,21 @@ impl Datapath {
             .filter_map(|(pod, info)| ifindex_of(pod).map(|i| (i, *info)))
             .collect();
         let cidrs: BTreeMap<CidrKey, u32> = desired.cidrs.clone();
+        // Extra source prefixes, keyed by the pod's interface (in the trie's own prefix terms).
+        let sources: BTreeMap<SourceEntry, u32> = desired
+            .sources
+            .iter()
+            .filter_map(|(pod, prefixes)| ifindex_of(pod).map(|i| (i, prefixes)))
+            .flat_map(|(ifindex, prefixes)| {
+                prefixes.iter().map(move |p| {
+                    let key = SourceKey {
+                        ifindex_be: ifindex.to_be_bytes(),
+                        addr: p.addr,
+                    };
+                    ((SOURCE_FIXED_BITS + p.prefix_len, key), 1)
+                })
+            })
+            .collect();
         let ranges: BTreeMap<RangeKey, PolicyValue> = desired.port_ranges.clone();
 
         let policy_diff = diff_hash(&self.policy, &desired.policy)?;
@@ -49,6 +64,7 @@ impl Datapath {
             prefix_len: k.prefix_len(),
             addr: k.data(),
         })?;
+        let sources_diff = diff_lpm(&self.sources, &sources, |k| (k.prefix_len(), k.data()))?;
         let identities_diff = diff_hash(&self.identities, &desired.identities)?;
         let endpoints_diff = diff_hash(&self.endpoints, &endpoints)?;
         let policy_changed = !policy_diff.is_empty()
@@ -69,11 +85,17 @@ impl Datapath {
         for (k, v) in &identities_diff.upsert {
             self.identities.insert(k, v, 0)?;
         }
+        for ((prefix_len, key), v) in &sources_diff.upsert {
+            self.sources.insert(&Key::new(*prefix_len, *key), v, 0)?;
+        }
         for (k, v) in &endpoints_diff.upsert {
             self.endpoints.insert(k, v, 0)?;
         }
         for k in &endpoints_diff.delete {
             ignore_missing(self.endpoints.remove(k))?;
+        }
+        for (prefix_len, key) in &sources_diff.delete {
+            ignore_missing(self.sources.remove(&Key::new(*prefix_len, *key)))?;
         }
         for k in &identities_diff.delete {
             ignore_missing(self.identities.remove(k))?;
@@ -91,11 +113,13 @@ impl Datapath {
             + ranges_diff.upsert.len()
             + cidrs_diff.upsert.len()
             + identities_diff.upsert.len()
+            + sources_diff.upsert.len()
             + endpoints_diff.upsert.len();
         stats.deletes = policy_diff.delete.len()
             + ranges_diff.delete.len()
             + cidrs_diff.delete.len()
             + identities_diff.delete.len()
+            + sources_diff.delete.len()
             + endpoints_diff.delete.len();
         if policy_changed {
             let mut config = self.config()?;
@@ -116,6 +140,9 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
         other => other,
     }
 }
+
+/// An `NPC_SOURCES` entry: the trie's prefix length (interface bits included) and key.
+type SourceEntry = (u32, SourceKey);
 
 struct Diff<K, V> {
     upsert: Vec<(K, V)>,

@@ -221,6 +221,9 @@ impl Enforcer {
         if let Ok(allowed) = self.datapath.allowed_connections() {
             self.metrics.observe_allowed(allowed);
         }
+        if let Ok(spoofed) = self.datapath.spoofed_packets() {
+            self.metrics.observe_spoofed(spoofed);
+        }
         let due = self
             .conntrack_counted
             .is_none_or(|at| at.elapsed() >= CONNTRACK_COUNT_EVERY);

@@ -78,6 +78,8 @@ struct Inner {
     last_drops: Mutex<BTreeMap<DropKey, u64>>,
     allowed: Family<DirectionLabels, Counter>,
     last_allowed: Mutex<(u64, u64)>,
+    spoofed: Counter,
+    last_spoofed: Mutex<u64>,
     policies: Gauge,
     rejected: Family<KindLabels, Gauge>,
     endpoints: Gauge,
@@ -97,6 +99,12 @@ struct Inner {
     kube_relists: Family<ResourceLabels, Counter>,
     ready: AtomicBool,
     heartbeat: AtomicU64,
+}
+
+/// How much a kernel counter grew from `before` to `now`. A counter that went down was reset
+/// (maps recreated): count it from zero.
+fn grown(now: u64, before: u64) -> u64 {
+    now.checked_sub(before).unwrap_or(now)
 }
 
 /// Registers `metric` under `name` and hands back the shared handle.
@@ -124,6 +132,12 @@ impl Metrics {
             &mut r,
             "npc_allowed_connections",
             "New connections allowed and tracked, by the enforcement point that judged them",
+            Default::default(),
+        );
+        let spoofed: Counter = register(
+            &mut r,
+            "npc_spoofed_packets",
+            "Packets local pods sent from an address that is not theirs (dropped whatever the policy)",
             Default::default(),
         );
         let policies: Gauge = register(&mut r, "npc_policies", "NetworkPolicies enforced", Default::default());
@@ -237,6 +251,8 @@ impl Metrics {
                 last_drops: Mutex::new(BTreeMap::new()),
                 allowed,
                 last_allowed: Mutex::new((0, 0)),
+                spoofed,
+                last_spoofed: Mutex::new(0),
                 policies,
                 rejected,
                 endpoints,
@@ -271,9 +287,7 @@ impl Metrics {
     pub fn observe_drops(&self, drops: &BTreeMap<DropKey, u64>) {
         let mut last = self.inner.last_drops.lock().expect("not poisoned");
         for (key, now) in drops {
-            let before = last.get(key).copied().unwrap_or(0);
-            // A counter that went down was reset (maps recreated): count it from zero.
-            let delta = if *now >= before { now - before } else { *now };
+            let delta = grown(*now, last.get(key).copied().unwrap_or(0));
             if delta > 0 {
                 self.inner.blocked.get_or_create(&blocked_labels(key)).inc_by(delta);
             }
@@ -285,7 +299,7 @@ impl Metrics {
     pub fn observe_allowed(&self, (ingress, egress): (u64, u64)) {
         let mut last = self.inner.last_allowed.lock().expect("not poisoned");
         for (direction, now, before) in [("ingress", ingress, last.0), ("egress", egress, last.1)] {
-            let delta = if now >= before { now - before } else { now };
+            let delta = grown(now, before);
             if delta > 0 {
                 self.inner
                     .allowed
@@ -296,6 +310,13 @@ impl Metrics {
             }
         }
         *last = (ingress, egress);
+    }
+
+    /// Adds what the kernel's spoofed-packet counter grew by since the last call.
+    pub fn observe_spoofed(&self, now: u64) {
+        let mut last = self.inner.last_spoofed.lock().expect("not poisoned");
+        self.inner.spoofed.inc_by(grown(now, *last));
+        *last = now;
     }
 
     pub fn blocked(&self, protocol: &str, dport: u16, direction: &str) -> u64 {
@@ -352,6 +373,8 @@ impl Metrics {
             npc_common::drop_reason::UNPARSEABLE => "unparseable",
             npc_common::drop_reason::POLICY_CHANGED => "policy_changed",
             npc_common::drop_reason::NOT_IP => "not_ip",
+            npc_common::drop_reason::SPOOFED => "spoofed",
+            npc_common::drop_reason::FRAGMENT => "fragment",
             _ => "other",
         };
         self.inner

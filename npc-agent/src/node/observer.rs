@@ -61,10 +61,20 @@ pub fn describe(ev: &VerdictEvent, names: &Names) -> String {
         drop_reason::UNPARSEABLE => "the packet could not be parsed",
         drop_reason::POLICY_CHANGED => "a policy change no longer allows this established connection",
         drop_reason::NOT_IP => "not IPv4, IPv6 or ARP (VLAN-tagged or an unknown ethertype)",
+        drop_reason::SPOOFED => "its source address is not the pod's own (forged)",
+        drop_reason::FRAGMENT => {
+            "a fragment whose first fragment was not allowed here, or that overlaps its transport header"
+        }
         _ => "unknown reason",
     };
+    // A forgery is the sending pod's doing, not a policy's verdict: say who sent it.
+    let judged = if ev.reason == drop_reason::SPOOFED {
+        format!("sent by {at}")
+    } else {
+        format!("{direction} policy of {at}")
+    };
     format!(
-        "{verdict} {protocol} {}{} -> {}{}: {direction} policy of {at}: {reason}",
+        "{verdict} {protocol} {}{} -> {}{}: {judged}: {reason}",
         endpoint(src, ev.sport),
         who(src),
         endpoint(dst, ev.dport),
@@ -257,6 +267,21 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("no longer allows this established connection"));
+    }
+
+    #[test]
+    fn a_forged_packet_names_the_pod_that_sent_it() {
+        let mut names = Names::default();
+        names
+            .by_addr
+            .insert("10.0.0.2".parse().unwrap(), ObjectRef::new("shop", "client"));
+        names.by_ifindex.insert(7, ObjectRef::new("shop", "attacker"));
+        let mut ev = event();
+        (ev.direction, ev.reason) = (npc_common::DIR_EGRESS, drop_reason::SPOOFED);
+        assert_eq!(
+            describe(&ev, &names),
+            "blocked TCP 10.0.0.2:40000 (shop/client) -> 10.0.0.1:80: sent by shop/attacker: its source address is not the pod's own (forged)"
+        );
     }
 
     #[test]

@@ -100,6 +100,18 @@ impl KubeStores {
             slices: slices.into_iter().flatten().collect(),
             errors: Vec::new(),
         };
+        // Parts of a pod it was kept without (a malformed annotation) are reported too.
+        for pod in &loaded.pods {
+            for (field, message) in &pod.ignored {
+                errors.push(ManifestError {
+                    file: "kubernetes".into(),
+                    document: 0,
+                    object: Some(format!("Pod {}", pod.object_ref())),
+                    field: field.clone(),
+                    message: message.clone(),
+                });
+            }
+        }
         loaded.errors = errors;
         loaded
     }
@@ -243,7 +255,7 @@ impl kube::runtime::utils::Backoff for AgentBackoff {
 /// What the compiler reads of a pod: name, namespace, labels, node, hostNetwork, named
 /// container ports, addresses, phase, creation time.
 pub fn strip_pod(pod: &mut Pod) {
-    strip_meta(pod.meta_mut(), false);
+    strip_meta(pod.meta_mut(), &[model::SOURCE_PREFIXES_ANNOTATION]);
     if let Some(spec) = pod.spec.take() {
         pod.spec = Some(PodSpec {
             node_name: spec.node_name,
@@ -283,7 +295,7 @@ pub fn strip_pod(pod: &mut Pod) {
 
 /// What the compiler reads of a Service: its VIPs, ports, selector and internalTrafficPolicy.
 fn strip_service(svc: &mut Service) {
-    strip_meta(svc.meta_mut(), false);
+    strip_meta(svc.meta_mut(), &[]);
     svc.meta_mut().labels = None;
     if let Some(spec) = svc.spec.take() {
         svc.spec = Some(ServiceSpec {
@@ -304,7 +316,7 @@ fn strip_service(svc: &mut Service) {
 /// An EndpointSlice keeps its Service's name label, its ports and its endpoints' addresses,
 /// conditions and nodes.
 fn strip_slice(slice: &mut EndpointSlice) {
-    strip_meta(slice.meta_mut(), false);
+    strip_meta(slice.meta_mut(), &[]);
     if let Some(labels) = slice.meta_mut().labels.as_mut() {
         labels.retain(|k, _| k == service::SERVICE_NAME_LABEL);
     }
@@ -318,23 +330,24 @@ fn strip_slice(slice: &mut EndpointSlice) {
 }
 
 fn strip_namespace(ns: &mut Namespace) {
-    strip_meta(ns.meta_mut(), true);
+    strip_meta(ns.meta_mut(), &[LEGACY_ANNOTATION]);
     ns.spec = None;
     ns.status = None;
 }
 
 fn strip_policy(np: &mut NetworkPolicy) {
-    strip_meta(np.meta_mut(), false);
+    strip_meta(np.meta_mut(), &[]);
 }
 
-fn strip_meta(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, keep_legacy: bool) {
+/// Drops the metadata the compiler never reads; `keep` names the annotations it does.
+fn strip_meta(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, keep: &[&str]) {
     meta.managed_fields = None;
     meta.owner_references = None;
     meta.finalizers = None;
     meta.generate_name = None;
     meta.annotations = match meta.annotations.take() {
-        Some(mut a) if keep_legacy => {
-            a.retain(|k, _| k == LEGACY_ANNOTATION);
+        Some(mut a) if !keep.is_empty() => {
+            a.retain(|k, _| keep.contains(&k.as_str()));
             (!a.is_empty()).then_some(a)
         }
         _ => None,

@@ -59,11 +59,19 @@ pub struct DesiredMaps {
     pub cidrs: BTreeMap<CidrKey, u32>,
     pub policy: BTreeMap<PolicyKey, PolicyValue>,
     pub port_ranges: BTreeMap<RangeKey, PolicyValue>,
+    /// Extra prefixes local pods may send from (their source-prefixes annotation), per pod; the
+    /// sync keys them by the pod's interface.
+    pub sources: BTreeMap<ObjectRef, BTreeSet<CidrKey>>,
 }
 
 impl DesiredMaps {
     pub fn entry_count(&self) -> usize {
-        self.endpoints.len() + self.identities.len() + self.cidrs.len() + self.policy.len() + self.port_ranges.len()
+        self.endpoints.len()
+            + self.identities.len()
+            + self.cidrs.len()
+            + self.policy.len()
+            + self.port_ranges.len()
+            + self.sources.values().map(BTreeSet::len).sum::<usize>()
     }
 
     /// How many entries differ between two map sets (added, removed or changed): the work a sync
@@ -79,6 +87,7 @@ impl DesiredMaps {
             + diff(&self.cidrs, &other.cidrs)
             + diff(&self.policy, &other.policy)
             + diff(&self.port_ranges, &other.port_ranges)
+            + diff(&self.sources, &other.sources)
     }
 }
 
@@ -279,13 +288,19 @@ impl Compiler {
 
         for pod in policy_pods(state).filter(|p| state.is_local(p)) {
             let id = out.pod_identity[&pod.object_ref()];
+            let mut pod_flags = flags.get(&id).copied().unwrap_or(0);
+            if !pod.source_prefixes.is_empty() {
+                pod_flags |= endpoint_flags::EXTRA_SOURCES;
+                let prefixes = pod.source_prefixes.iter().map(|n| CidrKey::of(*n)).collect();
+                out.maps.sources.insert(pod.object_ref(), prefixes);
+            }
             out.maps.endpoints.insert(
                 pod.object_ref(),
-                EndpointInfo {
-                    identity: id,
-                    flags: flags.get(&id).copied().unwrap_or(0),
-                    addr: pod.ips.first().map(|ip| addr_bytes(*ip)).unwrap_or([0; 16]),
-                },
+                EndpointInfo::new(
+                    id,
+                    pod_flags,
+                    &pod.ips.iter().map(|ip| addr_bytes(*ip)).collect::<Vec<_>>(),
+                ),
             );
         }
         out
@@ -769,7 +784,33 @@ mod tests {
         );
         assert!(allowed(&c, ("a", "db"), "10.0.0.1", TCP, 1));
         // A pod without an address yet is an endpoint (enforced as soon as it is attached).
-        assert_eq!(c.maps.endpoints[&ObjectRef::new("a", "new")].addr, [0; 16]);
+        assert_eq!(c.maps.endpoints[&ObjectRef::new("a", "new")].addrs, [[0; 16]; 2]);
+    }
+
+    #[test]
+    fn the_source_prefixes_annotation_flags_the_endpoint_and_a_bad_prefix_is_reported_not_fatal() {
+        let y = ns("a", "")
+            + &pod("a", "plain", "app: x", "10.0.0.4")
+            + "---\napiVersion: v1\nkind: Pod\nmetadata: {name: gw, namespace: a, annotations: {npc.dev/source-prefixes: '10.8.1.2/16, fd00:8::1/64,nonsense'}}\nspec: {containers: [{name: c}]}\nstatus: {podIP: 10.0.0.5}\n";
+        let loaded = files::parse_str(Path::new("test.yaml"), &y);
+        let [error] = loaded.errors.as_slice() else {
+            panic!("one error expected: {:?}", loaded.errors);
+        };
+        assert_eq!(error.object.as_deref(), Some("Pod a/gw"));
+        assert_eq!(error.field, "metadata.annotations[npc.dev/source-prefixes]");
+        assert!(error.message.contains("\"nonsense\""), "{}", error.message);
+        // The pod is kept, with the prefixes that parse (truncated to their network).
+        let c = compile(&loaded.to_state());
+        let gw = ObjectRef::new("a", "gw");
+        assert_ne!(c.maps.endpoints[&gw].flags & endpoint_flags::EXTRA_SOURCES, 0);
+        let want: BTreeSet<CidrKey> = ["10.8.0.0/16", "fd00:8::/64"]
+            .iter()
+            .map(|n| CidrKey::of(n.parse().unwrap()))
+            .collect();
+        assert_eq!(c.maps.sources[&gw], want);
+        let plain = ObjectRef::new("a", "plain");
+        assert_eq!(c.maps.endpoints[&plain].flags & endpoint_flags::EXTRA_SOURCES, 0);
+        assert!(!c.maps.sources.contains_key(&plain));
     }
 
     #[test]

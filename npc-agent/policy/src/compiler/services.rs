@@ -61,11 +61,7 @@ pub(super) fn emit_services(
     let egress_isolated: Vec<EndpointInfo> = flags
         .iter()
         .filter(|(_, f)| *f & endpoint_flags::EGRESS_ISOLATED != 0)
-        .map(|(id, f)| EndpointInfo {
-            identity: *id,
-            flags: *f,
-            addr: [0; 16],
-        })
+        .map(|(id, f)| EndpointInfo::new(*id, *f, &[]))
         .collect();
     for svc in state.services.values() {
         let backends = picked_backends(state, svc);
