@@ -36,6 +36,8 @@ struct Row {
     /// Frames of this row's id that do not count as its arrival (the allowed first fragment
     /// ahead of an overlapping one).
     only_offset: Option<u16>,
+    /// An ARP row: its frames are the ARP frames with this sender protocol address, from this MAC.
+    arp_sender: Option<([u8; 4], [u8; 6])>,
 }
 
 fn ip_of(lab: &Lab, pod: &ObjectRef) -> IpAddr {
@@ -43,6 +45,12 @@ fn ip_of(lab: &Lab, pod: &ObjectRef) -> IpAddr {
 }
 
 fn arrivals(frames: &[Vec<u8>], row: &Row) -> usize {
+    if let Some((sender, mac)) = row.arp_sender {
+        return frames
+            .iter()
+            .filter(|f| f.len() >= 32 && f[6..12] == mac && f[12..14] == [0x08, 0x06] && f[28..32] == sender)
+            .count();
+    }
     frames
         .iter()
         .filter(|f| raw::ipv4_id(f) == Some(row.id))
@@ -83,6 +91,7 @@ fn forged_frames_from_a_pod_never_arrive_and_the_controls_do() {
     let ns = |p: &ObjectRef| lab.pod_netns(p).expect("a lab pod").to_string();
     let (a_ip, b_ip, c_ip) = (ip_of(&lab, &a), ip_of(&lab, &b), ip_of(&lab, &c));
     let (a_mac, b_mac) = (raw::mac_of(&ns(&a), "eth0"), raw::mac_of(&ns(&b), "eth0"));
+    let c_mac = raw::mac_of(&ns(&c), "eth0");
     let node = lab.node_addr();
 
     // The controls first, with real sockets: c's datagram of 3000 bytes reaches a in three
@@ -144,6 +153,7 @@ fn forged_frames_from_a_pod_never_arrive_and_the_controls_do() {
             "IPv4 in 802.1ad + 802.1Q (VID 0), c's address",
             packet::vlan_tagged(&[0x88a8, 0x8100], &udp(c_ip)),
         ),
+        ("ARP with c's address as sender", packet::arp_from(octets(c_ip))),
         (
             "ICMP port-unreachable quoting a flow a never had",
             packet::icmp_error(b_ip, a_ip, 3, 3, &never[14..]),
@@ -169,6 +179,7 @@ fn forged_frames_from_a_pod_never_arrive_and_the_controls_do() {
             frame,
             id: 0x4e00 + i as u16,
             only_offset: what.contains("overlapping").then_some(8),
+            arp_sender: what.starts_with("ARP").then(|| (octets(c_ip), b_mac)),
         })
         .collect();
     let control_c = Row {
@@ -176,12 +187,21 @@ fn forged_frames_from_a_pod_never_arrive_and_the_controls_do() {
         frame: udp(c_ip),
         id: 0x4f00,
         only_offset: None,
+        arp_sender: None,
+    };
+    let control_arp = Row {
+        what: "control: ARP from c with its own sender address",
+        frame: packet::arp_from(octets(c_ip)),
+        id: 0,
+        only_offset: None,
+        arp_sender: Some((octets(c_ip), c_mac)),
     };
     let control_pmtu = Row {
         what: "control: fragmentation-needed about a tracked connection, from a router",
         frame: frag_needed,
         id: 0x4f01,
         only_offset: None,
+        arp_sender: None,
     };
 
     let spoofed_before = lab.datapath().spoofed_packets().expect("spoofed counter");
@@ -189,7 +209,6 @@ fn forged_frames_from_a_pod_never_arrive_and_the_controls_do() {
     let capture = PacketSocket::open(&ns(&a), "eth0");
     let from_b = PacketSocket::open(&ns(&b), "eth0");
     let from_c = PacketSocket::open(&ns(&c), "eth0");
-    let c_mac = raw::mac_of(&ns(&c), "eth0");
     for _ in 0..N {
         for row in &rows {
             if row.only_offset.is_some() {
@@ -204,6 +223,7 @@ fn forged_frames_from_a_pod_never_arrive_and_the_controls_do() {
             from_b.send(&raw::finish(&row.frame, b_mac, a_mac, row.id));
         }
         from_c.send(&raw::finish(&control_c.frame, c_mac, a_mac, control_c.id));
+        from_c.send(&raw::finish(&control_arp.frame, c_mac, a_mac, 0));
         node_side.send(&raw::finish(&control_pmtu.frame, br_mac, a_mac, control_pmtu.id));
     }
     let frames = capture.received(Duration::from_millis(300), Duration::from_secs(5));
@@ -214,7 +234,7 @@ fn forged_frames_from_a_pod_never_arrive_and_the_controls_do() {
         report.push(format!("{got} of {N}  {}", row.what));
         assert_eq!(got, 0, "{}: arrived", row.what);
     }
-    for row in [&control_c, &control_pmtu] {
+    for row in [&control_c, &control_arp, &control_pmtu] {
         let got = arrivals(&frames, row);
         report.push(format!("{got} of {N}  {}", row.what));
         assert_eq!(got, N, "{}", row.what);
@@ -225,7 +245,11 @@ fn forged_frames_from_a_pod_never_arrive_and_the_controls_do() {
     let drops = drop_counts(&lab);
     let spoofed = lab.datapath().spoofed_packets().expect("spoofed counter") - spoofed_before;
     let n = N as u64;
-    assert_eq!(spoofed, 4 * n, "node, c, outside, and c behind one tag: forged sources");
+    assert_eq!(
+        spoofed,
+        5 * n,
+        "node, c, outside, c behind one tag, c as ARP sender: forged sources"
+    );
     // Tagged frames never leave b. The kernel moves a single 802.1Q tag out of the frame before
     // tc: that one is counted under the IP packet inside it; the inner tag of a stacked pair stays
     // in the frame, and the frame is counted as not IP at all.
