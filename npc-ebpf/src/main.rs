@@ -40,7 +40,7 @@ use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_skb_load_bytes},
     macros::{btf_map, classifier, map},
     maps::RingBuf,
     programs::TcContext,
@@ -367,8 +367,7 @@ fn fragment_key(ifindex: u32, pkt: &Packet) -> FragmentKey {
 #[inline(never)]
 fn record_first_fragment(ifindex: u32, pkt: &Packet) {
     if pkt.fragment == FIRST_FRAGMENT {
-        // SAFETY: ktime has no preconditions.
-        let _ = NPC_FRAGMENTS.insert(&fragment_key(ifindex, pkt), &unsafe { bpf_ktime_get_ns() }, 0);
+        let _ = NPC_FRAGMENTS.insert(&fragment_key(ifindex, pkt), &now(), 0);
     }
 }
 
@@ -377,8 +376,7 @@ fn record_first_fragment(ifindex: u32, pkt: &Packet) {
 fn first_fragment_allowed(ifindex: u32, pkt: &Packet) -> i64 {
     // SAFETY: the value is copied out at once.
     match unsafe { NPC_FRAGMENTS.get(&fragment_key(ifindex, pkt)) }.copied() {
-        // SAFETY: ktime has no preconditions.
-        Some(at) if unsafe { bpf_ktime_get_ns() }.wrapping_sub(at) <= FRAGMENT_TIMEOUT_NS => 1,
+        Some(at) if now().wrapping_sub(at) <= FRAGMENT_TIMEOUT_NS => 1,
         _ => 0,
     }
 }
@@ -460,8 +458,7 @@ fn related(ctx: &TcContext, ifindex: u32, quoted: usize, family: u8) -> i64 {
         }
         _ => return 0,
     }
-    // SAFETY: ktime has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now();
     for reversed in [false, true] {
         if reversed {
             core::mem::swap(&mut key.src, &mut key.dst);
@@ -496,8 +493,7 @@ fn judge(ctx: &TcContext, hook: &Hook, pkt: &Packet) -> u8 {
         endpoint,
         config,
     } = *hook;
-    // SAFETY: no helper reads uninitialised memory; ktime has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now();
     let mut key = ConntrackKey {
         ifindex,
         protocol: pkt.protocol,
@@ -542,8 +538,7 @@ fn judge(ctx: &TcContext, hook: &Hook, pkt: &Packet) -> u8 {
             // SAFETY: as above.
             let entry = unsafe { &mut *entry };
             if entry.epoch == config.epoch {
-                entry.state = next_state(entry.state, pkt, is_reply);
-                entry.last_seen_ns = now;
+                refresh(entry, pkt, is_reply, now);
                 return PASS;
             }
             Query::new(endpoint, entry.direction, key.src, key.dst, key.dport, key.protocol)
@@ -559,8 +554,7 @@ fn judge(ctx: &TcContext, hook: &Hook, pkt: &Packet) -> u8 {
         // SAFETY: as above (LRU entries are not freed under a running program).
         let entry = unsafe { &mut *entry };
         entry.epoch = config.epoch;
-        entry.state = next_state(entry.state, pkt, is_reply);
-        entry.last_seen_ns = now;
+        refresh(entry, pkt, is_reply, now);
         return PASS;
     }
 
@@ -610,6 +604,33 @@ fn judge(ctx: &TcContext, hook: &Hook, pkt: &Packet) -> u8 {
         );
     }
     PASS
+}
+
+/// The coarse monotonic clock (jiffies, a few ms): cheaper than `bpf_ktime_get_ns`, and
+/// conntrack timeouts of seconds need no more. The same clock base as CLOCK_MONOTONIC, which the
+/// agent compares entries' ages against.
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: no preconditions.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// How stale an entry's `last_seen_ns` may get before a packet rewrites it. Writing the entry
+/// on every packet bounces its cache line between the CPUs of a connection's two directions;
+/// idle timeouts are tens of seconds, so a second of slack costs nothing.
+const REFRESH_NS: u64 = 1_000_000_000;
+
+/// A tracked connection's packet: its state moves only on flags that change it, its timestamp
+/// only when stale (see [`REFRESH_NS`]): most packets read the entry and write nothing.
+#[inline(always)]
+fn refresh(entry: &mut ConntrackValue, pkt: &Packet, is_reply: bool, now: u64) {
+    let next = next_state(entry.state, pkt, is_reply);
+    if next != entry.state {
+        entry.state = next;
+    }
+    if now.wrapping_sub(entry.last_seen_ns) > REFRESH_NS {
+        entry.last_seen_ns = now;
+    }
 }
 
 #[inline(always)]
