@@ -294,26 +294,33 @@ fn forged_frames_from_a_pod_never_arrive_and_the_controls_do() {
 
     // IPv6 neighbour discovery works for the isolated pod: a resolves b's link-local address
     // (a's solicitation out, b's advertisement in through a's ingress policy).
+    // Both ends' link-local addresses must be through duplicate address detection first: a
+    // tentative address sends nothing.
     let b_ll = link_local(&ns(&b));
+    link_local(&a_ns);
     let scope = raw::ifindex_of(&a_ns, "eth0");
     let target = SocketAddr::V6(SocketAddrV6::new(b_ll.parse().expect("an IPv6 address"), 9, 0, scope));
-    netns::run_in(&a_ns, move || {
-        let sock = UdpSocket::bind("[::]:0").expect("bind");
-        let _ = sock.send_to(b"nd", target);
-    })
-    .expect("run in a");
-    let resolved = wait_for(Duration::from_secs(5), || {
+    let mut neighbour = String::new();
+    let resolved = wait_for(Duration::from_secs(10), || {
+        // A datagram to b each round: the kernel solicits b's link-layer address for it.
+        netns::run_in(&a_ns, move || {
+            let sock = UdpSocket::bind("[::]:0").expect("bind");
+            let _ = sock.send_to(b"nd", target);
+        })
+        .expect("run in a");
         let out = Command::new("ip")
             .args([
                 "netns", "exec", &a_ns, "ip", "-6", "neigh", "show", "dev", "eth0", &b_ll,
             ])
             .output()
             .expect("ip neigh");
-        String::from_utf8_lossy(&out.stdout).contains("lladdr")
+        neighbour = String::from_utf8_lossy(&out.stdout).to_string();
+        neighbour.contains("lladdr")
     });
     assert!(
         resolved,
-        "a never resolved b's link-local address: neighbour discovery is blocked"
+        "a never resolved b's link-local address {b_ll} (neighbour entry: {neighbour:?}; drops: {:?}): neighbour discovery is blocked",
+        drop_counts(&lab)
     );
     drop(lab);
 }
