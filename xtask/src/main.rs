@@ -51,10 +51,11 @@ enum Cmd {
     /// where there is no root, BPF or bpffs to check.
     SetupBuild,
     /// Setup, then the benchmarks: compile time, entries and memory at 1k/10k/50k pods, and
-    /// nanoseconds per packet in the kernel (BPF_PROG_TEST_RUN).
+    /// nanoseconds per packet in the kernel (BPF_PROG_TEST_RUN). `bench traffic`: real traffic
+    /// between two lab pods with no enforcement, npc and weave-npc's iptables layout.
     Bench {
-        /// Cluster sizes for the compiler benchmark (default 1000 10000 50000).
-        sizes: Vec<usize>,
+        /// `traffic`, or cluster sizes for the compiler benchmark (default 1000 10000 50000).
+        args: Vec<String>,
     },
 }
 
@@ -117,8 +118,24 @@ fn main() -> anyhow::Result<()> {
             image().map(|_| ())
         }
         Cmd::SetupBuild => setup_build(),
-        Cmd::Bench { sizes } => {
+        Cmd::Bench { args } => {
             setup()?;
+            if args.first().map(String::as_str) == Some("traffic") {
+                return run(Command::new("cargo").current_dir(workspace_root()).args([
+                    "bench",
+                    "-p",
+                    "npc-integration",
+                    "--bench",
+                    "traffic",
+                ]));
+            }
+            let sizes = args
+                .iter()
+                .map(|a| {
+                    a.parse()
+                        .with_context(|| format!("{a:?} is neither `traffic` nor a cluster size"))
+                })
+                .collect::<anyhow::Result<Vec<usize>>>()?;
             bench(&sizes)
         }
     }
@@ -151,6 +168,8 @@ fn setup() -> anyhow::Result<()> {
     ensure_tool("bpftool", "bpftool")?;
     // The lab renders kube-proxy's NAT rules with iptables-restore.
     ensure_tool("iptables-restore", "iptables")?;
+    // The traffic benchmark renders weave-npc's ipsets.
+    ensure_tool("ipset", "ipset")?;
     step("ready");
     Ok(())
 }

@@ -55,6 +55,12 @@ const MODULES: &[&str] = &[
     "xt_statistic",
     "xt_comment",
     "xt_mark",
+    // The traffic benchmark's weave-npc layout (ipsets, the ESTABLISHED rule).
+    "ip_set",
+    "ip_set_hash_ip",
+    "xt_set",
+    "xt_state",
+    "xt_conntrack",
 ];
 /// A guest that prints nothing for this long is hung (TCG runs a test binary in 1-2 minutes);
 /// NPC_VM_TIMEOUT_SECS overrides it.

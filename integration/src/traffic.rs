@@ -1,0 +1,516 @@
+//! The real-traffic benchmark (`cargo xtask bench traffic`, issue 13): two lab pods on one node
+//! bridge, short TCP connections and one bulk TCP stream between them, each mode in turn:
+//!
+//! - **none**: the fabric alone (no programs, no rules);
+//! - **npc** with P policies selecting the server (one of them admits the client);
+//! - **iptables**: the same policies rendered as weave-npc renders them (an ESTABLISHED accept
+//!   first, then one rule per policy rule matching ipsets of pod addresses, in one chain on the
+//!   bridge's FORWARD path with br_netfilter on), the iptables enforcer baseline.
+//!
+//! Modes are interleaved, each measured `repeats` times; the report gives medians, spreads and
+//! ratios to **none**. The load generator is ours: a client thread pinned to CPU 0 opens, reads
+//! one byte from and closes connections as fast as it can; the server's threads are pinned to the
+//! last CPU. The bulk stream writes 128 KiB buffers for the duration; the server counts bytes.
+//! Every mode also proves its enforcement is what it says: a port no policy allows is refused
+//! under npc and iptables (and its drop counted), and open under none.
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use npc_agent::lab::{Lab, LabOptions, netns};
+use npc_policy::{files, model::ObjectRef};
+use serde::Serialize;
+
+/// The server's ports: short connections, the bulk stream, and one no policy allows.
+pub const CONNECT_PORT: u16 = 8000;
+pub const BULK_PORT: u16 = 5201;
+pub const BLOCKED_PORT: u16 = 8001;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Enforcer {
+    None,
+    Npc,
+    Iptables,
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub policies: Vec<usize>,
+    pub repeats: usize,
+    pub duration: Duration,
+    pub tag: String,
+}
+
+impl Options {
+    /// The full benchmark.
+    pub fn full(tag: &str) -> Self {
+        Self {
+            policies: vec![1, 100, 1000],
+            repeats: 5,
+            duration: Duration::from_secs(3),
+            tag: tag.into(),
+        }
+    }
+
+    /// What `cargo xtask test` runs: every field produced, enforcement checked, nothing timed
+    /// that matters.
+    pub fn quick(tag: &str) -> Self {
+        Self {
+            policies: vec![1, 100],
+            repeats: 1,
+            duration: Duration::from_millis(200),
+            tag: tag.into(),
+        }
+    }
+}
+
+/// One mode's measurements.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModeResult {
+    pub enforcer: Enforcer,
+    pub policies: usize,
+    /// New connections per second, one figure per repeat.
+    pub connections_per_second: Vec<f64>,
+    /// Bulk throughput, bits per second, one figure per repeat.
+    pub bulk_bits_per_second: Vec<f64>,
+    /// Whether the blocked port was refused (true under npc and iptables, false under none).
+    pub blocked_port_refused: bool,
+    /// Drops counted for the blocked port: npc's drop counter, or the iptables DROP rule's.
+    pub blocked_port_drops: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    pub enforcer: Enforcer,
+    pub policies: usize,
+    pub connections_per_second_median: f64,
+    pub connections_per_second_spread: (f64, f64),
+    pub connections_vs_none: f64,
+    pub bulk_gbits_median: f64,
+    pub bulk_gbits_spread: (f64, f64),
+    pub bulk_vs_none: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub kernel: String,
+    pub cpus: usize,
+    pub duration_seconds: f64,
+    pub repeats: usize,
+    pub results: Vec<ModeResult>,
+    pub rows: Vec<Row>,
+}
+
+/// The cluster: namespace bench, pods server and client, and `policies` NetworkPolicies that all
+/// select the server. The last one admits the client on the two measured ports (so an iptables
+/// chain walks every other rule first, as it would for the unluckiest policy); the others admit
+/// pods that do not exist here (`app: peer-N`), each on its own port.
+pub fn cluster(policies: usize) -> String {
+    let mut y = String::from(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: bench}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: server, namespace: bench, labels: {app: server}}\nspec: {containers: [{name: s}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: client, namespace: bench, labels: {app: client}}\nspec: {containers: [{name: c}]}\n",
+    );
+    for i in 0..policies {
+        let (from, ports) = if i + 1 == policies {
+            (
+                "client".to_string(),
+                format!("[{{port: {CONNECT_PORT}}}, {{port: {BULK_PORT}}}]"),
+            )
+        } else {
+            (format!("peer-{i}"), format!("[{{port: {}}}]", 10_000 + i))
+        };
+        y += &format!(
+            "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p{i:04}, namespace: bench}}\nspec:\n  podSelector: {{matchLabels: {{app: server}}}}\n  ingress: [{{from: [{{podSelector: {{matchLabels: {{app: {from}}}}}}}], ports: {ports}}}]\n"
+        );
+    }
+    y
+}
+
+/// weave-npc's rendering of `cluster(policies)`, for iptables-restore and ipset restore: one
+/// ipset per policy's peer selector (the client's for the last), one for the server, an
+/// ESTABLISHED accept first, one ACCEPT per policy rule, then DROP for the server.
+pub fn weave_npc_rules(policies: usize, server: IpAddr, client: IpAddr) -> (String, String) {
+    let mut sets = format!("create npc-bench-server hash:ip family inet\nadd npc-bench-server {server}\n");
+    let mut rules = String::from(
+        "*filter\n:NPC-BENCH - [0:0]\n-A FORWARD -o br0 -j NPC-BENCH\n-A NPC-BENCH -m state --state RELATED,ESTABLISHED -j ACCEPT\n",
+    );
+    for i in 0..policies {
+        let set = format!("npc-bench-p{i}");
+        sets += &format!("create {set} hash:ip family inet\n");
+        let ports = if i + 1 == policies {
+            sets += &format!("add {set} {client}\n");
+            vec![CONNECT_PORT, BULK_PORT]
+        } else {
+            // Peers elsewhere in the cluster: a few addresses each, as real selectors hold.
+            for k in 0..4u32 {
+                sets += &format!(
+                    "add {set} {}\n",
+                    std::net::Ipv4Addr::from(0x0a63_0000 + i as u32 * 4 + k)
+                );
+            }
+            vec![10_000 + i as u16]
+        };
+        for port in ports {
+            rules += &format!(
+                "-A NPC-BENCH -p tcp --dport {port} -m set --match-set {set} src -m set --match-set npc-bench-server dst -j ACCEPT\n"
+            );
+        }
+    }
+    rules += "-A NPC-BENCH -m set --match-set npc-bench-server dst -j DROP\nCOMMIT\n";
+    (sets, rules)
+}
+
+/// Runs the benchmark.
+pub fn run(opts: &Options) -> Report {
+    let mut modes = vec![(Enforcer::None, 0)];
+    for &p in &opts.policies {
+        modes.push((Enforcer::Npc, p));
+        modes.push((Enforcer::Iptables, p));
+    }
+    let mut results: Vec<ModeResult> = modes
+        .iter()
+        .map(|&(enforcer, policies)| ModeResult {
+            enforcer,
+            policies,
+            connections_per_second: Vec::new(),
+            bulk_bits_per_second: Vec::new(),
+            blocked_port_refused: false,
+            blocked_port_drops: 0,
+        })
+        .collect();
+    for _ in 0..opts.repeats {
+        for result in results.iter_mut() {
+            measure(opts, result);
+        }
+    }
+    let rows = rows(&results);
+    Report {
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        cpus: cpus(),
+        duration_seconds: opts.duration.as_secs_f64(),
+        repeats: opts.repeats,
+        results,
+        rows,
+    }
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// One repeat of one mode: a lab of its own (so no mode inherits another's state).
+fn measure(opts: &Options, result: &mut ModeResult) {
+    let policies = result.policies.max(1);
+    let loaded = files::parse_str("bench.yaml".as_ref(), &cluster(policies));
+    assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+    let mut lab_opts = LabOptions::new(&opts.tag);
+    lab_opts.enforce = result.enforcer == Enforcer::Npc;
+    let lab = Lab::up(lab_opts, &loaded).expect("lab up");
+    let (server, client) = (ObjectRef::new("bench", "server"), ObjectRef::new("bench", "client"));
+    let (server_ns, client_ns) = (
+        lab.pod_netns(&server).expect("server").to_string(),
+        lab.pod_netns(&client).expect("client").to_string(),
+    );
+    let server_ip = lab.pod(&server).expect("server").ips[0];
+    let client_ip = lab.pod(&client).expect("client").ips[0];
+    if result.enforcer == Enforcer::Iptables {
+        let (sets, rules) = weave_npc_rules(policies, server_ip, client_ip);
+        restore_in(lab.node_netns(), "ipset", &["restore"], &sets);
+        restore_in(lab.node_netns(), "iptables-restore", &["--noflush"], &rules);
+    }
+    let servers = Servers::start(&server_ns);
+
+    // The enforcement is what the mode says: the blocked port is refused, and counted.
+    let refused = !connects(
+        &client_ns,
+        SocketAddr::new(server_ip, BLOCKED_PORT),
+        Duration::from_millis(500),
+    );
+    let drops = match result.enforcer {
+        Enforcer::Npc => lab
+            .datapath()
+            .drops()
+            .expect("drop counters")
+            .iter()
+            .filter(|(k, _)| k.dport == BLOCKED_PORT)
+            .map(|(_, v)| *v)
+            .sum(),
+        Enforcer::Iptables => iptables_drop_packets(lab.node_netns()),
+        Enforcer::None => 0,
+    };
+    result.blocked_port_refused = refused;
+    result.blocked_port_drops = drops;
+
+    let rate = connection_rate(&client_ns, SocketAddr::new(server_ip, CONNECT_PORT), opts.duration);
+    let bulk = bulk_rate(
+        &client_ns,
+        SocketAddr::new(server_ip, BULK_PORT),
+        opts.duration,
+        &servers.bulk_bytes,
+    );
+    result.connections_per_second.push(rate);
+    result.bulk_bits_per_second.push(bulk);
+    servers.stop();
+    drop(lab);
+}
+
+/// Pins the calling thread to one CPU (the benchmark's two ends on different CPUs).
+fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// The server's threads: one accepting short connections (one byte, then close), one sinking
+/// the bulk stream.
+struct Servers {
+    netns: String,
+    stop: Arc<AtomicBool>,
+    bulk_bytes: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Servers {
+    fn start(netns: &str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let bulk_bytes = Arc::new(AtomicU64::new(0));
+        let (connect, bulk, blocked) = netns::run_in(netns, || {
+            let bind = |port| TcpListener::bind(("0.0.0.0", port)).expect("bind a bench port");
+            (bind(CONNECT_PORT), bind(BULK_PORT), bind(BLOCKED_PORT))
+        })
+        .expect("enter the server's namespace");
+        let last = cpus() - 1;
+        let mut threads = Vec::new();
+        // Blocking accepts (a polling loop would add its sleep to every connection and flatter
+        // the enforcers' ratios); `stop` wakes them with one connection each.
+        for (listener, sink) in [(connect, false), (bulk, true), (blocked, false)] {
+            let (stop, bytes) = (stop.clone(), bulk_bytes.clone());
+            threads.push(std::thread::spawn(move || {
+                pin_to(last);
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((mut conn, _)) if sink => {
+                            let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
+                            let mut buf = vec![0u8; 1 << 17];
+                            while !stop.load(Ordering::Relaxed) {
+                                match conn.read(&mut buf) {
+                                    Ok(0) => break,
+                                    Ok(n) => {
+                                        bytes.fetch_add(n as u64, Ordering::Relaxed);
+                                    }
+                                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                                    Err(_) => break,
+                                }
+                            }
+                        }
+                        Ok((mut conn, _)) => {
+                            let _ = conn.write_all(b"x");
+                        }
+                        Err(_) => {}
+                    }
+                }
+            }));
+        }
+        Self {
+            netns: netns.to_string(),
+            stop,
+            bulk_bytes,
+            threads,
+        }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        netns::run_in(&self.netns, || {
+            for port in [CONNECT_PORT, BULK_PORT, BLOCKED_PORT] {
+                let _ = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(1));
+            }
+        })
+        .expect("enter the server's namespace");
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Whether a TCP connection from `netns` to `to` is accepted within `timeout`.
+pub fn connects(netns: &str, to: SocketAddr, timeout: Duration) -> bool {
+    netns::run_in(netns, || TcpStream::connect_timeout(&to, timeout).is_ok()).expect("enter the namespace")
+}
+
+/// New connections per second from `netns` to `to` for `duration`, from one thread on CPU 0.
+fn connection_rate(netns: &str, to: SocketAddr, duration: Duration) -> f64 {
+    netns::run_in(netns, || {
+        pin_to(0);
+        let (start, mut done) = (Instant::now(), 0u64);
+        let mut buf = [0u8; 1];
+        while start.elapsed() < duration {
+            let Ok(mut conn) = TcpStream::connect_timeout(&to, Duration::from_secs(1)) else {
+                continue;
+            };
+            if conn.read_exact(&mut buf).is_ok() {
+                done += 1;
+            }
+        }
+        done as f64 / start.elapsed().as_secs_f64()
+    })
+    .expect("enter the client's namespace")
+}
+
+/// Bulk throughput (bits per second) of one stream from `netns` to `to` for `duration`, as the
+/// server counted it.
+fn bulk_rate(netns: &str, to: SocketAddr, duration: Duration, counted: &AtomicU64) -> f64 {
+    let before = counted.load(Ordering::Relaxed);
+    let elapsed = netns::run_in(netns, || {
+        pin_to(0);
+        let mut conn = TcpStream::connect_timeout(&to, Duration::from_secs(1)).expect("the bulk port is open");
+        let buf = vec![0u8; 1 << 17];
+        let start = Instant::now();
+        while start.elapsed() < duration {
+            if conn.write_all(&buf).is_err() {
+                break;
+            }
+        }
+        let elapsed = start.elapsed();
+        let _ = conn.shutdown(std::net::Shutdown::Write);
+        elapsed
+    })
+    .expect("enter the client's namespace");
+    // The server may still be reading the last buffers: wait until its count stops moving.
+    let mut last = counted.load(Ordering::Relaxed);
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = counted.load(Ordering::Relaxed);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    (last - before) as f64 * 8.0 / elapsed.as_secs_f64()
+}
+
+fn restore_in(netns: &str, program: &str, args: &[&str], input: &str) {
+    let input = input.to_string();
+    let (program, args): (String, Vec<String>) = (program.into(), args.iter().map(|s| s.to_string()).collect());
+    let out = netns::run_in(netns, move || {
+        let mut child = Command::new(&program)
+            .args(&args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("run {program} (cargo xtask setup installs it): {e}"));
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write rules");
+        child.wait_with_output().expect("wait")
+    })
+    .expect("enter the node namespace");
+    assert!(
+        out.status.success(),
+        "restore failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Packets the weave-npc chain's final DROP rule counted.
+fn iptables_drop_packets(netns: &str) -> u64 {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "iptables", "-L", "NPC-BENCH", "-v", "-x", "-n"])
+        .output()
+        .expect("iptables -L");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.split_whitespace().nth(2) == Some("DROP"))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s.get(s.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn spread(v: &[f64]) -> (f64, f64) {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (lo, hi)
+}
+
+fn rows(results: &[ModeResult]) -> Vec<Row> {
+    let none = results
+        .iter()
+        .find(|r| r.enforcer == Enforcer::None)
+        .expect("a none mode");
+    let (conn0, bulk0) = (median(&none.connections_per_second), median(&none.bulk_bits_per_second));
+    results
+        .iter()
+        .map(|r| {
+            let (c, b) = (median(&r.connections_per_second), median(&r.bulk_bits_per_second));
+            let (blo, bhi) = spread(&r.bulk_bits_per_second);
+            Row {
+                enforcer: r.enforcer,
+                policies: r.policies,
+                connections_per_second_median: c,
+                connections_per_second_spread: spread(&r.connections_per_second),
+                connections_vs_none: if conn0 > 0.0 { c / conn0 } else { 0.0 },
+                bulk_gbits_median: b / 1e9,
+                bulk_gbits_spread: (blo / 1e9, bhi / 1e9),
+                bulk_vs_none: if bulk0 > 0.0 { b / bulk0 } else { 0.0 },
+            }
+        })
+        .collect()
+}
+
+impl Report {
+    /// The table `cargo xtask bench traffic` prints.
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "traffic benchmark: kernel {}, {} CPUs, {} repeats of {:.1} s per mode, modes interleaved\n",
+            self.kernel, self.cpus, self.repeats, self.duration_seconds
+        );
+        out += &format!(
+            "{:<9} {:>8} {:>12} {:>19} {:>8} {:>10} {:>15} {:>8}\n",
+            "enforcer", "policies", "conn/s", "(min-max)", "vs none", "bulk Gb/s", "(min-max)", "vs none"
+        );
+        for r in &self.rows {
+            let enforcer = match r.enforcer {
+                Enforcer::None => "none",
+                Enforcer::Npc => "npc",
+                Enforcer::Iptables => "iptables",
+            };
+            out += &format!(
+                "{:<9} {:>8} {:>12.0} {:>9.0}-{:<9.0} {:>8.2} {:>10.2} {:>7.2}-{:<7.2} {:>8.2}\n",
+                enforcer,
+                r.policies,
+                r.connections_per_second_median,
+                r.connections_per_second_spread.0,
+                r.connections_per_second_spread.1,
+                r.connections_vs_none,
+                r.bulk_gbits_median,
+                r.bulk_gbits_spread.0,
+                r.bulk_gbits_spread.1,
+                r.bulk_vs_none
+            );
+        }
+        out
+    }
+}

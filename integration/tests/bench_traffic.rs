@@ -1,0 +1,44 @@
+//! The traffic benchmark in its quick mode, as `cargo xtask test` runs it: every field of the
+//! report is produced, and each mode enforces what it says (the port no policy allows is refused
+//! and its drop counted under npc and iptables, and open under none). No timing is asserted.
+use npc_integration::traffic::{Enforcer, Options, run};
+
+#[test]
+fn the_quick_traffic_benchmark_reports_every_mode_and_each_enforces_what_it_says() {
+    npc_integration::require_root();
+    let report = run(&Options::quick(&npc_integration::tag("trafficq")));
+    let modes: Vec<(Enforcer, usize)> = report.results.iter().map(|r| (r.enforcer, r.policies)).collect();
+    assert_eq!(
+        modes,
+        [
+            (Enforcer::None, 0),
+            (Enforcer::Npc, 1),
+            (Enforcer::Iptables, 1),
+            (Enforcer::Npc, 100),
+            (Enforcer::Iptables, 100)
+        ]
+    );
+    for r in &report.results {
+        let what = format!("{:?} with {} policies", r.enforcer, r.policies);
+        assert_eq!(r.connections_per_second.len(), 1, "{what}");
+        assert_eq!(r.bulk_bits_per_second.len(), 1, "{what}");
+        assert!(r.connections_per_second[0] > 0.0, "{what}: no connection completed");
+        assert!(r.bulk_bits_per_second[0] > 0.0, "{what}: no bulk byte arrived");
+        match r.enforcer {
+            Enforcer::None => assert!(!r.blocked_port_refused, "{what}: the fabric itself refused the port"),
+            _ => {
+                assert!(r.blocked_port_refused, "{what}: the port no policy allows was open");
+                assert!(r.blocked_port_drops > 0, "{what}: the refusal was not a counted drop");
+            }
+        }
+    }
+    assert_eq!(report.rows.len(), report.results.len());
+    let none = &report.rows[0];
+    assert_eq!((none.connections_vs_none, none.bulk_vs_none), (1.0, 1.0));
+    let table = report.table();
+    assert_eq!(table.lines().count(), 2 + report.rows.len(), "{table}");
+    let json = serde_json::to_value(&report).expect("JSON");
+    for field in ["kernel", "cpus", "duration_seconds", "repeats", "results", "rows"] {
+        assert!(json.get(field).is_some(), "the JSON report lacks {field}");
+    }
+}
