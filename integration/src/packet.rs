@@ -244,3 +244,10 @@ pub fn udp4_with_payload(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, paylo
     set_ip_length(&mut f, false);
     f
 }
+
+/// `frame` (IPv6) claiming a payload length of `len` bytes, whatever it really carries.
+pub fn with_ipv6_payload_length(frame: &[u8], len: u16) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[18..20].copy_from_slice(&len.to_be_bytes());
+    f
+}

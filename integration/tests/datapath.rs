@@ -678,6 +678,15 @@ fn fragments_follow_their_first_fragment() {
     let tiny = packet::with_ipv4_total_length(&packet::ipv4_fragment(&syn, 12, 0, true), 28);
     fx.expect(Hook::ToPod, &tiny, SHOT);
     assert_eq!(fx.drops(DIR_INGRESS, PROTO_TCP, 0), 2);
+    // The same in IPv6: an overlap at offset 8, then a first fragment whose payload length holds
+    // the fragment header and 8 bytes of TCP.
+    let syn6 = packet::tcp(ip("fd00::20"), ip("fd00::10"), 40000, 80, TCP_SYN);
+    fx.expect(Hook::ToPod, &packet::ipv6_fragment(&syn6, 11, 0, true), PASS);
+    fx.expect(Hook::ToPod, &packet::ipv6_fragment(&syn6, 11, 8, true), SHOT);
+    fx.expect(Hook::ToPod, &packet::ipv6_fragment(&syn6, 11, 24, false), PASS);
+    let tiny6 = packet::with_ipv6_payload_length(&packet::ipv6_fragment(&syn6, 12, 0, true), 8 + 8);
+    fx.expect(Hook::ToPod, &tiny6, SHOT);
+    assert_eq!(fx.drops(DIR_INGRESS, PROTO_TCP, 0), 4);
 
     // A pod that is not isolated has nothing to protect: fragments pass as they come.
     fx.apply("");
