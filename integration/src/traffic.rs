@@ -256,7 +256,7 @@ fn measure(opts: &Options, result: &mut ModeResult) {
         &client_ns,
         SocketAddr::new(server_ip, BULK_PORT),
         opts.duration,
-        &servers.bulk_bytes,
+        &servers,
     );
     result.connections_per_second.push(rate);
     result.bulk_bits_per_second.push(bulk);
@@ -280,6 +280,8 @@ struct Servers {
     netns: String,
     stop: Arc<AtomicBool>,
     bulk_bytes: Arc<AtomicU64>,
+    /// Bulk streams the server has read to their end.
+    streams_done: Arc<AtomicU64>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -287,6 +289,7 @@ impl Servers {
     fn start(netns: &str) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let bulk_bytes = Arc::new(AtomicU64::new(0));
+        let streams_done = Arc::new(AtomicU64::new(0));
         let (connect, bulk, blocked) = netns::run_in(netns, || {
             let bind = |port| TcpListener::bind(("0.0.0.0", port)).expect("bind a bench port");
             (bind(CONNECT_PORT), bind(BULK_PORT), bind(BLOCKED_PORT))
@@ -297,7 +300,7 @@ impl Servers {
         // Blocking accepts (a polling loop would add its sleep to every connection and flatter
         // the enforcers' ratios); `stop` wakes them with one connection each.
         for (listener, sink) in [(connect, false), (bulk, true), (blocked, false)] {
-            let (stop, bytes) = (stop.clone(), bulk_bytes.clone());
+            let (stop, bytes, done) = (stop.clone(), bulk_bytes.clone(), streams_done.clone());
             threads.push(std::thread::spawn(move || {
                 pin_to(last);
                 while !stop.load(Ordering::Relaxed) {
@@ -316,6 +319,7 @@ impl Servers {
                                     Err(_) => break,
                                 }
                             }
+                            done.fetch_add(1, Ordering::Relaxed);
                         }
                         Ok((mut conn, _)) => {
                             let _ = conn.write_all(b"x");
@@ -329,6 +333,7 @@ impl Servers {
             netns: netns.to_string(),
             stop,
             bulk_bytes,
+            streams_done,
             threads,
         }
     }
@@ -373,8 +378,9 @@ fn connection_rate(netns: &str, to: SocketAddr, duration: Duration) -> f64 {
 
 /// Bulk throughput (bits per second) of one stream from `netns` to `to` for `duration`, as the
 /// server counted it.
-fn bulk_rate(netns: &str, to: SocketAddr, duration: Duration, counted: &AtomicU64) -> f64 {
-    let before = counted.load(Ordering::Relaxed);
+fn bulk_rate(netns: &str, to: SocketAddr, duration: Duration, servers: &Servers) -> f64 {
+    let (counted, done) = (&servers.bulk_bytes, &servers.streams_done);
+    let (before, done_before) = (counted.load(Ordering::Relaxed), done.load(Ordering::Relaxed));
     let elapsed = netns::run_in(netns, || {
         pin_to(0);
         let mut conn = TcpStream::connect_timeout(&to, Duration::from_secs(1)).expect("the bulk port is open");
@@ -390,17 +396,10 @@ fn bulk_rate(netns: &str, to: SocketAddr, duration: Duration, counted: &AtomicU6
         elapsed
     })
     .expect("enter the client's namespace");
-    // The server may still be reading the last buffers: wait until its count stops moving.
-    let mut last = counted.load(Ordering::Relaxed);
-    loop {
-        std::thread::sleep(Duration::from_millis(20));
-        let now = counted.load(Ordering::Relaxed);
-        if now == last {
-            break;
-        }
-        last = now;
-    }
-    (last - before) as f64 * 8.0 / elapsed.as_secs_f64()
+    // The server may still be reading the last buffers: wait until it has read to the end.
+    let finished = crate::wait_for(Duration::from_secs(10), || done.load(Ordering::Relaxed) > done_before);
+    assert!(finished, "the server never read the bulk stream to its end");
+    (counted.load(Ordering::Relaxed) - before) as f64 * 8.0 / elapsed.as_secs_f64()
 }
 
 fn restore_in(netns: &str, program: &str, args: &[&str], input: &str) {
