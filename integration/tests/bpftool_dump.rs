@@ -39,7 +39,7 @@ const EXPECTED: &[(&str, Fields, Fields)] = &[
     (
         map_names::CONNTRACK,
         Some(&["ifindex", "protocol", "_pad", "src", "dst", "sport", "dport"]),
-        Some(&["last_seen_ns", "epoch", "state", "direction", "_pad"]),
+        Some(&["last_seen_ns", "epoch", "state", "direction", "origin", "_pad"]),
     ),
     (map_names::DROPS, Some(&["direction", "protocol", "dport"]), None),
     (map_names::STATS, None, None),
@@ -286,6 +286,38 @@ fn maps_pinned_without_btf_are_adopted_and_keep_enforcing() {
         args.extend(old_endpoint[4..].iter().map(String::as_str));
         run_bpftool(&args);
 
+        // And a connection the server opened to a lower address, keyed the way releases before
+        // shared conntrack entries keyed it: by its opening tuple, higher end first.
+        let (server_addr, peer_addr) = (
+            npc_common::v4_mapped([10, 0, 0, 10]),
+            npc_common::v4_mapped([10, 0, 0, 5]),
+        );
+        let old_key: Vec<u8> = [
+            1u32.to_ne_bytes().as_slice(),
+            &[6, 0, 0, 0],
+            &server_addr,
+            &peer_addr,
+            &45000u16.to_ne_bytes(),
+            &443u16.to_ne_bytes(),
+        ]
+        .concat();
+        let old_value: Vec<u8> = [
+            npc_agent::datapath::monotonic_coarse_ns().to_ne_bytes().as_slice(),
+            &1u32.to_ne_bytes(),
+            &[npc_common::ct_state::TCP_ESTABLISHED, npc_common::DIR_EGRESS, 0, 0],
+        ]
+        .concat();
+        let conntrack_pin = pin_root.join(map_names::CONNTRACK);
+        let (old_key_args, old_value_args): (Vec<String>, Vec<String>) = (
+            old_key.iter().map(u8::to_string).collect(),
+            old_value.iter().map(u8::to_string).collect(),
+        );
+        let mut args = vec!["map", "update", "pinned", conntrack_pin.to_str().unwrap(), "key"];
+        args.extend(old_key_args.iter().map(String::as_str));
+        args.push("value");
+        args.extend(old_value_args.iter().map(String::as_str));
+        run_bpftool(&args);
+
         let mut dp = Datapath::load(&pin_root).expect("load the new object over maps pinned without BTF");
         for ((name, ..), id) in LEGACY.iter().zip(&ids) {
             let same = &map_show(&pin_root.join(name))["id"] == id;
@@ -302,7 +334,21 @@ fn maps_pinned_without_btf_are_adopted_and_keep_enforcing() {
             Some(&npc_common::EndpointInfo::new(300, 1, &[server])),
             "the old endpoint was carried into the new layout"
         );
+        // The load rewrote the old entry into the shared orientation, opener kept.
+        let tracked = dp.conntrack_entries().unwrap();
+        assert_eq!(tracked.len(), 1, "{tracked:?}");
+        let (key, value) = tracked[0];
+        assert!(key.is_normal(), "{key:?}");
+        assert_eq!(value.opener(&key), (server_addr, peer_addr, 45000, 443));
         sync(&mut dp);
+        // Its reply into the ingress-isolated server (from an address no policy allows) is
+        // still a reply: the one lookup finds the rewritten entry.
+        let reply = packet::tcp(ip("10.0.0.5"), ip("10.0.0.10"), 443, 45000, packet::TCP_ACK);
+        assert_eq!(
+            dp.test_run(Hook::ToPod, &reply).unwrap(),
+            PASS,
+            "the reply of the old connection"
+        );
         traffic(&dp);
         assert_eq!(
             dp.drops().unwrap().values().sum::<u64>(),

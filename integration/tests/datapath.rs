@@ -168,13 +168,78 @@ fn reply_of_an_allowed_connection_passes_the_isolated_direction() {
 }
 
 #[test]
+fn both_directions_of_a_connection_share_one_conntrack_entry() {
+    let fx = Fixture::policed("shared");
+    // Opened by the higher address (the client, into the server) and by the lower one (the
+    // server, out to the client's 8080): one entry each, found by both directions.
+    fx.handshake(CLIENT, SERVER, 40000, 80);
+    fx.expect(Hook::FromPod, &packet::tcp(SERVER, CLIENT, 45000, 8080, TCP_SYN), PASS);
+    fx.expect(
+        Hook::ToPod,
+        &packet::tcp(CLIENT, SERVER, 8080, 45000, TCP_SYN | TCP_ACK),
+        PASS,
+    );
+    for _ in 0..2 {
+        fx.expect(Hook::ToPod, &packet::tcp(CLIENT, SERVER, 40000, 80, TCP_ACK), PASS);
+        fx.expect(Hook::FromPod, &packet::tcp(SERVER, CLIENT, 80, 40000, TCP_ACK), PASS);
+        fx.expect(Hook::FromPod, &packet::tcp(SERVER, CLIENT, 45000, 8080, TCP_ACK), PASS);
+        fx.expect(Hook::ToPod, &packet::tcp(CLIENT, SERVER, 8080, 45000, TCP_ACK), PASS);
+    }
+    let mut tracked = fx.t.dp.conntrack_entries().unwrap();
+    tracked.sort_by_key(|(k, v)| v.opener(k).2);
+    let ip16 = |ip: IpAddr| match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    };
+    let openers: Vec<_> = tracked
+        .iter()
+        .map(|(k, v)| (k.is_normal(), v.opener(k), v.direction))
+        .collect();
+    assert_eq!(
+        openers,
+        vec![
+            (true, (ip16(CLIENT), ip16(SERVER), 40000, 80), DIR_INGRESS),
+            (true, (ip16(SERVER), ip16(CLIENT), 45000, 8080), DIR_EGRESS),
+        ],
+        "one entry per connection, in the shared orientation, opener kept: {tracked:?}"
+    );
+    assert_eq!(
+        fx.drops(DIR_INGRESS, PROTO_TCP, 80) + fx.drops(DIR_EGRESS, PROTO_TCP, 8080),
+        0
+    );
+}
+
+#[test]
+fn the_conntrack_count_is_of_live_connections_only() {
+    let mut fx = Fixture::policed("live");
+    fx.handshake(CLIENT, SERVER, 40000, 80);
+    // The same connection again on another port, idle past its state's timeout: dead to the
+    // programs (its next packet is judged as new), though the LRU keeps it until it needs room.
+    let (mut key, mut value) = fx.t.dp.conntrack_entries().unwrap()[0];
+    key.sport += 1;
+    value.state = npc_common::ct_state::TCP_CLOSED;
+    value.last_seen_ns =
+        npc_agent::datapath::monotonic_coarse_ns() - npc_common::ct_timeout::TCP_CLOSED - 1_000_000_000;
+    let pin = fx.t.pin_root().join(npc_common::map_names::CONNTRACK);
+    let data = aya::maps::MapData::from_pin(pin).unwrap();
+    let mut ct: aya::maps::HashMap<_, npc_common::ConntrackKey, npc_common::ConntrackValue> =
+        aya::maps::Map::LruHashMap(data).try_into().unwrap();
+    ct.insert(key, value, 0).unwrap();
+    assert_eq!(fx.t.dp.conntrack_entries().unwrap().len(), 2);
+    let sweep = fx.t.dp.conntrack_sweep().unwrap();
+    assert_eq!((sweep.live, sweep.rewritten), (1, 0), "{sweep:?}");
+}
+
+#[test]
 fn established_connection_passes_and_a_tightened_policy_cuts_it() {
     let mut fx = Fixture::policed("established");
     fx.handshake(CLIENT, SERVER, 40000, 80);
     fx.expect(Hook::ToPod, &packet::tcp(CLIENT, SERVER, 40000, 80, TCP_ACK), PASS);
     let tracked = fx.t.dp.conntrack_entries().unwrap();
     assert!(
-        tracked.iter().any(|(k, _)| k.dport == 80 && k.sport == 40000),
+        tracked
+            .iter()
+            .any(|(k, v)| v.opener(k).2 == 40000 && v.opener(k).3 == 80),
         "connection is tracked: {tracked:?}"
     );
 

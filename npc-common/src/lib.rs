@@ -59,6 +59,9 @@ pub mod program_names {
     pub const FROM_POD: &str = "npc_from_pod";
     /// On the tc egress hook of the host-side veth: packets entering the pod (its ingress policy).
     pub const TO_POD: &str = "npc_to_pod";
+    /// Passes every packet and does nothing else: the benchmarks' floor (what the kernel's test
+    /// run costs around any program). Loaded only by benchmarks, never attached.
+    pub const FLOOR: &str = "npc_floor";
 }
 
 /// Map capacities. Sized for a large node; the agent reports pressure as a metric.
@@ -218,10 +221,11 @@ pub struct PortRangeKey {
 const _: () = assert!(size_of::<PortRangeKey>() == 12);
 pub const PORT_RANGE_FIXED_BITS: u32 = 80;
 
-/// `NPC_CONNTRACK` key: the tuple of the packet that opened the connection, in one scope (the
-/// host-side interface: each enforcement point tracks its own connections, so the egress check at
-/// one pod never stands in for the ingress check at another). A reply is found by looking the
-/// reversed tuple up.
+/// `NPC_CONNTRACK` key: a connection's tuple in one scope (the host-side interface: each
+/// enforcement point tracks its own connections, so the egress check at one pod never stands in
+/// for the ingress check at another). Both directions of a connection share the entry: the key
+/// names the lower (address, port) end `src` (see [`ConntrackKey::reversed`]), and
+/// [`ConntrackValue::origin`] says which end opened it. One lookup per packet, either way.
 #[repr(C)]
 #[derive(NoUninit, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ConntrackKey {
@@ -235,6 +239,59 @@ pub struct ConntrackKey {
     pub dport: u16,
 }
 const _: () = assert!(size_of::<ConntrackKey>() == 44);
+
+impl ConntrackKey {
+    /// Whether a packet from `src`:`sport` to `dst`:`dport` names its connection's ends the other
+    /// way round from the key, i.e. (src, sport) sorts after (dst, dport). Addresses are given as
+    /// their two native-endian words (the datapath loads them so); any fixed total order works,
+    /// as long as the datapath and the agent (which rewrites older entries) share this one.
+    #[inline(always)]
+    pub fn reversed(src: [u64; 2], sport: u16, dst: [u64; 2], dport: u16) -> bool {
+        if src[0] != dst[0] {
+            return src[0] > dst[0];
+        }
+        if src[1] != dst[1] {
+            return src[1] > dst[1];
+        }
+        sport > dport
+    }
+
+    /// [`Self::reversed`] for byte addresses.
+    pub fn reversed_bytes(src: &[u8; 16], sport: u16, dst: &[u8; 16], dport: u16) -> bool {
+        let words = |a: &[u8; 16]| {
+            let (hi, lo) = a.split_at(8);
+            [
+                u64::from_ne_bytes(hi.try_into().unwrap_or_default()),
+                u64::from_ne_bytes(lo.try_into().unwrap_or_default()),
+            ]
+        };
+        Self::reversed(words(src), sport, words(dst), dport)
+    }
+
+    /// Is the key in the shared orientation? Entries written before it was introduced (one per
+    /// opening tuple) may not be.
+    pub fn is_normal(&self) -> bool {
+        !Self::reversed_bytes(&self.src, self.sport, &self.dst, self.dport)
+    }
+
+    /// The same connection's key with its ends swapped.
+    pub fn swapped(&self) -> Self {
+        Self {
+            src: self.dst,
+            dst: self.src,
+            sport: self.dport,
+            dport: self.sport,
+            ..*self
+        }
+    }
+}
+
+/// [`ConntrackValue::origin`]: which end of the key opened the connection.
+pub mod ct_origin {
+    /// The key's `src` end (every entry of the release before shared entries reads so).
+    pub const SRC: u8 = 0;
+    pub const DST: u8 = 1;
+}
 
 /// Connection states kept in [`ConntrackValue::state`].
 pub mod ct_state {
@@ -257,6 +314,18 @@ pub mod ct_timeout {
     pub const TCP_CLOSING: u64 = 10 * SEC;
     pub const TCP_CLOSED: u64 = 10 * SEC;
     pub const OTHER: u64 = 60 * SEC;
+
+    /// The idle timeout of an entry in `state` ([`super::ct_state`]).
+    #[inline(always)]
+    pub const fn of(state: u8) -> u64 {
+        match state {
+            super::ct_state::TCP_SYN_SENT => TCP_SYN,
+            super::ct_state::TCP_ESTABLISHED => TCP_ESTABLISHED,
+            super::ct_state::TCP_CLOSING => TCP_CLOSING,
+            super::ct_state::TCP_CLOSED => TCP_CLOSED,
+            _ => OTHER,
+        }
+    }
 }
 
 /// Which way the connection was opened, from the local pod's view: [`DIR_INGRESS`] (the peer
@@ -269,9 +338,22 @@ pub struct ConntrackValue {
     pub epoch: u32,
     pub state: u8,
     pub direction: u8,
-    pub _pad: [u8; 2],
+    /// [`ct_origin`]: which end of the key sent the packet that opened the connection.
+    pub origin: u8,
+    pub _pad: u8,
 }
 const _: () = assert!(size_of::<ConntrackValue>() == 16);
+
+impl ConntrackValue {
+    /// The opening packet's (src, dst, sport, dport) for an entry under `key`.
+    pub fn opener(&self, key: &ConntrackKey) -> ([u8; 16], [u8; 16], u16, u16) {
+        if self.origin == ct_origin::DST {
+            (key.dst, key.src, key.dport, key.sport)
+        } else {
+            (key.src, key.dst, key.sport, key.dport)
+        }
+    }
+}
 
 /// `NPC_DROPS` key (per-CPU counters; the agent sums them).
 #[repr(C)]

@@ -194,21 +194,25 @@ impl Snapshot {
         let conntrack = ct
             .into_iter()
             .take(conntrack_limit)
-            .map(|(k, v)| Connection {
-                ifindex: k.ifindex,
-                protocol: protocol(k.protocol),
-                src: socket(k.src, k.sport),
-                dst: socket(k.dst, k.dport),
-                state: match v.state {
-                    ct_state::OPEN => "open",
-                    ct_state::TCP_SYN_SENT => "syn-sent",
-                    ct_state::TCP_ESTABLISHED => "established",
-                    ct_state::TCP_CLOSING => "closing",
-                    ct_state::TCP_CLOSED => "closed",
-                    _ => "?",
-                },
-                opened: direction_name(v.direction),
-                epoch: v.epoch,
+            .map(|(k, v)| {
+                // The entry is shared by both directions; show it as it was opened.
+                let (src, dst, sport, dport) = v.opener(&k);
+                Connection {
+                    ifindex: k.ifindex,
+                    protocol: protocol(k.protocol),
+                    src: socket(src, sport),
+                    dst: socket(dst, dport),
+                    state: match v.state {
+                        ct_state::OPEN => "open",
+                        ct_state::TCP_SYN_SENT => "syn-sent",
+                        ct_state::TCP_ESTABLISHED => "established",
+                        ct_state::TCP_CLOSING => "closing",
+                        ct_state::TCP_CLOSED => "closed",
+                        _ => "?",
+                    },
+                    opened: direction_name(v.direction),
+                    epoch: v.epoch,
+                }
             })
             .collect();
         let drops = dp

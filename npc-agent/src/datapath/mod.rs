@@ -33,7 +33,7 @@ use aya::{
 };
 use npc_common::{
     Config, ConntrackKey, ConntrackValue, DropKey, EndpointInfo, PolicyKey, PolicyValue, PortRangeKey, SourceKey,
-    map_names, program_names,
+    ct_origin, ct_timeout, map_names, program_names,
 };
 
 use npc_policy::compiler::CidrKey;
@@ -236,7 +236,7 @@ impl Datapath {
                 .program_mut(hook.program())
                 .ok_or(DatapathError::MissingProgram(hook.program()))?
                 .try_into()?;
-            prog.load()?;
+            load_retrying(prog)?;
         }
         let dp = Self {
             endpoints: take_map!(ebpf, map_names::ENDPOINTS),
@@ -256,6 +256,13 @@ impl Datapath {
         };
         std::fs::create_dir_all(dp.links_dir()).map_err(io_err("creating the links directory"))?;
         let mut dp = dp;
+        let swept = dp.conntrack_sweep()?;
+        if swept.rewritten > 0 {
+            tracing::info!(
+                entries = swept.rewritten,
+                "conntrack: rewrote the previous release's entries into shared ones"
+            );
+        }
         for (ifindex, info) in &carried {
             dp.endpoints.insert(ifindex, info, 0)?;
         }
@@ -391,20 +398,106 @@ impl Datapath {
         Ok(self.conntrack.iter().collect::<Result<_, _>>()?)
     }
 
-    /// How many connections are tracked: walks the keys only (one syscall per entry, where
-    /// [`Self::conntrack_entries`] takes two), still proportional to the table.
-    pub fn conntrack_count(&self) -> Result<usize, DatapathError> {
-        let mut n = 0;
-        for key in self.conntrack.keys() {
-            key?;
-            n += 1;
+    /// Walks the conntrack table: counts the live connections (entries idle past their state's
+    /// timeout are dead to the programs; only the LRU reclaims them), and rewrites entries keyed
+    /// the way the release before shared entries keyed them.
+    ///
+    /// That release keyed an entry by its opening tuple; the programs now look one key up for
+    /// both directions (lower end first, see [`ConntrackKey::reversed`]) and would miss entries
+    /// whose opener was the higher end, judging their packets as new. The load sweeps once
+    /// (while the previous programs still enforce, writing entries the old way), and the
+    /// enforcer's first sweep after attaching catches what they wrote meanwhile.
+    pub fn conntrack_sweep(&mut self) -> Result<ConntrackSweep, DatapathError> {
+        let now = monotonic_coarse_ns();
+        let mut sweep = ConntrackSweep::default();
+        let mut older = Vec::new();
+        for entry in self.conntrack.iter() {
+            let (key, value) = entry?;
+            if now.saturating_sub(value.last_seen_ns) <= ct_timeout::of(value.state) {
+                sweep.live += 1;
+            }
+            if !key.is_normal() {
+                older.push((key, value));
+            }
         }
-        Ok(n)
+        sweep.rewritten = self.share(older)?;
+        Ok(sweep)
+    }
+
+    /// Rewrites older-orientation entries into the shared one; returns how many.
+    fn share(&mut self, older: Vec<(ConntrackKey, ConntrackValue)>) -> Result<usize, DatapathError> {
+        let mut rewritten = 0;
+        for (key, mut value) in older {
+            // The older layout's pad byte reads as "opened by the key's src end"; swapped, that
+            // end is the new key's dst.
+            value.origin = ct_origin::DST;
+            // An entry the new programs already made for the connection is the fresher one.
+            match self.conntrack.insert(key.swapped(), value, BPF_NOEXIST) {
+                Ok(()) => rewritten += 1,
+                Err(e) if map_errno(&e) == Some(libc::EEXIST) => {}
+                Err(e) => return Err(e.into()),
+            }
+            match self.conntrack.remove(&key) {
+                Err(e) if map_errno(&e) != Some(libc::ENOENT) => return Err(e.into()),
+                _ => {}
+            }
+        }
+        Ok(rewritten)
     }
 
     pub fn endpoints(&self) -> Result<BTreeMap<u32, EndpointInfo>, DatapathError> {
         Ok(self.endpoints.iter().collect::<Result<_, _>>()?)
     }
+}
+
+/// How many times a program load that the kernel interrupted is tried (libbpf's
+/// `PROG_LOAD_ATTEMPTS`).
+const PROG_LOAD_ATTEMPTS: usize = 5;
+
+/// Loads a program, again when the kernel gives up with EAGAIN: the verifier stops when the
+/// loading thread has a signal pending (`do_check` returns -EAGAIN), which happened here on a
+/// test thread while another test thread was spawning `bpftool`. libbpf retries the same way.
+fn load_retrying(prog: &mut SchedClassifier) -> Result<(), ProgramError> {
+    let mut attempt = 1;
+    loop {
+        match prog.load() {
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < PROG_LOAD_ATTEMPTS =>
+            {
+                tracing::debug!(attempt, "program load interrupted (EAGAIN): trying again");
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// What a walk of the conntrack table found and did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConntrackSweep {
+    /// Entries not idle past their state's timeout.
+    pub live: usize,
+    /// Older-orientation entries rewritten into the shared one.
+    pub rewritten: usize,
+}
+
+/// Only create, never replace (`BPF_NOEXIST`).
+const BPF_NOEXIST: u64 = 1;
+
+fn map_errno(e: &MapError) -> Option<i32> {
+    match e {
+        MapError::SyscallError(e) => e.io_error.raw_os_error(),
+        _ => None,
+    }
+}
+
+/// The clock the programs stamp conntrack entries with (`bpf_ktime_get_coarse_ns`:
+/// CLOCK_MONOTONIC_COARSE).
+pub fn monotonic_coarse_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
 /// `NPC_ENDPOINTS` as the release before source validation pinned it: 24-byte values (identity,

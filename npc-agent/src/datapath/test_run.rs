@@ -28,6 +28,26 @@ impl Datapath {
         Ok(self.run(hook, packet, None, repeat)?.1)
     }
 
+    /// [`Self::bench_run`] for the empty program (loaded on first use): the floor of every
+    /// per-packet figure, the kernel's cost of a test run around any program.
+    pub fn bench_floor(&mut self, packet: &[u8], repeat: u32) -> Result<Duration, DatapathError> {
+        let name = npc_common::program_names::FLOOR;
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram(name))?
+            .try_into()?;
+        if prog.fd().is_err() {
+            prog.load()?;
+        }
+        let result = prog.test_run(TestRunOptions {
+            data_in: Some(packet),
+            repeat,
+            ..Default::default()
+        })?;
+        Ok(result.duration)
+    }
+
     /// (the last run's verdict, the mean time per run).
     fn run(
         &self,

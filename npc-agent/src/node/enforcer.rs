@@ -22,8 +22,10 @@ use crate::{
     },
 };
 
-/// How often the conntrack table is counted for `npc_map_entries{map="conntrack"}`: it walks
-/// the whole table (up to 262k entries), so not on every turn.
+/// How often the conntrack table is swept (live entries counted for
+/// `npc_map_entries{map="conntrack"}`, older entries rewritten; see
+/// [`Datapath::conntrack_sweep`]): it walks the whole table (up to 262k entries), so not on
+/// every turn. The first turn always sweeps.
 const CONNTRACK_COUNT_EVERY: Duration = Duration::from_secs(30);
 
 /// What the node is, for the compiler and the attacher.
@@ -227,9 +229,20 @@ impl Enforcer {
         let due = self
             .conntrack_counted
             .is_none_or(|at| at.elapsed() >= CONNTRACK_COUNT_EVERY);
-        if due && let Ok(n) = self.datapath.conntrack_count() {
-            self.metrics.set_map_entries("conntrack", n);
-            self.conntrack_counted = Some(Instant::now());
+        if due {
+            match self.datapath.conntrack_sweep() {
+                Ok(sweep) => {
+                    self.metrics.set_map_entries("conntrack", sweep.live);
+                    if sweep.rewritten > 0 {
+                        tracing::info!(
+                            entries = sweep.rewritten,
+                            "conntrack: rewrote the previous release's entries into shared ones"
+                        );
+                    }
+                    self.conntrack_counted = Some(Instant::now());
+                }
+                Err(e) => tracing::warn!(error = %e, "walking the conntrack table"),
+            }
         }
     }
 
