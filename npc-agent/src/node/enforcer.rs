@@ -137,7 +137,10 @@ impl Enforcer {
         let mut ifindexes: BTreeMap<ObjectRef, u32> = BTreeMap::new();
         self.unattached = 0;
         for pod in compiled.maps.endpoints.keys() {
-            let Some(ip) = state.pods.get(pod).and_then(|p| p.ips.first().copied()) else {
+            // By an address the pod owns: one another (newer) pod reuses leads to that pod's
+            // interface.
+            let owned = |ip: &&IpAddr| compiled.address_owners.get(*ip) == Some(pod);
+            let Some(ip) = state.pods.get(pod).and_then(|p| p.ips.iter().find(owned).copied()) else {
                 continue; // no address yet: attached when it gets one
             };
             match self.ensure_attached(pod, ip) {

@@ -287,6 +287,15 @@ impl Compiler {
         services::emit_services(state, &mut out, &service_ids, &flags);
 
         for pod in policy_pods(state).filter(|p| state.is_local(p)) {
+            // Two local pods reporting one address (a terminating pod whose address the CNI
+            // already gave a new one): the interface behind it is the newest pod's, and so is
+            // the endpoint. A pod that owns none of its addresses any more gets none (its
+            // endpoint would otherwise win or lose the shared interface by name order); the
+            // enforcer attaches each pod by an address it owns.
+            let me = pod.object_ref();
+            if !pod.ips.is_empty() && pod.ips.iter().all(|ip| out.address_owners.get(ip) != Some(&me)) {
+                continue;
+            }
             let id = out.pod_identity[&pod.object_ref()];
             let mut pod_flags = flags.get(&id).copied().unwrap_or(0);
             if !pod.source_prefixes.is_empty() {
@@ -840,6 +849,14 @@ mod tests {
         let c = compile(&s);
         let db = c.pod_identity[&ObjectRef::new("a", "db")];
         assert_eq!(c.maps.identities[&addr_bytes("10.0.0.2".parse().unwrap())], db);
+        // Both pods are local (one interface behind the address): the endpoint is the newest
+        // pod's, whichever name sorts last.
+        assert!(c.maps.endpoints.contains_key(&ObjectRef::new("a", "db")));
+        assert!(
+            !c.maps.endpoints.contains_key(&ObjectRef::new("b", "zz-old")),
+            "{:?}",
+            c.maps.endpoints.keys().collect::<Vec<_>>()
+        );
         // Deleting the old pod leaves the new owner's entry alone.
         s.pods.remove(&ObjectRef::new("b", "zz-old"));
         assert_eq!(
