@@ -71,7 +71,8 @@ pub(super) fn up(dir: &Path, args: &LabArgs, tag: &str) -> anyhow::Result<()> {
     loop {
         match waker.wait() {
             Wake::Stop => break,
-            Wake::Tick => {
+            // The lab's resync tick is short (2 s): its retries ride on it.
+            Wake::Tick | Wake::Retry => {
                 if let Err(e) = lab.tick() {
                     eprintln!("error: {e}");
                 }

@@ -471,7 +471,7 @@ impl Lab {
         };
         if let Some(enforcer) = self.enforcer.as_mut() {
             self.node.run(|| {
-                if enforcer.needs_attach() {
+                if enforcer.needs_attach() || enforcer.retry_delay().is_some() {
                     enforcer.turn(&placed).map(drop)
                 } else {
                     enforcer.refresh_counters();

@@ -107,8 +107,9 @@ pub fn run_with(opts: AgentOptions, stop: CancellationToken, metrics: Metrics) -
     let mut waker = Waker::new(changed, stop, opts.timing)?;
     let _ = enforcer.turn(&stores.snapshot());
     loop {
+        waker.retry_after(enforcer.retry_delay());
         match waker.wait() {
-            Wake::Changed => {
+            Wake::Changed | Wake::Retry => {
                 let _ = enforcer.turn(&stores.snapshot());
             }
             // No event: compile again only when an interface needs attaching (a pod that could

@@ -19,6 +19,7 @@ use crate::{
         attacher::{Attacher, PodLink},
         metrics::Metrics,
         observer::{Observer, SharedNames},
+        wake::retry_delay,
     },
 };
 
@@ -52,6 +53,8 @@ pub struct Enforcer {
     /// For the observer's log lines.
     names: SharedNames,
     conntrack_counted: Option<Instant>,
+    /// Turns whose sync failed, in a row (for the retry backoff).
+    failed_turns: u32,
     metrics: Metrics,
     /// Drains the verdict events while the enforcer lives.
     _observer: Option<Observer>,
@@ -85,6 +88,7 @@ impl Enforcer {
             unattached: 0,
             names,
             conntrack_counted: None,
+            failed_turns: 0,
             metrics,
             _observer: observer,
         }
@@ -187,9 +191,18 @@ impl Enforcer {
             }
             Err(e) => {
                 self.metrics.sync_failed();
-                tracing::error!(error = %e, "sync failed; retrying on the next turn");
+                tracing::error!(
+                    error = %e,
+                    retry_in_ms = retry_delay(self.failed_turns + 1).map_or(0, |d| d.as_millis()),
+                    "sync failed; retrying"
+                );
             }
         }
+        self.failed_turns = if synced.is_ok() {
+            0
+        } else {
+            self.failed_turns.saturating_add(1)
+        };
         self.metrics
             .set_counts(state.policies.len(), ifindexes.len(), compiled.identities.len());
         self.metrics
@@ -205,6 +218,12 @@ impl Enforcer {
         }
         self.refresh_counters();
         synced
+    }
+
+    /// When to turn again though nothing changed: after a failed sync, with backoff
+    /// ([`retry_delay`]); None when the last turn went through.
+    pub fn retry_delay(&self) -> Option<Duration> {
+        retry_delay(self.failed_turns)
     }
 
     /// Whether a turn would attach something: a pod left unattached, or an interface we are

@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 pub enum Wake {
     /// Something changed (a watch event, a file write).
     Changed,
+    /// The retry timer set after a failed turn ([`Waker::retry_after`]) ran out.
+    Retry,
     /// Nothing changed for a resync period: retry what failed, refresh counters.
     Tick,
     Stop,
@@ -35,6 +37,8 @@ pub struct Waker {
     stop: CancellationToken,
     tick: tokio::time::Interval,
     timing: Timing,
+    /// When to retry a failed turn, if one failed.
+    retry_at: Option<tokio::time::Instant>,
 }
 
 impl Waker {
@@ -48,7 +52,14 @@ impl Waker {
             stop,
             tick,
             timing,
+            retry_at: None,
         })
+    }
+
+    /// Turn again after `delay` even if nothing changes (a failed sync must not wait for the next
+    /// event, which may be hours away); None cancels.
+    pub fn retry_after(&mut self, delay: Option<Duration>) {
+        self.retry_at = delay.map(|d| tokio::time::Instant::now() + d);
     }
 
     /// Waits for the next reason to turn.
@@ -59,6 +70,7 @@ impl Waker {
             stop,
             tick,
             timing,
+            retry_at,
         } = self;
         runtime.block_on(async {
             tokio::select! {
@@ -77,6 +89,15 @@ impl Waker {
                         Wake::Changed
                     }
                 },
+                () = async {
+                    match *retry_at {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    *retry_at = None;
+                    Wake::Retry
+                }
                 _ = tick.tick() => Wake::Tick,
             }
         })
@@ -108,4 +129,43 @@ pub fn stop_on_signals() -> std::io::Result<CancellationToken> {
         });
     })?;
     Ok(token)
+}
+
+/// The delay before retrying after `failures` failed turns in a row: doubling from 200 ms up to
+/// 30 s; None when the last turn went through.
+pub fn retry_delay(failures: u32) -> Option<Duration> {
+    const FIRST: Duration = Duration::from_millis(200);
+    const MAX: Duration = Duration::from_secs(30);
+    let n = failures.checked_sub(1)?;
+    Some(FIRST.saturating_mul(1u32 << n.min(16)).min(MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backoff_doubles_up_to_its_cap() {
+        assert_eq!(retry_delay(0), None);
+        let delays: Vec<u64> = (1..=10).map(|n| retry_delay(n).unwrap().as_millis() as u64).collect();
+        assert_eq!(delays, [200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000]);
+        assert_eq!(retry_delay(u32::MAX), Some(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn a_retry_wakes_the_loop_without_any_change() {
+        let (send, changed) = tokio::sync::mpsc::unbounded_channel();
+        let timing = Timing {
+            coalesce: Duration::from_millis(10),
+            resync: Duration::from_secs(3600),
+        };
+        let mut waker = Waker::new(changed, CancellationToken::new(), timing).unwrap();
+        // The interval's first tick is immediate.
+        assert_eq!(waker.wait(), Wake::Tick);
+        waker.retry_after(Some(Duration::from_millis(20)));
+        assert_eq!(waker.wait(), Wake::Retry);
+        // Once: the next wake is the hourly tick, so check with a change instead.
+        send.send(()).unwrap();
+        assert_eq!(waker.wait(), Wake::Changed);
+    }
 }
