@@ -347,6 +347,12 @@ impl Lab {
     }
 
     /// The host-side interface of a pod.
+    /// The interface the in-process agent attached a pod by (None: not attached this turn, or
+    /// a lab that does not enforce).
+    pub fn enforcer_link(&self, id: &ObjectRef) -> Option<&crate::node::attacher::PodLink> {
+        self.enforcer.as_ref()?.link(id)
+    }
+
     pub fn veth(&self, id: &ObjectRef) -> Option<(&str, u32)> {
         self.pods.get(id).map(|p| (p.veth.as_str(), p.ifindex))
     }
@@ -456,19 +462,7 @@ impl Lab {
     /// Runs one more turn when the loop would on a quiet tick: an interface needs attaching, or
     /// just the counters (for `lab up`).
     pub fn tick(&mut self) -> Result<(), LabError> {
-        let placed = Loaded {
-            namespaces: self.state.namespaces.values().cloned().collect(),
-            pods: self.state.pods.values().cloned().collect(),
-            policies: self.state.policies.values().cloned().collect(),
-            services: self.state.services.values().cloned().collect(),
-            slices: self
-                .state
-                .service_backends
-                .iter()
-                .map(|(svc, backends)| (svc.clone(), backends.clone()))
-                .collect(),
-            errors: Vec::new(),
-        };
+        let placed = self.placed();
         if let Some(enforcer) = self.enforcer.as_mut() {
             self.node.run(|| {
                 if enforcer.needs_attach() || enforcer.retry_delay().is_some() {
@@ -480,6 +474,46 @@ impl Lab {
             })??;
         }
         Ok(())
+    }
+
+    /// Restarts the in-process agent as a node's agent restarts: the old one goes (its pinned
+    /// maps and links stay, enforcing), a new one loads over the pins and turns once, resolving
+    /// pods with `resolve_wait`. The turn's attach failures are left to the log and the next
+    /// turns, as on a node.
+    pub fn restart_agent(&mut self, resolve_wait: Duration) -> Result<SyncStats, LabError> {
+        let Some(old) = self.enforcer.take() else {
+            return Ok(SyncStats::default());
+        };
+        drop(old);
+        let datapath = Datapath::load(&self.opts.pin_root)?;
+        let attacher = self.node.run(Attacher::new)??;
+        let node_opts = NodeOptions {
+            node_name: None,
+            legacy_default_deny: self.opts.legacy_default_deny,
+            resolve_wait,
+        };
+        let placed = self.placed();
+        let enforcer = self
+            .enforcer
+            .insert(Enforcer::new(node_opts, datapath, attacher, Metrics::new()));
+        Ok(self.node.run(|| enforcer.turn(&placed))??)
+    }
+
+    /// The lab's cluster as a source would hand it to the enforcer.
+    fn placed(&self) -> Loaded {
+        Loaded {
+            namespaces: self.state.namespaces.values().cloned().collect(),
+            pods: self.state.pods.values().cloned().collect(),
+            policies: self.state.policies.values().cloned().collect(),
+            services: self.state.services.values().cloned().collect(),
+            slices: self
+                .state
+                .service_backends
+                .iter()
+                .map(|(svc, backends)| (svc.clone(), backends.clone()))
+                .collect(),
+            errors: Vec::new(),
+        }
     }
 
     pub fn pin_root(&self) -> &Path {

@@ -91,6 +91,14 @@ impl Attacher {
         self.runtime.block_on(self.resolve_async(ip, wait))
     }
 
+    /// [`Self::resolve`] for many addresses at once: each may wait up to `wait` for its bridge
+    /// to learn it, and one after the other a turn would wait that long per unlearned pod.
+    pub fn resolve_all(&self, ips: &[IpAddr], wait: Duration) -> Vec<Result<PodLink, AttachError>> {
+        self.runtime.block_on(futures::future::join_all(
+            ips.iter().map(|ip| self.resolve_async(*ip, wait)),
+        ))
+    }
+
     async fn resolve_async(&self, ip: IpAddr, wait: Duration) -> Result<PodLink, AttachError> {
         let oif = self.route_oif(ip).await?;
         let link = self.link(oif).await?;

@@ -16,7 +16,7 @@ use npc_policy::{
 use crate::{
     datapath::{Datapath, DatapathError, SyncStats, ifindex_of},
     node::{
-        attacher::{Attacher, PodLink},
+        attacher::{AttachError, Attacher, PodLink},
         metrics::Metrics,
         observer::{Observer, SharedNames},
         wake::retry_delay,
@@ -140,21 +140,53 @@ impl Enforcer {
 
         let mut ifindexes: BTreeMap<ObjectRef, u32> = BTreeMap::new();
         self.unattached = 0;
-        for pod in compiled.maps.endpoints.keys() {
-            // By an address the pod owns: one another (newer) pod reuses leads to that pod's
-            // interface.
-            let owned = |ip: &&IpAddr| compiled.address_owners.get(*ip) == Some(pod);
-            let Some(ip) = state.pods.get(pod).and_then(|p| p.ips.iter().find(owned).copied()) else {
-                continue; // no address yet: attached when it gets one
+        // By an address the pod owns: one another (newer) pod reuses leads to that pod's
+        // interface. Pods without an address yet are attached when they get one.
+        let local: Vec<(ObjectRef, IpAddr)> = compiled
+            .maps
+            .endpoints
+            .keys()
+            .filter_map(|pod| {
+                let owned = |ip: &&IpAddr| compiled.address_owners.get(*ip) == Some(pod);
+                let ip = state.pods.get(pod)?.ips.iter().find(owned).copied()?;
+                Some((pod.clone(), ip))
+            })
+            .collect();
+        // Every interface that must be looked up, at once (see `Attacher::resolve_all`).
+        let stale: Vec<IpAddr> = local
+            .iter()
+            .filter(|(pod, ip)| self.current_link(pod, *ip).is_none())
+            .map(|(_, ip)| *ip)
+            .collect();
+        let mut resolved: BTreeMap<IpAddr, Result<PodLink, AttachError>> = stale
+            .iter()
+            .copied()
+            .zip(self.attacher.resolve_all(&stale, self.node.resolve_wait))
+            .collect();
+        let mut previous_endpoints = None;
+        for (pod, ip) in &local {
+            let attached = match self.current_link(pod, *ip) {
+                Some(ifindex) => Ok(ifindex),
+                None => match resolved.remove(ip) {
+                    Some(link) => self.attach(pod, *ip, link),
+                    None => Err(anyhow::anyhow!("{ip}: resolved for another pod this turn")),
+                },
             };
-            match self.ensure_attached(pod, ip) {
+            match attached {
                 Ok(ifindex) => {
                     ifindexes.insert(pod.clone(), ifindex);
                 }
                 Err(e) => {
                     self.unattached += 1;
                     self.metrics.attach_failed();
-                    tracing::warn!(pod = %pod, %ip, error = %e, "cannot attach yet; retrying");
+                    // Never silently unenforced: the interface that enforces this address now
+                    // (ours from an earlier turn, or a previous agent's, found by the endpoint
+                    // it left) keeps its programs and its endpoint until a lookup succeeds.
+                    let kept = self.still_enforcing(pod, *ip, &mut previous_endpoints);
+                    tracing::warn!(pod = %pod, %ip, error = %e, kept_ifindex = kept, "cannot attach yet; retrying");
+                    if let Some(ifindex) = kept {
+                        ifindexes.insert(pod.clone(), ifindex);
+                    }
                 }
             }
         }
@@ -273,19 +305,43 @@ impl Enforcer {
             .beat(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()));
     }
 
-    /// The pod's interface, attached; re-resolved when the pod's address changed or its
-    /// interface was recreated.
-    fn ensure_attached(&mut self, pod: &ObjectRef, ip: IpAddr) -> anyhow::Result<u32> {
-        if let Some((known_ip, link)) = self.links.get(pod)
-            && *known_ip == ip
-            && ifindex_of(&link.name) == Some(link.ifindex)
-        {
-            return Ok(link.ifindex);
-        }
-        let link = self.attacher.resolve(ip, self.node.resolve_wait)?;
+    /// The interface of the pod's link from an earlier turn, if it still stands for `ip`: same
+    /// address, and the interface not recreated since.
+    fn current_link(&self, pod: &ObjectRef, ip: IpAddr) -> Option<u32> {
+        let (known_ip, link) = self.links.get(pod)?;
+        (*known_ip == ip && ifindex_of(&link.name) == Some(link.ifindex)).then_some(link.ifindex)
+    }
+
+    /// Attaches to a freshly resolved interface.
+    fn attach(&mut self, pod: &ObjectRef, ip: IpAddr, link: Result<PodLink, AttachError>) -> anyhow::Result<u32> {
+        let link = link?;
         let ifindex = self.datapath.attach(&link.name)?;
         tracing::info!(pod = %pod, %ip, interface = %link.name, ifindex, "attached");
         self.links.insert(pod.clone(), (ip, link));
         Ok(ifindex)
+    }
+
+    /// Where `ip` is enforced now, for a pod whose interface could not be looked up this turn:
+    /// its link from an earlier turn if that interface still exists, else (right after a
+    /// restart) an interface with our programs whose endpoint holds the address. The endpoints
+    /// are read once per turn, on the first need.
+    fn still_enforcing(
+        &self,
+        pod: &ObjectRef,
+        ip: IpAddr,
+        previous: &mut Option<BTreeMap<u32, npc_common::EndpointInfo>>,
+    ) -> Option<u32> {
+        if let Some((_, link)) = self.links.get(pod)
+            && ifindex_of(&link.name) == Some(link.ifindex)
+        {
+            return Some(link.ifindex);
+        }
+        let endpoints = previous.get_or_insert_with(|| self.datapath.endpoints().unwrap_or_default());
+        let addr = npc_policy::model::addr_bytes(ip);
+        let attached = self.datapath.attached_ifindexes();
+        endpoints
+            .iter()
+            .find(|(ifindex, info)| attached.contains(ifindex) && info.addrs.contains(&addr))
+            .map(|(ifindex, _)| *ifindex)
     }
 }
