@@ -291,6 +291,43 @@ fn a_burst_of_events_is_one_compile_not_a_hundred() {
     c.stop_agent();
 }
 
+#[test]
+fn pod_status_churn_costs_no_compile() {
+    let mut c = denied("churn", &[]);
+    c.start_agent();
+    c.expect("deny-all first", "shop/client", "shop/web", 80, false);
+    let metric = |c: &Cluster, name: &str| {
+        c.metrics
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let syncs = |c: &Cluster| metric(c, "npc_syncs_total ");
+    let unchanged = |c: &Cluster| metric(c, "npc_kube_unchanged_events_total{resource=\"pods\"} ");
+    let before = syncs(&c);
+    // What the kubelet writes all day: conditions and container statuses, never read by the
+    // compiler (each update bumps the resourceVersion).
+    let mut web = pod_object(&c.pod("shop/web"));
+    for i in 0..20 {
+        web["status"]["conditions"] = json!([{"type": "Ready", "status": if i % 2 == 0 { "True" } else { "False" }}]);
+        web["status"]["containerStatuses"] = json!([{"name": "c", "restartCount": i, "ready": i % 2 == 0}]);
+        c.api.apply(web.clone());
+    }
+    assert!(
+        wait_for(Duration::from_secs(10), || unchanged(&c) >= 20),
+        "the agent did not see the 20 status updates as unchanged: {}",
+        unchanged(&c)
+    );
+    assert_eq!(syncs(&c), before, "status churn compiled");
+    // A change the compiler reads still applies, in one turn.
+    c.api
+        .apply(allow("allow", "{podSelector: {matchLabels: {app: client}}}", 80));
+    c.expect("a policy after the churn", "shop/client", "shop/web", 80, true);
+    assert_eq!(syncs(&c), before + 1);
+    c.stop_agent();
+}
+
 /// Services and EndpointSlices are watched: a client allowed to the backends (on the target port)
 /// gets an allow entry for the Service's VIP and port; a backend it may not reach removes it (and
 /// is counted as partly allowed); a deleted Service takes its VIP out of the maps.

@@ -97,6 +97,7 @@ struct Inner {
     kube_errors: Family<ResourceLabels, Counter>,
     kube_gone: Family<ResourceLabels, Counter>,
     kube_relists: Family<ResourceLabels, Counter>,
+    kube_unchanged: Family<ResourceLabels, Counter>,
     ready: AtomicBool,
     heartbeat: AtomicU64,
 }
@@ -244,6 +245,12 @@ impl Metrics {
             "Full lists of a resource",
             Default::default(),
         );
+        let kube_unchanged: Family<ResourceLabels, Counter> = register(
+            &mut r,
+            "npc_kube_unchanged_events",
+            "Watch events that changed nothing the compiler reads (status churn): no compile",
+            Default::default(),
+        );
         Self {
             inner: Arc::new(Inner {
                 registry: r,
@@ -270,6 +277,7 @@ impl Metrics {
                 kube_errors,
                 kube_gone,
                 kube_relists,
+                kube_unchanged,
                 ready: AtomicBool::new(false),
                 heartbeat: AtomicU64::new(0),
             }),
@@ -414,6 +422,15 @@ impl Metrics {
     pub fn kube_relist(&self, resource: &str) {
         self.inner
             .kube_relists
+            .get_or_create(&ResourceLabels {
+                resource: resource.into(),
+            })
+            .inc();
+    }
+
+    pub fn kube_unchanged(&self, resource: &str) {
+        self.inner
+            .kube_unchanged
             .get_or_create(&ResourceLabels {
                 resource: resource.into(),
             })

@@ -164,7 +164,7 @@ impl Watchers {
     /// A cluster-wide watcher of `K` whose objects are stripped before they enter the store.
     fn watch<K>(&self, resource: &'static str, strip: fn(&mut K)) -> Store<K>
     where
-        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + serde::Serialize + Debug + Send + Sync + 'static,
     {
         watch(
             resource,
@@ -178,7 +178,7 @@ impl Watchers {
 
 fn watch<K>(resource: &'static str, api: Api<K>, strip: fn(&mut K), changed: Sender<()>, metrics: Metrics) -> Store<K>
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + serde::Serialize + Debug + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
     let stream = watcher(api, watcher::Config::default())
@@ -187,18 +187,34 @@ where
         .reflect(writer);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
+        // What each object looked like (stripped) when last seen: an update that leaves it as it
+        // was (status conditions, container statuses, a resourceVersion bump) changes nothing the
+        // compiler reads, and must not cost a compile on every node.
+        let mut seen: std::collections::HashMap<(Option<String>, String), u64> = Default::default();
         while let Some(item) = stream.next().await {
             match item {
                 Ok(watcher::Event::Init) => {
                     metrics.kube_relist(resource);
                     tracing::info!(resource, "listing");
+                    seen.clear();
                 }
                 Ok(watcher::Event::InitDone) => {
                     tracing::info!(resource, "list complete");
                     let _ = changed.send(());
                 }
-                Ok(watcher::Event::InitApply(_)) => {}
-                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                Ok(watcher::Event::InitApply(object)) => {
+                    seen.insert(object_key(&object), fingerprint(&object));
+                }
+                Ok(watcher::Event::Apply(object)) => {
+                    let print = fingerprint(&object);
+                    if seen.insert(object_key(&object), print) == Some(print) {
+                        metrics.kube_unchanged(resource);
+                    } else {
+                        let _ = changed.send(());
+                    }
+                }
+                Ok(watcher::Event::Delete(object)) => {
+                    seen.remove(&object_key(&object));
                     let _ = changed.send(());
                 }
                 Err(e) => {
@@ -210,6 +226,21 @@ where
         }
     });
     reader
+}
+
+fn object_key<K: Resource>(object: &K) -> (Option<String>, String) {
+    let meta = object.meta();
+    (meta.namespace.clone(), meta.name.clone().unwrap_or_default())
+}
+
+/// A hash of the stripped object without its resourceVersion (which every update bumps).
+fn fingerprint<K: Resource + serde::Serialize + Clone>(object: &K) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut object = object.clone();
+    object.meta_mut().resource_version = None;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_vec(&object).unwrap_or_default().hash(&mut hasher);
+    hasher.finish()
 }
 
 /// Retry delays after a failed list or watch: 0.5 s doubling to 10 s, ±20% jitter, back to
