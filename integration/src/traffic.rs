@@ -2,6 +2,8 @@
 //! bridge, short TCP connections and one bulk TCP stream between them, each mode in turn:
 //!
 //! - **none**: the fabric alone (no programs, no rules);
+//! - **hooks**: npc's programs attached to both pods' interfaces with no endpoint in the maps
+//!   (each run is one endpoint lookup that misses): what the TC hooks themselves cost;
 //! - **npc** with P policies selecting the server (one of them admits the client);
 //! - **iptables**: the same policies rendered as weave-npc renders them (an ESTABLISHED accept
 //!   first, then one rule per policy rule matching ipsets of pod addresses, in one chain on the
@@ -12,7 +14,7 @@
 //! one byte from and closes connections as fast as it can; the server's threads are pinned to the
 //! last CPU. The bulk stream writes 128 KiB buffers for the duration; the server counts bytes.
 //! Every mode also proves its enforcement is what it says: a port no policy allows is refused
-//! under npc and iptables (and its drop counted), and open under none.
+//! under npc and iptables (and its drop counted), and open under none and hooks.
 use std::{
     io::{Read, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
@@ -37,6 +39,8 @@ pub const BLOCKED_PORT: u16 = 8001;
 #[serde(rename_all = "lowercase")]
 pub enum Enforcer {
     None,
+    /// npc's programs attached, every pod unenforced (no endpoint entries).
+    Hooks,
     Npc,
     Iptables,
 }
@@ -46,16 +50,40 @@ pub struct Options {
     pub policies: Vec<usize>,
     pub repeats: usize,
     pub duration: Duration,
+    /// Whether the iptables baseline modes run.
+    pub iptables: bool,
     pub tag: String,
 }
 
 impl Options {
-    /// The full benchmark.
+    /// The full benchmark. `NPC_TRAFFIC_POLICIES` (say `1,1000`), `NPC_TRAFFIC_REPEATS` and
+    /// `NPC_TRAFFIC_SECONDS` narrow or lengthen it (an A/B of one change wants more repeats of
+    /// fewer modes); `NPC_TRAFFIC_NO_IPTABLES=1` leaves the iptables modes out.
     pub fn full(tag: &str) -> Self {
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let number = |name: &str, default: u64| {
+            env(name).map_or(default, |v| {
+                v.parse()
+                    .unwrap_or_else(|e| panic!("{name}={v:?} is not a whole number: {e}"))
+            })
+        };
+        let policies = env("NPC_TRAFFIC_POLICIES").map_or_else(
+            || vec![1, 100, 1000],
+            |v| {
+                v.split(',')
+                    .map(|p| {
+                        p.trim()
+                            .parse()
+                            .unwrap_or_else(|e| panic!("NPC_TRAFFIC_POLICIES={v:?}: {p:?}: {e}"))
+                    })
+                    .collect()
+            },
+        );
         Self {
-            policies: vec![1, 100, 1000],
-            repeats: 5,
-            duration: Duration::from_secs(3),
+            policies,
+            repeats: number("NPC_TRAFFIC_REPEATS", 5) as usize,
+            duration: Duration::from_secs(number("NPC_TRAFFIC_SECONDS", 3)),
+            iptables: env("NPC_TRAFFIC_NO_IPTABLES").is_none(),
             tag: tag.into(),
         }
     }
@@ -67,6 +95,7 @@ impl Options {
             policies: vec![1, 100],
             repeats: 1,
             duration: Duration::from_millis(200),
+            iptables: true,
             tag: tag.into(),
         }
     }
@@ -169,10 +198,12 @@ pub fn weave_npc_rules(policies: usize, server: IpAddr, client: IpAddr) -> (Stri
 
 /// Runs the benchmark.
 pub fn run(opts: &Options) -> Report {
-    let mut modes = vec![(Enforcer::None, 0)];
+    let mut modes = vec![(Enforcer::None, 0), (Enforcer::Hooks, 0)];
     for &p in &opts.policies {
         modes.push((Enforcer::Npc, p));
-        modes.push((Enforcer::Iptables, p));
+        if opts.iptables {
+            modes.push((Enforcer::Iptables, p));
+        }
     }
     let mut results: Vec<ModeResult> = modes
         .iter()
@@ -214,8 +245,19 @@ fn measure(opts: &Options, result: &mut ModeResult) {
     let loaded = files::parse_str("bench.yaml".as_ref(), &cluster(policies));
     assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
     let mut lab_opts = LabOptions::new(&opts.tag);
-    lab_opts.enforce = result.enforcer == Enforcer::Npc;
-    let lab = Lab::up(lab_opts, &loaded).expect("lab up");
+    lab_opts.enforce = matches!(result.enforcer, Enforcer::Npc | Enforcer::Hooks);
+    let mut lab = Lab::up(lab_opts, &loaded).expect("lab up");
+    if result.enforcer == Enforcer::Hooks {
+        // Attached, then emptied: the programs find no endpoint and pass everything.
+        lab.datapath_mut()
+            .sync(&Default::default(), |_| None)
+            .expect("empty the maps");
+        let attached = lab.datapath().attached_ifindexes().len();
+        assert_eq!(
+            attached, 2,
+            "the hooks mode measures both pods' interfaces with programs on them"
+        );
+    }
     let (server, client) = (ObjectRef::new("bench", "server"), ObjectRef::new("bench", "client"));
     let (server_ns, client_ns) = (
         lab.pod_netns(&server).expect("server").to_string(),
@@ -246,7 +288,7 @@ fn measure(opts: &Options, result: &mut ModeResult) {
             .map(|(_, v)| *v)
             .sum(),
         Enforcer::Iptables => iptables_drop_packets(lab.node_netns()),
-        Enforcer::None => 0,
+        Enforcer::None | Enforcer::Hooks => 0,
     };
     result.blocked_port_refused = refused;
     result.blocked_port_drops = drops;
@@ -493,6 +535,7 @@ impl Report {
         for r in &self.rows {
             let enforcer = match r.enforcer {
                 Enforcer::None => "none",
+                Enforcer::Hooks => "hooks",
                 Enforcer::Npc => "npc",
                 Enforcer::Iptables => "iptables",
             };

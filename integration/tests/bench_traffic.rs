@@ -1,6 +1,6 @@
 //! The traffic benchmark in its quick mode, as `cargo xtask test` runs it: every field of the
 //! report is produced, and each mode enforces what it says (the port no policy allows is refused
-//! and its drop counted under npc and iptables, and open under none). No timing is asserted.
+//! and its drop counted under npc and iptables, and open under none and hooks). No timing is asserted.
 use npc_integration::traffic::{Enforcer, Options, run};
 
 #[test]
@@ -12,6 +12,7 @@ fn the_quick_traffic_benchmark_reports_every_mode_and_each_enforces_what_it_says
         modes,
         [
             (Enforcer::None, 0),
+            (Enforcer::Hooks, 0),
             (Enforcer::Npc, 1),
             (Enforcer::Iptables, 1),
             (Enforcer::Npc, 100),
@@ -25,7 +26,12 @@ fn the_quick_traffic_benchmark_reports_every_mode_and_each_enforces_what_it_says
         assert!(r.connections_per_second[0] > 0.0, "{what}: no connection completed");
         assert!(r.bulk_bits_per_second[0] > 0.0, "{what}: no bulk byte arrived");
         match r.enforcer {
-            Enforcer::None => assert!(!r.blocked_port_refused, "{what}: the fabric itself refused the port"),
+            Enforcer::None | Enforcer::Hooks => {
+                assert!(
+                    !r.blocked_port_refused,
+                    "{what}: the port was refused with nothing enforced"
+                )
+            }
             _ => {
                 assert!(r.blocked_port_refused, "{what}: the port no policy allows was open");
                 assert!(r.blocked_port_drops > 0, "{what}: the refusal was not a counted drop");
