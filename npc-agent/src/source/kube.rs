@@ -243,9 +243,11 @@ fn fingerprint<K: Resource + serde::Serialize + Clone>(object: &K) -> u64 {
     hasher.finish()
 }
 
-/// Retry delays after a failed list or watch: 0.5 s doubling to 10 s, ±20% jitter, back to
-/// 0.5 s after a success. kube's default goes to 30 s; a node agent should catch up sooner once
-/// the API server is back, and the jitter keeps a fleet of agents from retrying in step.
+/// Retry delays after a failed list or watch: 0.5 s doubling to 2 s, ±20% jitter, back to 0.5 s
+/// after a success. kube's default goes to 30 s, so an agent could stay out of date for half a
+/// minute after the API server came back (~20 s with the earlier 10 s cap): a node agent
+/// enforcing stale policy is worse than a few requests a second per node against a server that
+/// is down (which refuses them cheaply), and the jitter keeps a fleet from retrying in step.
 #[derive(Clone, Debug)]
 struct AgentBackoff {
     next: std::time::Duration,
@@ -253,7 +255,7 @@ struct AgentBackoff {
 
 impl AgentBackoff {
     const FIRST: std::time::Duration = std::time::Duration::from_millis(500);
-    const MAX: std::time::Duration = std::time::Duration::from_secs(10);
+    const MAX: std::time::Duration = std::time::Duration::from_secs(2);
 }
 
 impl Default for AgentBackoff {
@@ -383,4 +385,26 @@ fn strip_meta(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectM
         }
         _ => None,
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watch_backoff_stays_within_a_couple_of_seconds() {
+        let delays: Vec<f64> = AgentBackoff::default().take(12).map(|d| d.as_secs_f64()).collect();
+        // 0.5, 1, 2, 2, ... each within ±20%.
+        for (i, d) in delays.iter().enumerate() {
+            let base = [0.5, 1.0].get(i).copied().unwrap_or(2.0);
+            assert!(
+                (base * 0.8..=base * 1.2).contains(d),
+                "retry {i}: {d} s, expected {base} s ±20%"
+            );
+        }
+        let mut backoff = AgentBackoff::default();
+        backoff.by_ref().take(5).for_each(drop);
+        kube::runtime::utils::Backoff::reset(&mut backoff);
+        assert!(backoff.next().unwrap().as_secs_f64() <= 0.6, "a success starts over");
+    }
 }
