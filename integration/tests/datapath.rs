@@ -231,6 +231,40 @@ fn the_conntrack_count_is_of_live_connections_only() {
 }
 
 #[test]
+fn syncs_write_what_changed_and_a_full_reconcile_repairs_drift() {
+    let mut fx = Fixture::new("drift");
+    fx.apply(POLICIES);
+    fx.handshake(CLIENT, SERVER, 40000, 80);
+    // Someone removes the client's identity by hand (bpftool map delete, say).
+    let pin = fx.t.pin_root().join(npc_common::map_names::IDENTITIES);
+    let mut identities: aya::maps::HashMap<_, [u8; 16], u32> =
+        aya::maps::Map::HashMap(aya::maps::MapData::from_pin(pin).unwrap())
+            .try_into()
+            .unwrap();
+    let client = match CLIENT {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    };
+    identities.remove(&client).unwrap();
+    fx.expect(Hook::ToPod, &packet::tcp(CLIENT, SERVER, 40001, 80, TCP_SYN), SHOT);
+
+    // A sync with nothing new writes nothing and reads nothing back: the hole stays...
+    let compiled = compile_for("node-a", &[("cluster.yaml", CLUSTER), ("policies.yaml", POLICIES)]);
+    let server = ObjectRef::new("shop", "server");
+    let ifindex = |pod: &ObjectRef| (*pod == server).then_some(1);
+    let stats = fx.t.dp.sync(&compiled.maps, ifindex).unwrap();
+    assert_eq!((stats.upserts, stats.deletes, stats.repaired), (0, 0, 0), "{stats:?}");
+    assert!(identities.get(&client, 0).is_err(), "a quiet sync read the maps back");
+    // ...until the periodic full reconcile, which rewrites it and counts the repair.
+    fx.t.dp.reconcile_next_sync();
+    assert!(fx.t.dp.reconcile_due());
+    let stats = fx.t.dp.sync(&compiled.maps, ifindex).unwrap();
+    assert_eq!((stats.upserts, stats.repaired), (1, 1), "{stats:?}");
+    assert!(!fx.t.dp.reconcile_due());
+    fx.expect(Hook::ToPod, &packet::tcp(CLIENT, SERVER, 40002, 80, TCP_SYN), PASS);
+}
+
+#[test]
 fn established_connection_passes_and_a_tightened_policy_cuts_it() {
     let mut fx = Fixture::policed("established");
     fx.handshake(CLIENT, SERVER, 40000, 80);

@@ -154,6 +154,8 @@ pub struct SyncStats {
     pub deletes: usize,
     /// The policy epoch was bumped (policy changed): tracked connections get re-checked.
     pub epoch_bumped: bool,
+    /// Entries a full reconcile found different from what the last sync wrote (drift).
+    pub repaired: usize,
 }
 
 pub struct Datapath {
@@ -172,6 +174,10 @@ pub struct Datapath {
     /// The verdict events ring buffer, until the observer takes it.
     events: Option<RingBuf<MapData>>,
     _log: Option<LogPump>,
+    /// What the last successful sync wrote (MapSync diffs against it; None: read the maps back).
+    written: Option<sync::Written>,
+    /// When a sync last read every map back.
+    reconciled_at: Option<std::time::Instant>,
 }
 
 macro_rules! take_map {
@@ -253,6 +259,8 @@ impl Datapath {
             ebpf,
             pin_root: pin_root.to_path_buf(),
             _log: log,
+            written: None,
+            reconciled_at: None,
         };
         std::fs::create_dir_all(dp.links_dir()).map_err(io_err("creating the links directory"))?;
         let mut dp = dp;

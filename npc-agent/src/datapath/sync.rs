@@ -55,18 +55,36 @@ impl Datapath {
             .collect();
         let ranges: BTreeMap<RangeKey, PolicyValue> = desired.port_ranges.clone();
 
-        let policy_diff = diff_hash(&self.policy, &desired.policy)?;
-        let ranges_diff = diff_lpm(&self.port_ranges, &ranges, |k| RangeKey {
-            prefix_len: k.prefix_len(),
-            key: k.data(),
-        })?;
-        let cidrs_diff = diff_lpm(&self.cidrs, &cidrs, |k| CidrKey {
-            prefix_len: k.prefix_len(),
-            addr: k.data(),
-        })?;
-        let sources_diff = diff_lpm(&self.sources, &sources, |k| (k.prefix_len(), k.data()))?;
-        let identities_diff = diff_hash(&self.identities, &desired.identities)?;
-        let endpoints_diff = diff_hash(&self.endpoints, &endpoints)?;
+        let want = Written {
+            policy: desired.policy.clone(),
+            ranges,
+            cidrs,
+            sources,
+            identities: desired.identities.clone(),
+            endpoints,
+        };
+        // What the maps hold: what we wrote last (no read-back), unless a full reconcile is due
+        // (the first sync, after a failed one, and every RECONCILE_EVERY), which reads every map
+        // back and repairs what changed behind our back (bpftool, another process).
+        let due = self.written.is_none() || self.reconciled_at.is_none_or(|at| at.elapsed() >= RECONCILE_EVERY);
+        // A sync that fails part-way leaves the maps unknown: the next one reads them back.
+        let last = self.written.take();
+        let have = if due {
+            let kernel = self.read_back()?;
+            if let Some(last) = &last {
+                stats.repaired = kernel.differences(last);
+            }
+            self.reconciled_at = Some(std::time::Instant::now());
+            kernel
+        } else {
+            last.expect("not due only after a sync that wrote")
+        };
+        let policy_diff = diff(&have.policy, &want.policy);
+        let ranges_diff = diff(&have.ranges, &want.ranges);
+        let cidrs_diff = diff(&have.cidrs, &want.cidrs);
+        let sources_diff = diff(&have.sources, &want.sources);
+        let identities_diff = diff(&have.identities, &want.identities);
+        let endpoints_diff = diff(&have.endpoints, &want.endpoints);
         let policy_changed = !policy_diff.is_empty()
             || !ranges_diff.is_empty()
             || !cidrs_diff.is_empty()
@@ -127,7 +145,66 @@ impl Datapath {
             self.set_config(config)?;
             stats.epoch_bumped = true;
         }
+        self.written = Some(want);
         Ok(stats)
+    }
+
+    /// Makes the next sync a full reconcile (read every map back, repair drift).
+    pub fn reconcile_next_sync(&mut self) {
+        self.reconciled_at = None;
+    }
+
+    /// Whether the next sync reads the maps back (see [`RECONCILE_EVERY`]).
+    pub fn reconcile_due(&self) -> bool {
+        self.written.is_none() || self.reconciled_at.is_none_or(|at| at.elapsed() >= RECONCILE_EVERY)
+    }
+
+    fn read_back(&self) -> Result<Written, MapError> {
+        Ok(Written {
+            policy: read_hash(&self.policy)?,
+            ranges: read_lpm(&self.port_ranges, |k| RangeKey {
+                prefix_len: k.prefix_len(),
+                key: k.data(),
+            })?,
+            cidrs: read_lpm(&self.cidrs, |k| CidrKey {
+                prefix_len: k.prefix_len(),
+                addr: k.data(),
+            })?,
+            sources: read_lpm(&self.sources, |k| (k.prefix_len(), k.data()))?,
+            identities: read_hash(&self.identities)?,
+            endpoints: read_hash(&self.endpoints)?,
+        })
+    }
+}
+
+/// How often a sync reads every map back instead of trusting what it wrote last: drift (an
+/// entry removed by hand) is repaired within this long, and counted.
+pub(super) const RECONCILE_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// The maps' contents as MapSync writes them.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Written {
+    policy: BTreeMap<npc_common::PolicyKey, PolicyValue>,
+    ranges: BTreeMap<RangeKey, PolicyValue>,
+    cidrs: BTreeMap<CidrKey, u32>,
+    sources: BTreeMap<SourceEntry, u32>,
+    identities: BTreeMap<[u8; 16], u32>,
+    endpoints: BTreeMap<u32, EndpointInfo>,
+}
+
+impl Written {
+    /// How many entries differ (missing, extra or changed) between `self` and `other`.
+    fn differences(&self, other: &Self) -> usize {
+        fn count<K: Ord + Clone, V: PartialEq + Copy>(a: &BTreeMap<K, V>, b: &BTreeMap<K, V>) -> usize {
+            let d = diff(a, b);
+            d.upsert.len() + d.delete.len()
+        }
+        count(&self.policy, &other.policy)
+            + count(&self.ranges, &other.ranges)
+            + count(&self.cidrs, &other.cidrs)
+            + count(&self.sources, &other.sources)
+            + count(&self.identities, &other.identities)
+            + count(&self.endpoints, &other.endpoints)
     }
 }
 
@@ -155,35 +232,27 @@ impl<K, V> Diff<K, V> {
     }
 }
 
-fn diff_hash<K, V>(current: &HashMap<MapData, K, V>, desired: &BTreeMap<K, V>) -> Result<Diff<K, V>, MapError>
+fn read_hash<K, V>(current: &HashMap<MapData, K, V>) -> Result<BTreeMap<K, V>, MapError>
 where
     K: aya::Pod + Ord,
-    V: aya::Pod + PartialEq,
+    V: aya::Pod,
 {
-    let mut have = BTreeMap::new();
-    for entry in current.iter() {
-        let (k, v) = entry?;
-        have.insert(k, v);
-    }
-    Ok(diff(&have, desired))
+    current.iter().collect()
 }
 
-fn diff_lpm<D, K, V>(
+fn read_lpm<D, K, V>(
     current: &LpmTrie<MapData, D, V>,
-    desired: &BTreeMap<K, V>,
     from_key: impl Fn(Key<D>) -> K,
-) -> Result<Diff<K, V>, MapError>
+) -> Result<BTreeMap<K, V>, MapError>
 where
     D: aya::Pod,
-    K: Ord + Clone,
-    V: aya::Pod + PartialEq,
+    K: Ord,
+    V: aya::Pod,
 {
-    let mut have = BTreeMap::new();
-    for entry in current.iter() {
-        let (k, v) = entry?;
-        have.insert(from_key(k), v);
-    }
-    Ok(diff(&have, desired))
+    current
+        .iter()
+        .map(|entry| entry.map(|(k, v)| (from_key(k), v)))
+        .collect()
 }
 
 fn diff<K: Ord + Clone, V: PartialEq + Copy>(have: &BTreeMap<K, V>, want: &BTreeMap<K, V>) -> Diff<K, V> {

@@ -465,7 +465,7 @@ impl Lab {
         let placed = self.placed();
         if let Some(enforcer) = self.enforcer.as_mut() {
             self.node.run(|| {
-                if enforcer.needs_attach() || enforcer.retry_delay().is_some() {
+                if enforcer.needs_turn() || enforcer.retry_delay().is_some() {
                     enforcer.turn(&placed).map(drop)
                 } else {
                     enforcer.refresh_counters();

@@ -114,7 +114,7 @@ pub fn run_with(opts: AgentOptions, stop: CancellationToken, metrics: Metrics) -
             }
             // No event: compile again only when an interface needs attaching (a pod that could
             // not be attached yet, or whose interface was recreated); otherwise just counters.
-            Wake::Tick if enforcer.needs_attach() => {
+            Wake::Tick if enforcer.needs_turn() => {
                 let _ = enforcer.turn(&stores.snapshot());
             }
             Wake::Tick => enforcer.refresh_counters(),

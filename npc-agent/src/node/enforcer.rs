@@ -109,7 +109,7 @@ impl Enforcer {
 
     /// Compiles `loaded` for this node, attaches to every local pod that has an address, detaches
     /// from pods that are gone, and syncs the maps. A pod that cannot be attached yet is counted
-    /// and retried on the next turn ([`Self::needs_attach`]).
+    /// and retried on the next turn ([`Self::needs_turn`]).
     pub fn turn(&mut self, loaded: &Loaded) -> Result<SyncStats, DatapathError> {
         let start = Instant::now();
         self.beat();
@@ -212,6 +212,13 @@ impl Enforcer {
             Ok(stats) => {
                 self.metrics
                     .synced(start.elapsed().as_secs_f64(), stats.upserts + stats.deletes);
+                if stats.repaired > 0 {
+                    self.metrics.maps_repaired(stats.repaired);
+                    tracing::warn!(
+                        entries = stats.repaired,
+                        "map entries changed behind our back: rewritten"
+                    );
+                }
                 tracing::info!(
                     pods = state.pods.len(),
                     policies = state.policies.len(),
@@ -258,10 +265,12 @@ impl Enforcer {
         retry_delay(self.failed_turns)
     }
 
-    /// Whether a turn would attach something: a pod left unattached, or an interface we are
-    /// attached to that is gone or was replaced (same name, new index, or no longer there).
-    pub fn needs_attach(&self) -> bool {
-        self.unattached > 0
+    /// Whether a quiet tick should turn: to attach something (a pod left unattached, or an
+    /// interface we are attached to that is gone or was replaced: same name, new index, or no
+    /// longer there), or for the periodic full reconcile of the maps.
+    pub fn needs_turn(&self) -> bool {
+        self.datapath.reconcile_due()
+            || self.unattached > 0
             || self
                 .links
                 .values()

@@ -94,6 +94,7 @@ struct Inner {
     sync_duration: Histogram,
     map_writes: Counter,
     attach_errors: Counter,
+    map_repairs: Counter,
     kube_errors: Family<ResourceLabels, Counter>,
     kube_gone: Family<ResourceLabels, Counter>,
     kube_relists: Family<ResourceLabels, Counter>,
@@ -215,6 +216,12 @@ impl Metrics {
             "Local pods whose interface could not be found or attached (retried)",
             Default::default(),
         );
+        let map_repairs: Counter = register(
+            &mut r,
+            "npc_map_repairs",
+            "Map entries a periodic full reconcile found changed behind the agent's back, and rewrote",
+            Default::default(),
+        );
         let kube_errors: Family<ResourceLabels, Counter> = register(
             &mut r,
             "npc_kube_watch_errors",
@@ -274,6 +281,7 @@ impl Metrics {
                 sync_duration,
                 map_writes,
                 attach_errors,
+                map_repairs,
                 kube_errors,
                 kube_gone,
                 kube_relists,
@@ -403,6 +411,10 @@ impl Metrics {
 
     pub fn sync_failed(&self) {
         self.inner.sync_errors.inc();
+    }
+
+    pub fn maps_repaired(&self, entries: usize) {
+        self.inner.map_repairs.inc_by(entries as u64);
     }
 
     pub fn attach_failed(&self) {
