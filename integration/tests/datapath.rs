@@ -265,6 +265,49 @@ fn syncs_write_what_changed_and_a_full_reconcile_repairs_drift() {
 }
 
 #[test]
+fn a_full_map_still_converges_and_an_overfull_one_is_refused_whole() {
+    let mut fx = Fixture::new("full");
+    let capacity = npc_common::capacity::ENDPOINTS;
+    // Endpoints behind made-up interface numbers (the maps do not check them): pod pN is behind N.
+    let endpoints = |range: std::ops::RangeInclusive<u32>| npc_policy::compiler::DesiredMaps {
+        endpoints: range
+            .map(|i| {
+                (
+                    ObjectRef::new("full", &format!("p{i}")),
+                    npc_common::EndpointInfo::new(7, 0, &[]),
+                )
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let ifindex = |pod: &ObjectRef| pod.name.strip_prefix('p')?.parse::<u32>().ok();
+    fx.t.dp.sync(&endpoints(1..=capacity), ifindex).expect("a full map");
+    // A hundred pods replaced by a hundred others: old and new together do not fit.
+    let stats =
+        fx.t.dp
+            .sync(&endpoints(101..=capacity + 100), ifindex)
+            .expect("a full map converges");
+    assert_eq!((stats.upserts, stats.deletes), (100, 100));
+    let now: Vec<u32> = fx.t.dp.endpoints().unwrap().into_keys().collect();
+    assert_eq!(now, (101..=capacity + 100).collect::<Vec<_>>());
+    // One more than it holds: refused, naming the map, and nothing written.
+    let err = fx.t.dp.sync(&endpoints(1..=capacity + 1), ifindex).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            npc_agent::datapath::DatapathError::MapFull {
+                map: "NPC_ENDPOINTS",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("nothing was written"), "{err}");
+    assert_eq!(fx.t.dp.endpoints().unwrap().len(), capacity as usize);
+    assert!(fx.t.dp.endpoints().unwrap().contains_key(&(capacity + 100)));
+}
+
+#[test]
 fn established_connection_passes_and_a_tightened_policy_cuts_it() {
     let mut fx = Fixture::policed("established");
     fx.handshake(CLIENT, SERVER, 40000, 80);

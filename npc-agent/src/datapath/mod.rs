@@ -77,6 +77,15 @@ pub enum DatapathError {
         pinned: String,
         expected: String,
     },
+    #[error(
+        "{map} would need {wanted} entries and holds at most {capacity}: nothing was written, the previous state \
+         stays enforced"
+    )]
+    MapFull {
+        map: &'static str,
+        wanted: usize,
+        capacity: u32,
+    },
 }
 
 impl DatapathError {
@@ -92,6 +101,7 @@ impl DatapathError {
             Self::NoInterface(_) => "interface",
             Self::Environment(_) => "environment",
             Self::PinnedLayout { .. } => "pinned_layout",
+            Self::MapFull { .. } => "map_full",
         }
     }
 }
@@ -178,6 +188,8 @@ pub struct Datapath {
     written: Option<sync::Written>,
     /// When a sync last read every map back.
     reconciled_at: Option<std::time::Instant>,
+    /// Maps over 90% of their capacity (logged once on the way up).
+    pressured: std::collections::BTreeSet<&'static str>,
 }
 
 macro_rules! take_map {
@@ -261,6 +273,7 @@ impl Datapath {
             _log: log,
             written: None,
             reconciled_at: None,
+            pressured: Default::default(),
         };
         std::fs::create_dir_all(dp.links_dir()).map_err(io_err("creating the links directory"))?;
         let mut dp = dp;

@@ -9,7 +9,7 @@ use aya::{
     },
     sys::SyscallError,
 };
-use npc_common::{EndpointInfo, PolicyValue, SOURCE_FIXED_BITS, SourceKey};
+use npc_common::{EndpointInfo, PolicyValue, SOURCE_FIXED_BITS, SourceKey, capacity, map_names};
 use npc_policy::{
     compiler::{CidrKey, DesiredMaps, RangeKey},
     model::ObjectRef,
@@ -26,6 +26,12 @@ impl Datapath {
     /// are not there yet; then deletes the other way round. In between, the datapath sees the
     /// union of old and new allows, never less. Last, the epoch is bumped when policy changed, so
     /// tracked connections are judged again under the new rules.
+    ///
+    /// A map without room for its old and new entries together has its removed entries deleted
+    /// first (what goes is not wanted any more; at worst a connection the old policy allowed is
+    /// refused a moment early), so a near-full map still converges; one whose new contents alone
+    /// exceed its capacity fails the sync before anything is written ([`DatapathError::MapFull`]).
+    /// Crossing 90% of a map's capacity is logged once.
     pub fn sync(
         &mut self,
         desired: &DesiredMaps,
@@ -79,18 +85,80 @@ impl Datapath {
         } else {
             last.expect("not due only after a sync that wrote")
         };
+        let sizes = [
+            (map_names::POLICY, want.policy.len(), capacity::POLICY),
+            (map_names::PORT_RANGES, want.ranges.len(), capacity::PORT_RANGES),
+            (map_names::CIDRS, want.cidrs.len(), capacity::CIDRS),
+            (map_names::SOURCES, want.sources.len(), capacity::SOURCES),
+            (map_names::IDENTITIES, want.identities.len(), capacity::IDENTITIES),
+            (map_names::ENDPOINTS, want.endpoints.len(), capacity::ENDPOINTS),
+        ];
+        for (map, wanted, capacity) in sizes {
+            if wanted > capacity as usize {
+                // The maps are as they were: the next sync may diff against memory again.
+                self.written = Some(have);
+                return Err(DatapathError::MapFull { map, wanted, capacity });
+            }
+            self.note_pressure(map, wanted, capacity);
+        }
         let policy_diff = diff(&have.policy, &want.policy);
         let ranges_diff = diff(&have.ranges, &want.ranges);
         let cidrs_diff = diff(&have.cidrs, &want.cidrs);
         let sources_diff = diff(&have.sources, &want.sources);
         let identities_diff = diff(&have.identities, &want.identities);
         let endpoints_diff = diff(&have.endpoints, &want.endpoints);
+        // Which maps delete first, for room (see above).
+        let early = Early {
+            policy: tight(&have.policy, &policy_diff, capacity::POLICY),
+            ranges: tight(&have.ranges, &ranges_diff, capacity::PORT_RANGES),
+            cidrs: tight(&have.cidrs, &cidrs_diff, capacity::CIDRS),
+            sources: tight(&have.sources, &sources_diff, capacity::SOURCES),
+            identities: tight(&have.identities, &identities_diff, capacity::IDENTITIES),
+            endpoints: tight(&have.endpoints, &endpoints_diff, capacity::ENDPOINTS),
+        };
         let policy_changed = !policy_diff.is_empty()
             || !ranges_diff.is_empty()
             || !cidrs_diff.is_empty()
             || !identities_diff.is_empty()
             || !endpoints_diff.is_empty();
 
+        // Deletes, inside out, of the maps `phase` picks: the tight ones before the upserts, the
+        // others after.
+        macro_rules! deletes {
+            ($phase:expr) => {
+                if $phase(early.endpoints) {
+                    for k in &endpoints_diff.delete {
+                        ignore_missing(self.endpoints.remove(k))?;
+                    }
+                }
+                if $phase(early.sources) {
+                    for (prefix_len, key) in &sources_diff.delete {
+                        ignore_missing(self.sources.remove(&Key::new(*prefix_len, *key)))?;
+                    }
+                }
+                if $phase(early.identities) {
+                    for k in &identities_diff.delete {
+                        ignore_missing(self.identities.remove(k))?;
+                    }
+                }
+                if $phase(early.cidrs) {
+                    for k in &cidrs_diff.delete {
+                        ignore_missing(self.cidrs.remove(&Key::new(k.prefix_len, k.addr)))?;
+                    }
+                }
+                if $phase(early.ranges) {
+                    for k in &ranges_diff.delete {
+                        ignore_missing(self.port_ranges.remove(&Key::new(k.prefix_len, k.key)))?;
+                    }
+                }
+                if $phase(early.policy) {
+                    for k in &policy_diff.delete {
+                        ignore_missing(self.policy.remove(k))?;
+                    }
+                }
+            };
+        }
+        deletes!(|tight: bool| tight);
         for (k, v) in &policy_diff.upsert {
             self.policy.insert(k, v, 0)?;
         }
@@ -109,24 +177,7 @@ impl Datapath {
         for (k, v) in &endpoints_diff.upsert {
             self.endpoints.insert(k, v, 0)?;
         }
-        for k in &endpoints_diff.delete {
-            ignore_missing(self.endpoints.remove(k))?;
-        }
-        for (prefix_len, key) in &sources_diff.delete {
-            ignore_missing(self.sources.remove(&Key::new(*prefix_len, *key)))?;
-        }
-        for k in &identities_diff.delete {
-            ignore_missing(self.identities.remove(k))?;
-        }
-        for k in &cidrs_diff.delete {
-            ignore_missing(self.cidrs.remove(&Key::new(k.prefix_len, k.addr)))?;
-        }
-        for k in &ranges_diff.delete {
-            ignore_missing(self.port_ranges.remove(&Key::new(k.prefix_len, k.key)))?;
-        }
-        for k in &policy_diff.delete {
-            ignore_missing(self.policy.remove(k))?;
-        }
+        deletes!(|tight: bool| !tight);
         stats.upserts = policy_diff.upsert.len()
             + ranges_diff.upsert.len()
             + cidrs_diff.upsert.len()
@@ -147,6 +198,21 @@ impl Datapath {
         }
         self.written = Some(want);
         Ok(stats)
+    }
+
+    /// Logs a map crossing 90% of its capacity (once, until it falls back below).
+    fn note_pressure(&mut self, map: &'static str, wanted: usize, capacity: u32) {
+        let pressed = wanted * 10 > capacity as usize * 9;
+        if pressed && self.pressured.insert(map) {
+            tracing::warn!(
+                map,
+                entries = wanted,
+                capacity,
+                "map over 90% full: syncs fail once it is full (npc_map_entries / npc_map_capacity)"
+            );
+        } else if !pressed {
+            self.pressured.remove(map);
+        }
     }
 
     /// Makes the next sync a full reconcile (read every map back, repair drift).
@@ -180,6 +246,22 @@ impl Datapath {
 /// How often a sync reads every map back instead of trusting what it wrote last: drift (an
 /// entry removed by hand) is repaired within this long, and counted.
 pub(super) const RECONCILE_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Per map: delete before the upserts, for room.
+struct Early {
+    policy: bool,
+    ranges: bool,
+    cidrs: bool,
+    sources: bool,
+    identities: bool,
+    endpoints: bool,
+}
+
+/// Would the map overflow holding its current entries and the diff's new keys at once?
+fn tight<K: Ord, V>(have: &BTreeMap<K, V>, diff: &Diff<K, V>, capacity: u32) -> bool {
+    let new_keys = diff.upsert.iter().filter(|(k, _)| !have.contains_key(k)).count();
+    have.len() + new_keys > capacity as usize
+}
 
 /// The maps' contents as MapSync writes them.
 #[derive(Clone, Debug, Default)]
