@@ -273,7 +273,7 @@ fn a_full_map_still_converges_and_an_overfull_one_is_refused_whole() {
         endpoints: range
             .map(|i| {
                 (
-                    ObjectRef::new("full", &format!("p{i}")),
+                    ObjectRef::new("full", format!("p{i}")),
                     npc_common::EndpointInfo::new(7, 0, &[]),
                 )
             })
