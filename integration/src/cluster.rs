@@ -141,6 +141,66 @@ impl Cluster {
         );
     }
 
+    /// `npc-agent run` (the binary) in the node's network namespace (nsenter: the agent works
+    /// wherever it starts), serving its metrics on `metrics_port`; stderr goes to `log` in the
+    /// scratch dir.
+    pub fn spawn_agent_process(&self, metrics_port: u16, log: &str) -> std::process::Child {
+        let log = std::fs::File::create(self.dir.join(log)).expect("agent log");
+        std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.lab.node_netns()))
+            .arg(crate::npc_agent_bin())
+            .args(["run", "--kubeconfig"])
+            .arg(self.api.kubeconfig(&self.dir))
+            .args(["--node-name", NODE, "--pin-root"])
+            .arg(&self.pin_root)
+            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn npc-agent run (needs nsenter from util-linux)")
+    }
+
+    /// GET a path of the agent process's HTTP server, from inside the node namespace.
+    pub fn agent_http_get(&self, metrics_port: u16, path: &str) -> Option<String> {
+        use std::io::{Read as _, Write as _};
+        netns::run_in(self.lab.node_netns(), || {
+            let mut s = std::net::TcpStream::connect_timeout(
+                &std::net::SocketAddr::from(([127, 0, 0, 1], metrics_port)),
+                Duration::from_millis(500),
+            )
+            .ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).ok()?;
+            Some(out)
+        })
+        .ok()
+        .flatten()
+    }
+
+    /// Waits (up to `deadline`) for the agent process's `/readyz`; panics with its log if it
+    /// exits or never gets there.
+    pub fn wait_agent_process_ready(
+        &self,
+        metrics_port: u16,
+        agent: &mut std::process::Child,
+        log: &str,
+        deadline: Duration,
+    ) {
+        let log = || std::fs::read_to_string(self.dir.join(log)).unwrap_or_default();
+        let ready = wait_for(deadline, || {
+            assert!(
+                agent.try_wait().expect("agent status").is_none(),
+                "the agent exited:\n{}",
+                log()
+            );
+            self.agent_http_get(metrics_port, "/readyz")
+                .is_some_and(|r| r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.0 200"))
+        });
+        assert!(ready, "the agent never became ready:\n{}", log());
+    }
+
     pub fn stop_agent(&mut self) {
         if let Some(agent) = self.agent.take() {
             agent.stop_and_join().expect("agent ran cleanly");

@@ -4,6 +4,7 @@ pub mod cluster;
 pub mod fake_api;
 pub mod packet;
 pub mod raw;
+pub mod scale;
 pub mod traffic;
 
 /// Fails (never skips) when the test cannot do what it exists to do.

@@ -6,7 +6,7 @@
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -17,7 +17,7 @@ use std::{
 
 use npc_agent::lab::netns;
 use npc_integration::{
-    cluster::{Cluster, NODE, yaml},
+    cluster::{Cluster, yaml},
     npc_agent_bin, wait_for,
 };
 use npc_policy::model::Protocol;
@@ -47,53 +47,16 @@ const POLICY: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmet
 
 const METRICS_PORT: u16 = 19655;
 
-/// `npc-agent run` in the node's network namespace (nsenter: the agent works wherever it starts).
 fn spawn_agent(c: &Cluster, log: &str) -> Child {
-    let log = std::fs::File::create(c.dir.join(log)).expect("agent log");
-    Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", c.lab.node_netns()))
-        .arg(npc_agent_bin())
-        .args(["run", "--kubeconfig"])
-        .arg(c.api.kubeconfig(&c.dir))
-        .args(["--node-name", NODE, "--pin-root"])
-        .arg(&c.pin_root)
-        .args(["--metrics-addr", &format!("127.0.0.1:{METRICS_PORT}")])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn npc-agent run (needs nsenter from util-linux)")
+    c.spawn_agent_process(METRICS_PORT, log)
 }
 
-/// GET a path of the agent's HTTP server, from inside the node namespace.
 fn http_get(c: &Cluster, path: &str) -> Option<String> {
-    netns::run_in(c.lab.node_netns(), || {
-        let mut s = TcpStream::connect_timeout(
-            &SocketAddr::from(([127, 0, 0, 1], METRICS_PORT)),
-            Duration::from_millis(500),
-        )
-        .ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        Some(out)
-    })
-    .ok()
-    .flatten()
+    c.agent_http_get(METRICS_PORT, path)
 }
 
 fn wait_ready(c: &Cluster, agent: &mut Child, log: &str) {
-    let log = || std::fs::read_to_string(c.dir.join(log)).unwrap_or_default();
-    // Generous: under qemu without KVM (the 6.1 run) loading the programs takes a while.
-    let ready = wait_for(Duration::from_secs(120), || {
-        assert!(
-            agent.try_wait().expect("agent status").is_none(),
-            "the agent exited:\n{}",
-            log()
-        );
-        http_get(c, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.0 200"))
-    });
-    assert!(ready, "the agent never became ready:\n{}", log());
+    c.wait_agent_process_ready(METRICS_PORT, agent, log, Duration::from_secs(120));
 }
 
 fn stop(agent: &mut Child, signal: i32) {

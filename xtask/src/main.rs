@@ -52,9 +52,11 @@ enum Cmd {
     SetupBuild,
     /// Setup, then the benchmarks: compile time, entries and memory at 1k/10k/50k pods, and
     /// nanoseconds per packet in the kernel (BPF_PROG_TEST_RUN). `bench traffic`: real traffic
-    /// between two lab pods with no enforcement, npc and weave-npc's iptables layout.
+    /// between two lab pods with no enforcement, npc and weave-npc's iptables layout. `bench
+    /// scale`: the agent against generated clusters (start → enforcing, RSS, edit → maps).
     Bench {
-        /// `traffic`, or cluster sizes for the compiler benchmark (default 1000 10000 50000).
+        /// `traffic`, `scale`, or cluster sizes for the compiler benchmark (default 1000 10000
+        /// 50000).
         args: Vec<String>,
     },
 }
@@ -120,20 +122,29 @@ fn main() -> anyhow::Result<()> {
         Cmd::SetupBuild => setup_build(),
         Cmd::Bench { args } => {
             setup()?;
-            if args.first().map(String::as_str) == Some("traffic") {
+            if let Some(which @ ("traffic" | "scale")) = args.first().map(String::as_str) {
+                // The scale benchmark runs the agent binary: build it first, in the same profile.
+                if which == "scale" {
+                    run(Command::new("cargo").current_dir(workspace_root()).args([
+                        "build",
+                        "--release",
+                        "-p",
+                        "npc-agent",
+                    ]))?;
+                }
                 return run(Command::new("cargo").current_dir(workspace_root()).args([
                     "bench",
                     "-p",
                     "npc-integration",
                     "--bench",
-                    "traffic",
+                    which,
                 ]));
             }
             let sizes = args
                 .iter()
                 .map(|a| {
                     a.parse()
-                        .with_context(|| format!("{a:?} is neither `traffic` nor a cluster size"))
+                        .with_context(|| format!("{a:?} is neither `traffic`, `scale` nor a cluster size"))
                 })
                 .collect::<anyhow::Result<Vec<usize>>>()?;
             bench(&sizes)

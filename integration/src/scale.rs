@@ -1,0 +1,245 @@
+//! The control-plane scale benchmark (`cargo xtask bench scale`, issue 14): the node agent (the
+//! real `npc-agent run` binary, in its own process) against the fake API server holding a
+//! generated cluster: two pods on this node (a lab fabric: real interfaces to attach to), the
+//! rest on other nodes; one policy per pod group. Reports the time from the agent's start to
+//! `/readyz` (first enforcement), its resident memory (VmRSS, and the peak VmHWM) once enforcing,
+//! and edit → kernel map latencies: a policy edit that changes the local server's allowed port is
+//! timed until the new allow entry is in the pinned `NPC_POLICY`, and a relabel of the local
+//! client (out of the policy's reach, and back) until its allow entry goes (comes back).
+use std::time::{Duration, Instant};
+
+use npc_common::{DIR_INGRESS, PROTO_TCP, PolicyKey, map_names};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::cluster::{Cluster, yaml};
+
+/// One generated cluster size.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Size {
+    pub pods: usize,
+    pub namespaces: usize,
+    pub policies: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    pub size: Size,
+    /// Agent process start → `/readyz` (first sync after the initial lists).
+    pub start_to_enforcing_s: f64,
+    pub rss_mib: f64,
+    pub peak_rss_mib: f64,
+    /// Policy edit applied on the API server → its allow entry in the kernel map.
+    pub policy_edit_ms: Vec<f64>,
+    /// Pod relabel applied → the allow entry of its identity gone (or back) in the kernel map.
+    pub relabel_ms: Vec<f64>,
+}
+
+const FABRIC: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: local}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: server, namespace: local, labels: {app: server}}
+spec: {containers: [{name: c, ports: [{containerPort: 80}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: local, labels: {app: client}}
+spec: {containers: [{name: c}]}
+"#;
+
+const METRICS_PORT: u16 = 19656;
+
+/// The local server's policy, admitting the client on `port`.
+fn server_policy(port: u16) -> Value {
+    yaml(&format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: server-in, namespace: local}}\nspec:\n  podSelector: {{matchLabels: {{app: server}}}}\n  ingress: [{{from: [{{podSelector: {{matchLabels: {{app: client}}}}}}], ports: [{{port: {port}}}]}}]\n"
+    ))
+}
+
+/// The remote part of the cluster: namespaces, pods (group g = i % policies, in namespace
+/// g % namespaces, on one of 50 other nodes) and one policy per group admitting the next group.
+fn remote_objects(size: Size) -> Vec<Value> {
+    let mut out: Vec<Value> = (0..size.namespaces)
+        .map(|n| json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": format!("s{n}"), "labels": {"team": format!("t{}", n % 10)}}}))
+        .collect();
+    for i in 0..size.pods {
+        let group = i % size.policies;
+        let ip = format!("10.{}.{}.{}", 128 + (i >> 16), (i >> 8) & 255, i & 255);
+        out.push(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("p{i}"), "namespace": format!("s{}", group % size.namespaces),
+                         "labels": {"app": format!("g{group}"), "tier": "web"},
+                         "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {"nodeName": format!("remote-{}", i % 50),
+                     "containers": [{"name": "c", "ports": [{"containerPort": 8080, "name": "http"}]}]},
+            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+        }));
+    }
+    for g in 0..size.policies {
+        out.push(json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": format!("g{g}"), "namespace": format!("s{}", g % size.namespaces)},
+            "spec": {"podSelector": {"matchLabels": {"app": format!("g{g}")}},
+                     "ingress": [{"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": format!("g{}", (g + 1) % size.policies)}}}],
+                                  "ports": [{"port": "http"}]}]},
+        }));
+    }
+    out
+}
+
+fn status_kib(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// Polls `done` every millisecond until it holds; the elapsed time, or None past `deadline`.
+fn time_until(deadline: Duration, mut done: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < deadline {
+        if done() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    None
+}
+
+/// Measures one cluster size; `edits` policy edits and as many relabels.
+pub fn run(size: Size, edits: usize) -> Row {
+    let c = Cluster::new("scale", FABRIC, &[]);
+    c.api.apply(server_policy(80));
+    for object in remote_objects(size) {
+        c.api.apply(object);
+    }
+    let start = Instant::now();
+    let mut agent = c.spawn_agent_process(METRICS_PORT, "agent.log");
+    c.wait_agent_process_ready(METRICS_PORT, &mut agent, "agent.log", Duration::from_secs(600));
+    let start_to_enforcing = start.elapsed();
+    let (rss, peak) = (status_kib(agent.id(), "VmRSS:"), status_kib(agent.id(), "VmHWM:"));
+
+    let pin = |name: &str| aya::maps::MapData::from_pin(c.pin_root.join(name)).expect("a pinned map");
+    let policy: aya::maps::HashMap<_, PolicyKey, npc_common::PolicyValue> =
+        aya::maps::Map::HashMap(pin(map_names::POLICY))
+            .try_into()
+            .expect("NPC_POLICY");
+    let identities: aya::maps::HashMap<_, [u8; 16], u32> = aya::maps::Map::HashMap(pin(map_names::IDENTITIES))
+        .try_into()
+        .expect("NPC_IDENTITIES");
+    let endpoints: aya::maps::HashMap<_, u32, npc_common::EndpointInfo> =
+        aya::maps::Map::HashMap(pin(map_names::ENDPOINTS))
+            .try_into()
+            .expect("NPC_ENDPOINTS");
+    let server = npc_policy::model::ObjectRef::new("local", "server");
+    let (_, server_ifindex) = c.lab.veth(&server).expect("server veth");
+    let server_identity = endpoints
+        .get(&server_ifindex, 0)
+        .expect("the server is enforced")
+        .identity;
+    let client_pod = c.pod("local/client");
+    let client_addr = npc_policy::model::addr_bytes(client_pod.ips[0]);
+    let client_identity = || identities.get(&client_addr, 0).ok();
+
+    let key = |peer: u32, port: u16| PolicyKey {
+        identity: server_identity,
+        peer,
+        port,
+        protocol: PROTO_TCP,
+        direction: DIR_INGRESS,
+    };
+    // May the client (by its identity now) open `port` on the server, by the kernel maps?
+    let allowed = |port: u16| client_identity().is_some_and(|id| policy.get(&key(id, port), 0).is_ok());
+
+    let mut policy_edit_ms = Vec::new();
+    let mut port = 80;
+    for i in 0..edits {
+        port = 1000 + i as u16;
+        c.api.apply(server_policy(port));
+        let took = time_until(Duration::from_secs(60), || allowed(port))
+            .unwrap_or_else(|| panic!("the edit to port {port} never reached NPC_POLICY"));
+        policy_edit_ms.push(took.as_secs_f64() * 1e3);
+    }
+    // Relabels, alternately out of the policy's reach and back: the allow entry for the client's
+    // identity goes, then comes back (identity numbers may be reused, so the entry is the signal).
+    let mut relabel_ms = Vec::new();
+    for i in 0..edits {
+        let back = i % 2 == 1;
+        let mut relabelled = crate::cluster::pod_object(&client_pod);
+        relabelled["metadata"]["labels"]["app"] = json!(if back { "client" } else { "outsider" });
+        c.api.apply(relabelled);
+        let took = time_until(Duration::from_secs(60), || allowed(port) == back)
+            .unwrap_or_else(|| panic!("relabel {i} never reached the kernel maps"));
+        relabel_ms.push(took.as_secs_f64() * 1e3);
+    }
+    // SAFETY: a plain signal to our own child.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    let _ = agent.wait();
+    Row {
+        size,
+        start_to_enforcing_s: start_to_enforcing.as_secs_f64(),
+        rss_mib: rss / 1024.0,
+        peak_rss_mib: peak / 1024.0,
+        policy_edit_ms,
+        relabel_ms,
+    }
+}
+
+/// The p-th percentile (0-100) of `v`.
+pub fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    if s.is_empty() {
+        return 0.0;
+    }
+    s[((p / 100.0) * (s.len() - 1) as f64).round() as usize]
+}
+
+/// The table `cargo xtask bench scale` prints.
+pub fn table(rows: &[Row]) -> String {
+    let mut out = format!(
+        "{:>8} {:>6} {:>8}  {:>14} {:>9} {:>9}  {:>24}  {:>24}\n",
+        "pods",
+        "ns",
+        "policies",
+        "start->enforce",
+        "RSS MiB",
+        "peak MiB",
+        "policy edit ms p50/p99/max",
+        "relabel ms p50/p99/max"
+    );
+    for r in rows {
+        let stats = |v: &[f64]| {
+            format!(
+                "{:.0}/{:.0}/{:.0}",
+                percentile(v, 50.0),
+                percentile(v, 99.0),
+                percentile(v, 100.0)
+            )
+        };
+        out += &format!(
+            "{:>8} {:>6} {:>8}  {:>13.2}s {:>9.0} {:>9.0}  {:>24}  {:>24}\n",
+            r.size.pods,
+            r.size.namespaces,
+            r.size.policies,
+            r.start_to_enforcing_s,
+            r.rss_mib,
+            r.peak_rss_mib,
+            stats(&r.policy_edit_ms),
+            stats(&r.relabel_ms)
+        );
+    }
+    out
+}

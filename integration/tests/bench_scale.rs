@@ -1,0 +1,21 @@
+//! The scale benchmark in a quick mode, as `cargo xtask test` runs it: a small generated cluster,
+//! the real agent binary against the fake API server, every field of the report produced and
+//! every edit seen in the kernel maps. No timing is asserted.
+use npc_integration::scale::{self, Size};
+
+#[test]
+fn the_quick_scale_benchmark_reports_every_field_and_sees_every_edit() {
+    npc_integration::require_root();
+    let size = Size {
+        pods: 500,
+        namespaces: 5,
+        policies: 50,
+    };
+    // `run` panics if an edit or relabel never reaches the maps.
+    let row = scale::run(size, 2);
+    assert!(row.start_to_enforcing_s > 0.0);
+    assert!(row.rss_mib > 0.0 && row.peak_rss_mib >= row.rss_mib, "{row:?}");
+    assert_eq!((row.policy_edit_ms.len(), row.relabel_ms.len()), (2, 2));
+    let table = scale::table(&[row]);
+    assert_eq!(table.lines().count(), 2, "{table}");
+}
