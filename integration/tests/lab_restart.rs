@@ -44,6 +44,13 @@ fn run(args: &[&str]) {
     );
 }
 
+/// `ip link set dev VETH type bridge_slave ARGS...` in the node namespace.
+fn bridge_port(node: &str, veth: &str, args: &[&str]) {
+    let mut all = vec!["ip", "-n", node, "link", "set", "dev", veth, "type", "bridge_slave"];
+    all.extend_from_slice(args);
+    run(&all);
+}
+
 #[test]
 fn a_pod_whose_interface_cannot_be_looked_up_after_a_restart_stays_enforced() {
     require_root();
@@ -61,31 +68,8 @@ fn a_pod_whose_interface_cannot_be_looked_up_after_a_restart_stays_enforced() {
     // flooded, so traffic flows): no lookup of its interface can succeed.
     let node = lab.node_netns().to_string();
     let (veth, ifindex) = lab.veth(&server).map(|(v, i)| (v.to_string(), i)).expect("server veth");
-    run(&[
-        "ip",
-        "-n",
-        &node,
-        "link",
-        "set",
-        "dev",
-        &veth,
-        "type",
-        "bridge_slave",
-        "learning",
-        "off",
-    ]);
-    run(&[
-        "ip",
-        "-n",
-        &node,
-        "link",
-        "set",
-        "dev",
-        &veth,
-        "type",
-        "bridge_slave",
-        "fdb_flush",
-    ]);
+    bridge_port(&node, &veth, &["learning", "off"]);
+    bridge_port(&node, &veth, &["fdb_flush"]);
     run(&["ip", "-n", &node, "neigh", "flush", "dev", "br0"]);
 
     lab.restart_agent(Duration::from_millis(300))
@@ -102,19 +86,7 @@ fn a_pod_whose_interface_cannot_be_looked_up_after_a_restart_stays_enforced() {
     blocked(&lab, "after a restart that could not look the server up");
 
     // Learning again: the next quiet tick attaches it the normal way.
-    run(&[
-        "ip",
-        "-n",
-        &node,
-        "link",
-        "set",
-        "dev",
-        &veth,
-        "type",
-        "bridge_slave",
-        "learning",
-        "on",
-    ]);
+    bridge_port(&node, &veth, &["learning", "on"]);
     // (A few ticks at most: each waits up to 300 ms for the bridge to learn the port.)
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while lab.enforcer_link(&server).is_none() && std::time::Instant::now() < deadline {
