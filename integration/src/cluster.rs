@@ -121,6 +121,7 @@ impl Cluster {
             legacy_default_deny: false,
             timing: Timing {
                 coalesce: Duration::from_millis(50),
+                lone: Duration::from_millis(5),
                 resync: Duration::from_millis(500),
             },
         }

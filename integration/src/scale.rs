@@ -29,6 +29,8 @@ pub struct Row {
     pub start_to_enforcing_s: f64,
     pub rss_mib: f64,
     pub peak_rss_mib: f64,
+    /// Resident bytes per pod in the cluster (the whole process: stores, model, compiled maps).
+    pub rss_bytes_per_pod: f64,
     /// Policy edit applied on the API server → its allow entry in the kernel map.
     pub policy_edit_ms: Vec<f64>,
     /// Pod relabel applied → the allow entry of its identity gone (or back) in the kernel map.
@@ -192,6 +194,7 @@ pub fn run(size: Size, edits: usize) -> Row {
         start_to_enforcing_s: start_to_enforcing.as_secs_f64(),
         rss_mib: rss / 1024.0,
         peak_rss_mib: peak / 1024.0,
+        rss_bytes_per_pod: rss * 1024.0 / (size.pods + 2) as f64,
         policy_edit_ms,
         relabel_ms,
     }
@@ -210,13 +213,14 @@ pub fn percentile(v: &[f64], p: f64) -> f64 {
 /// The table `cargo xtask bench scale` prints.
 pub fn table(rows: &[Row]) -> String {
     let mut out = format!(
-        "{:>8} {:>6} {:>8}  {:>14} {:>9} {:>9}  {:>24}  {:>24}\n",
+        "{:>8} {:>6} {:>8}  {:>14} {:>9} {:>9} {:>9}  {:>24}  {:>24}\n",
         "pods",
         "ns",
         "policies",
         "start->enforce",
         "RSS MiB",
         "peak MiB",
+        "B/pod",
         "policy edit ms p50/p99/max",
         "relabel ms p50/p99/max"
     );
@@ -230,13 +234,14 @@ pub fn table(rows: &[Row]) -> String {
             )
         };
         out += &format!(
-            "{:>8} {:>6} {:>8}  {:>13.2}s {:>9.0} {:>9.0}  {:>24}  {:>24}\n",
+            "{:>8} {:>6} {:>8}  {:>13.2}s {:>9.0} {:>9.0} {:>9.0}  {:>24}  {:>24}\n",
             r.size.pods,
             r.size.namespaces,
             r.size.policies,
             r.start_to_enforcing_s,
             r.rss_mib,
             r.peak_rss_mib,
+            r.rss_bytes_per_pod,
             stats(&r.policy_edit_ms),
             stats(&r.relabel_ms)
         );

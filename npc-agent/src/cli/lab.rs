@@ -55,6 +55,7 @@ pub(super) fn up(dir: &Path, args: &LabArgs, tag: &str) -> anyhow::Result<()> {
     let timing = Timing {
         // Editors write a file in several steps: let them finish.
         coalesce: std::time::Duration::from_millis(100),
+        lone: std::time::Duration::from_millis(100),
         resync: std::time::Duration::from_secs(2),
     };
     let mut waker = Waker::new(changed, stop, timing)?;

@@ -43,6 +43,8 @@ pub(super) fn run(args: Args) -> anyhow::Result<()> {
             legacy_default_deny: args.legacy_default_deny,
             timing: Timing {
                 coalesce: Duration::from_millis(100),
+                // A lone edit on a quiet cluster is applied after 5 ms, not the whole window.
+                lone: Duration::from_millis(5),
                 resync: Duration::from_secs(2),
             },
         },

@@ -27,6 +27,10 @@ pub struct Timing {
     /// After a change, further changes this close together are folded into the same turn (a
     /// relist, a rollout, an editor writing a file in several steps).
     pub coalesce: Duration,
+    /// How long a lone change (none in the `coalesce` before it) waits for company: short for the
+    /// agent (a single edit should cost its compile, not the window), the whole window for the
+    /// lab (an editor's first write is rarely its last). See [`coalesce_window`].
+    pub lone: Duration,
     /// Turn (or tick) at least this often without changes.
     pub resync: Duration,
 }
@@ -39,6 +43,8 @@ pub struct Waker {
     timing: Timing,
     /// When to retry a failed turn, if one failed.
     retry_at: Option<tokio::time::Instant>,
+    /// When the last change arrived (for the adaptive window, see [`coalesce_window`]).
+    last_change: Option<std::time::Instant>,
 }
 
 impl Waker {
@@ -53,6 +59,7 @@ impl Waker {
             tick,
             timing,
             retry_at: None,
+            last_change: None,
         })
     }
 
@@ -71,6 +78,7 @@ impl Waker {
             tick,
             timing,
             retry_at,
+            last_change,
         } = self;
         runtime.block_on(async {
             tokio::select! {
@@ -80,9 +88,11 @@ impl Waker {
                     None => Wake::Stop,
                     Some(()) => {
                         // Fold the rest of the burst in: wait out the window, then drain.
+                        let window = coalesce_window(timing, last_change.map(|at| at.elapsed()));
+                        *last_change = Some(std::time::Instant::now());
                         tokio::select! {
                             () = stop.cancelled() => return Wake::Stop,
-                            () = tokio::time::sleep(timing.coalesce) => {}
+                            () = tokio::time::sleep(window) => {}
                         }
                         while changed.try_recv().is_ok() {}
                         tick.reset();
@@ -131,6 +141,14 @@ pub fn stop_on_signals() -> std::io::Result<CancellationToken> {
     Ok(token)
 }
 
+/// How long a change waits for more to fold into its turn, given how long ago the previous
+/// change came: one that follows another within `Timing::coalesce` is part of a burst (a
+/// rollout, a relist) and waits the window out; a lone one waits `Timing::lone`.
+pub fn coalesce_window(timing: &Timing, since_previous: Option<Duration>) -> Duration {
+    let in_burst = since_previous.is_some_and(|d| d < timing.coalesce);
+    if in_burst { timing.coalesce } else { timing.lone }
+}
+
 /// The delay before retrying after `failures` failed turns in a row: doubling from 200 ms up to
 /// 30 s; None when the last turn went through.
 pub fn retry_delay(failures: u32) -> Option<Duration> {
@@ -145,6 +163,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_lone_change_waits_briefly_and_a_burst_waits_the_window() {
+        let timing = Timing {
+            coalesce: Duration::from_millis(100),
+            lone: Duration::from_millis(5),
+            resync: Duration::from_secs(60),
+        };
+        let ms = |d: Duration| d.as_millis();
+        assert_eq!(ms(coalesce_window(&timing, None)), 5, "the first change");
+        assert_eq!(
+            ms(coalesce_window(&timing, Some(Duration::from_secs(3)))),
+            5,
+            "after a quiet spell"
+        );
+        assert_eq!(
+            ms(coalesce_window(&timing, Some(Duration::from_millis(30)))),
+            100,
+            "in a burst"
+        );
+    }
+
+    #[test]
     fn the_backoff_doubles_up_to_its_cap() {
         assert_eq!(retry_delay(0), None);
         let delays: Vec<u64> = (1..=10).map(|n| retry_delay(n).unwrap().as_millis() as u64).collect();
@@ -157,6 +196,7 @@ mod tests {
         let (send, changed) = tokio::sync::mpsc::unbounded_channel();
         let timing = Timing {
             coalesce: Duration::from_millis(10),
+            lone: Duration::from_millis(10),
             resync: Duration::from_secs(3600),
         };
         let mut waker = Waker::new(changed, CancellationToken::new(), timing).unwrap();
