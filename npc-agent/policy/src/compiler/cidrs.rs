@@ -45,6 +45,7 @@ pub(super) fn in_ipv4_space(net: &IpNet) -> bool {
 }
 
 /// The LPM contents and, for each ipBlock, the classes that contain it.
+#[derive(Clone, Debug)]
 pub(super) struct CidrClasses {
     pub(super) lpm: BTreeMap<CidrKey, u32>,
     /// ipBlock → the classes (ids) whose member set holds it (none for an IPv4-mapped IPv6 block).

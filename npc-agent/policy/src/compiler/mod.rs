@@ -14,6 +14,7 @@
 
 mod cidrs;
 mod identities;
+mod incremental;
 mod lookup;
 mod numbering;
 mod rules;
@@ -38,6 +39,7 @@ use self::{
 pub use self::{
     cidrs::CidrKey,
     identities::{IdentityKey, address_owners, policy_pods},
+    incremental::{CompileStats, Incremental},
     lookup::{Verdict, lookup},
     rules::{RangeKey, port_blocks},
     services::{PartlyAllowed, ServiceKey},
@@ -102,7 +104,7 @@ pub struct RuleRef {
 /// Rule id 0 in a policy value: allowed by a built-in rule (the node may always reach its pods).
 pub const BUILTIN_RULE: u32 = 0;
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Compiled {
     pub maps: DesiredMaps,
     /// Rule ids (the values of policy entries) → where they come from.
@@ -148,6 +150,23 @@ impl Default for Compiler {
     }
 }
 
+/// A pod's identity key for each of its addresses (one, without an address, for a pod that has
+/// none yet): `nblocks` are the named-port egress ipBlocks ([`named_port_egress_blocks`]).
+fn pod_key_list(pod: &Pod, nblocks: &BTreeSet<IpBlock>) -> Vec<(Option<IpAddr>, IdentityKey)> {
+    let key_of = |ip: Option<IpAddr>| {
+        let mut key = IdentityKey::of(pod);
+        if let Some(ip) = ip {
+            key.named_port_blocks = nblocks.iter().filter(|b| b.contains(ip)).cloned().collect();
+        }
+        key
+    };
+    if pod.ips.is_empty() {
+        vec![(None, key_of(None))]
+    } else {
+        pod.ips.iter().map(|ip| (Some(*ip), key_of(Some(*ip)))).collect()
+    }
+}
+
 /// Compiles with a fresh numbering (tests, explain, one-shot tools).
 pub fn compile(state: &State) -> Compiled {
     Compiler::default().compile(state)
@@ -160,22 +179,10 @@ impl Compiler {
         // Identities: one per distinct (namespace, labels, named ports, named-port ipBlocks) of
         // each address of each policy pod (a pod without an address yet still has one).
         let nblocks = named_port_egress_blocks(state);
-        let key_of = |pod: &Pod, ip: Option<IpAddr>| {
-            let mut key = IdentityKey::of(pod);
-            if let Some(ip) = ip {
-                key.named_port_blocks = nblocks.iter().filter(|b| b.contains(ip)).cloned().collect();
-            }
-            key
-        };
         let mut pod_keys: BTreeMap<ObjectRef, Vec<(Option<IpAddr>, IdentityKey)>> = BTreeMap::new();
         let mut keys = BTreeSet::new();
         for pod in policy_pods(state) {
-            let addrs: Vec<Option<IpAddr>> = if pod.ips.is_empty() {
-                vec![None]
-            } else {
-                pod.ips.iter().copied().map(Some).collect()
-            };
-            let list: Vec<_> = addrs.into_iter().map(|ip| (ip, key_of(pod, ip))).collect();
+            let list = pod_key_list(pod, &nblocks);
             keys.extend(list.iter().map(|(_, k)| k.clone()));
             pod_keys.insert(pod.object_ref(), list);
         }
@@ -206,9 +213,13 @@ impl Compiler {
         }
 
         let classes = CidrClasses::build(state.policies.values(), &mut self.classes);
-        out.maps.cidrs = classes.lpm.clone();
+        let rule_ids = self.rule_ids(state);
+        self.emit(state, &mut out, &local_ids, &classes, &rule_ids);
+        out
+    }
 
-        let index = IdentityIndex::new(state, &out.identities, &local_ids);
+    /// Numbers every rule of every policy (in policy order: new rules get ids in that order).
+    fn rule_ids(&mut self, state: &State) -> BTreeMap<RuleRef, u32> {
         let rule_refs: Vec<RuleRef> = state
             .policies
             .values()
@@ -224,13 +235,29 @@ impl Compiler {
                     })
             })
             .collect();
-        let rule_ids = self.rules.assign(&rule_refs).clone();
+        self.rules.assign(&rule_refs).clone()
+    }
+
+    /// Everything that depends only on the local pods' identities, given the identities of every
+    /// pod (`out.identities`, `out.maps.identities`, `out.pod_identity`, `out.address_owners`):
+    /// the ipBlock trie, isolation and allow entries, Services, endpoints. The full compile and
+    /// [`Incremental`] share it; what they differ in is how they get the identities.
+    fn emit(
+        &mut self,
+        state: &State,
+        out: &mut Compiled,
+        local_ids: &BTreeSet<u32>,
+        classes: &CidrClasses,
+        rule_ids: &BTreeMap<RuleRef, u32>,
+    ) {
+        out.maps.cidrs = classes.lpm.clone();
         out.rules = rule_ids.iter().map(|(r, id)| (*id, r.clone())).collect();
+        let index = IdentityIndex::new(state, &out.identities, local_ids);
 
         // Isolation and allow entries.
         let mut flags: BTreeMap<u32, u32> = BTreeMap::new();
         if state.legacy_default_deny {
-            for id in &local_ids {
+            for id in local_ids {
                 let legacy = state
                     .namespaces
                     .get(&out.identities[id].namespace)
@@ -263,7 +290,7 @@ impl Compiler {
                         direction,
                         index: i,
                     }];
-                    let peers = resolve_peers(policy, rule.peers.as_deref(), &index, &classes);
+                    let peers = resolve_peers(policy, rule.peers.as_deref(), &index, classes);
                     for local in &selected {
                         let emitted = emit_rule(
                             &mut out.maps,
@@ -284,7 +311,7 @@ impl Compiler {
 
         let service_keys = services::service_keys(state);
         let service_ids = self.services.assign(&service_keys).clone();
-        services::emit_services(state, &mut out, &service_ids, &flags);
+        services::emit_services(state, out, &service_ids, &flags);
 
         for pod in policy_pods(state).filter(|p| state.is_local(p)) {
             // Two local pods reporting one address (a terminating pod whose address the CNI
@@ -312,7 +339,6 @@ impl Compiler {
                 ),
             );
         }
-        out
     }
 }
 

@@ -1,0 +1,442 @@
+//! Incremental compilation: a change costs what it can change, not what the cluster holds.
+//!
+//! A full compile walks every pod of the cluster (its identity key per address, the owner of each
+//! address, the peer map `identities`) before it gets to the few local pods whose entries it
+//! emits. At 100k pods that walk is the whole cost of every event. [`Incremental`] keeps the
+//! walk's results and redoes them only for the pods that changed:
+//!
+//! - per pod: its identity keys (per address) and its claim on each address;
+//! - per identity key: how many pods hold it, so a key is numbered when its first pod comes and
+//!   freed when its last one goes, in the order the full compile would number it (new keys in
+//!   key order), so that numbering, and so every map entry, is exactly the full compile's;
+//! - per address: the pods claiming it, so its owner (the newest) is known without a walk.
+//!
+//! What depends on the local pods only (isolation, allow entries, Services, endpoints) is emitted
+//! again on every compile by the same code the full compile runs (`Compiler::emit`): it is small
+//! (a node's pods), and what it reads (every identity, the namespaces, the Services) is kept up
+//! to date here. Policies are cheap to re-read (no walk of the pods): when one changes, the
+//! ipBlock classes and rule ids are renumbered as in a full compile; when the named-port ipBlocks
+//! change (every pod's key may), or the node's name, or the id space runs out, everything is
+//! recomputed.
+//!
+//! The full compile stays the reference: the property test below replays random event sequences
+//! and asserts, after every step, that the result is *equal* to a full compile with the same
+//! numbering history.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    time::Duration,
+};
+
+use npc_common::peer;
+
+use super::{
+    Compiled, Compiler, IdentityKey, RuleRef, cidrs::CidrClasses, identities::named_port_egress_blocks, pod_key_list,
+};
+use crate::{
+    model::{Namespace, ObjectRef, Pod, State, addr_bytes},
+    policy::{IpBlock, Policy},
+    service::{Backend, Service},
+};
+
+/// What the last [`Incremental::compile`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CompileStats {
+    /// Every pod was recomputed (the first compile, or something that changes every pod's key).
+    pub full: bool,
+    /// Pods whose identities and addresses were recomputed.
+    pub pods: usize,
+    pub elapsed: Duration,
+}
+
+/// One pod's part of the identities: its key per address, and its creation time (which decides
+/// who owns an address two pods claim).
+#[derive(Clone, Debug)]
+struct PodPart {
+    created: i64,
+    keys: Vec<(Option<IpAddr>, IdentityKey)>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Incremental {
+    compiler: Compiler,
+    state: State,
+    out: Compiled,
+    /// The caches below match `state` (except for the pods in `dirty`).
+    built: bool,
+    dirty: BTreeSet<ObjectRef>,
+    policies_changed: bool,
+    named_port_blocks: BTreeSet<IpBlock>,
+    pods: BTreeMap<ObjectRef, PodPart>,
+    key_pods: BTreeMap<IdentityKey, usize>,
+    claims: BTreeMap<IpAddr, Vec<(i64, ObjectRef)>>,
+    local: BTreeSet<ObjectRef>,
+    /// Addresses whose `identities` entry may be the node's or a Service VIP's rather than a pod's:
+    /// put back to the pod owner's (or removed) before the next compile sets them again.
+    overlay: BTreeSet<IpAddr>,
+    classes: Option<CidrClasses>,
+    rule_ids: BTreeMap<RuleRef, u32>,
+    stats: CompileStats,
+}
+
+impl Incremental {
+    /// Starts from `compiler`'s numbering (a fresh one, or one adopted from the kernel maps).
+    pub fn new(compiler: Compiler) -> Self {
+        Self {
+            compiler,
+            ..Self::default()
+        }
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// The last compile's result (empty before the first).
+    pub fn compiled(&self) -> &Compiled {
+        &self.out
+    }
+
+    pub fn stats(&self) -> CompileStats {
+        self.stats
+    }
+
+    /// Takes over a previous agent's numbering for the current state (see [`Compiler::adopt`]);
+    /// the next compile is a full one.
+    pub fn adopt(&mut self, identities: &BTreeMap<[u8; 16], u32>, cidrs: &BTreeMap<super::CidrKey, u32>) {
+        self.compiler.adopt(&self.state, identities, cidrs);
+        self.built = false;
+        self.classes = None;
+    }
+
+    pub fn set_pod(&mut self, pod: Pod) {
+        let key = pod.object_ref();
+        if self.state.pods.get(&key) != Some(&pod) {
+            self.state.pods.insert(key.clone(), pod);
+            self.dirty.insert(key);
+        }
+    }
+
+    pub fn remove_pod(&mut self, pod: &ObjectRef) {
+        if self.state.pods.remove(pod).is_some() {
+            self.dirty.insert(pod.clone());
+        }
+    }
+
+    pub fn set_policy(&mut self, policy: Policy) {
+        if self.state.policies.get(&policy.id) != Some(&policy) {
+            self.state.policies.insert(policy.id.clone(), policy);
+            self.policies_changed = true;
+        }
+    }
+
+    pub fn remove_policy(&mut self, policy: &ObjectRef) {
+        if self.state.policies.remove(policy).is_some() {
+            self.policies_changed = true;
+        }
+    }
+
+    // Namespaces, Services and their backends are read only by what every compile emits again.
+    pub fn set_namespace(&mut self, ns: Namespace) {
+        self.state.namespaces.insert(ns.name.clone(), ns);
+    }
+
+    pub fn remove_namespace(&mut self, name: &str) {
+        self.state.namespaces.remove(name);
+    }
+
+    pub fn set_service(&mut self, svc: Service) {
+        self.state.services.insert(svc.object_ref(), svc);
+    }
+
+    pub fn remove_service(&mut self, svc: &ObjectRef) {
+        self.state.services.remove(svc);
+    }
+
+    /// A Service's endpoints from its EndpointSlices (`None`: it has none, and gets them from its
+    /// selector).
+    pub fn set_backends(&mut self, svc: ObjectRef, backends: Option<Vec<Backend>>) {
+        match backends {
+            Some(b) => self.state.service_backends.insert(svc, b),
+            None => self.state.service_backends.remove(&svc),
+        };
+    }
+
+    /// The node this agent compiles for: which pods are local, its addresses, the legacy flag.
+    pub fn set_node(&mut self, node_name: Option<String>, node_addrs: Vec<IpAddr>, legacy_default_deny: bool) {
+        if self.state.node_name != node_name {
+            self.state.node_name = node_name;
+            self.built = false;
+        }
+        self.state.node_addrs = node_addrs;
+        self.state.legacy_default_deny = legacy_default_deny;
+    }
+
+    /// Replaces the whole state, marking what differs (for sources that only know snapshots).
+    pub fn replace(&mut self, state: State) {
+        let State {
+            namespaces,
+            pods,
+            policies,
+            services,
+            service_backends,
+            node_addrs,
+            node_name,
+            legacy_default_deny,
+        } = state;
+        self.set_node(node_name, node_addrs, legacy_default_deny);
+        let gone: Vec<ObjectRef> = self
+            .state
+            .pods
+            .keys()
+            .filter(|k| !pods.contains_key(*k))
+            .cloned()
+            .collect();
+        for pod in &gone {
+            self.remove_pod(pod);
+        }
+        for pod in pods.into_values() {
+            self.set_pod(pod);
+        }
+        if self.state.policies != policies {
+            self.state.policies = policies;
+            self.policies_changed = true;
+        }
+        self.state.namespaces = namespaces;
+        self.state.services = services;
+        self.state.service_backends = service_backends;
+    }
+
+    /// Brings the result up to date with every change since the last compile.
+    pub fn compile(&mut self) -> &Compiled {
+        let start = std::time::Instant::now();
+        if self.policies_changed {
+            let blocks = named_port_egress_blocks(&self.state);
+            if blocks != self.named_port_blocks {
+                self.named_port_blocks = blocks;
+                self.built = false;
+            }
+            self.classes = None;
+        }
+        let pods = if self.built && self.update_pods() {
+            self.dirty.len()
+        } else {
+            self.rebuild_pods()
+        };
+        self.dirty.clear();
+        self.stats = CompileStats {
+            full: !self.built,
+            pods,
+            elapsed: Duration::ZERO,
+        };
+        self.built = true;
+
+        // The node's addresses and the VIPs, over the pods' entries (as the full compile orders them).
+        for ip in std::mem::take(&mut self.overlay) {
+            self.settle_address(ip);
+        }
+        for ip in &self.state.node_addrs {
+            self.out.maps.identities.insert(addr_bytes(*ip), peer::HOST);
+            self.overlay.insert(*ip);
+        }
+        self.overlay
+            .extend(self.state.services.values().flat_map(|s| s.vips.iter().copied()));
+
+        if self.policies_changed || self.classes.is_none() {
+            self.classes = Some(CidrClasses::build(
+                self.state.policies.values(),
+                &mut self.compiler.classes,
+            ));
+            self.rule_ids = self.compiler.rule_ids(&self.state);
+            self.policies_changed = false;
+        }
+        let local_ids: BTreeSet<u32> = self
+            .local
+            .iter()
+            .flat_map(|pod| &self.pods[pod].keys)
+            .map(|(_, key)| self.compiler.identities.ids[key])
+            .collect();
+        let out = &mut self.out;
+        out.maps.cidrs.clear();
+        out.maps.policy.clear();
+        out.maps.port_ranges.clear();
+        out.maps.endpoints.clear();
+        out.maps.sources.clear();
+        out.rules.clear();
+        out.services.clear();
+        out.vip_owners.clear();
+        out.partly_allowed.clear();
+        let classes = self.classes.as_ref().expect("built above");
+        self.compiler
+            .emit(&self.state, out, &local_ids, classes, &self.rule_ids);
+        self.stats.elapsed = start.elapsed();
+        &self.out
+    }
+
+    /// Recomputes every pod's part from scratch (what a full compile does).
+    fn rebuild_pods(&mut self) -> usize {
+        self.pods.clear();
+        self.key_pods.clear();
+        self.claims.clear();
+        self.local.clear();
+        self.overlay.clear();
+        let out = &mut self.out;
+        out.identities.clear();
+        out.pod_identity.clear();
+        out.address_owners.clear();
+        out.maps.identities.clear();
+        for pod in super::policy_pods(&self.state) {
+            let part = claim(
+                pod,
+                &self.named_port_blocks,
+                self.state.is_local(pod),
+                &mut self.key_pods,
+                &mut self.claims,
+                &mut self.local,
+            );
+            self.pods.insert(pod.object_ref(), part);
+        }
+        let ids = self.compiler.identities.assign(self.key_pods.keys());
+        self.out.identities = ids.iter().map(|(key, id)| (*id, key.clone())).collect();
+        for (pod, part) in &self.pods {
+            self.out.pod_identity.insert(pod.clone(), ids[&part.keys[0].1]);
+        }
+        let addrs: Vec<IpAddr> = self.claims.keys().copied().collect();
+        for ip in addrs {
+            self.settle_address(ip);
+        }
+        self.pods.len()
+    }
+
+    /// Recomputes the dirty pods' parts. False when the id space would run out (the caller
+    /// rebuilds, renumbering from the start as the full compile does).
+    fn update_pods(&mut self) -> bool {
+        let mut keys: BTreeSet<IdentityKey> = BTreeSet::new();
+        let mut addrs: BTreeSet<IpAddr> = BTreeSet::new();
+        let dirty = std::mem::take(&mut self.dirty);
+        for name in &dirty {
+            if let Some(old) = self.pods.remove(name) {
+                for (ip, key) in old.keys {
+                    if let Some(n) = self.key_pods.get_mut(&key) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.key_pods.remove(&key);
+                        }
+                    }
+                    if let Some(ip) = ip {
+                        if let Some(list) = self.claims.get_mut(&ip) {
+                            list.retain(|(_, p)| p != name);
+                        }
+                        addrs.insert(ip);
+                    }
+                    keys.insert(key);
+                }
+                self.local.remove(name);
+                self.out.pod_identity.remove(name);
+            }
+            let Some(pod) = self.state.pods.get(name).filter(|p| !p.terminated && !p.host_network) else {
+                continue;
+            };
+            let part = claim(
+                pod,
+                &self.named_port_blocks,
+                self.state.is_local(pod),
+                &mut self.key_pods,
+                &mut self.claims,
+                &mut self.local,
+            );
+            keys.extend(part.keys.iter().map(|(_, k)| k.clone()));
+            addrs.extend(part.keys.iter().filter_map(|(ip, _)| *ip));
+            self.pods.insert(name.clone(), part);
+        }
+        self.dirty = dirty;
+
+        // Number new keys and free dead ones as `Allocator::assign` over every live key would.
+        let alloc = &mut self.compiler.identities;
+        let fresh = keys
+            .iter()
+            .filter(|k| self.key_pods.contains_key(*k) && !alloc.ids.contains_key(*k))
+            .count();
+        if u64::from(alloc.next) + fresh as u64 > u64::from(alloc.limit) {
+            return false;
+        }
+        for key in keys {
+            match (self.key_pods.contains_key(&key), alloc.ids.get(&key).copied()) {
+                (true, None) => {
+                    let id = alloc.next;
+                    alloc.next += 1;
+                    alloc.ids.insert(key.clone(), id);
+                    self.out.identities.insert(id, key);
+                }
+                (false, Some(id)) => {
+                    alloc.ids.remove(&key);
+                    self.out.identities.remove(&id);
+                }
+                _ => {}
+            }
+        }
+        for name in &self.dirty {
+            if let Some(part) = self.pods.get(name) {
+                self.out.pod_identity.insert(name.clone(), alloc.ids[&part.keys[0].1]);
+            }
+        }
+        for ip in addrs {
+            self.settle_address(ip);
+        }
+        true
+    }
+
+    /// Sets `ip`'s owner and identity entry from the pods claiming it (the newest wins, as in
+    /// [`super::address_owners`]), or removes them when no pod does.
+    fn settle_address(&mut self, ip: IpAddr) {
+        let owner = self
+            .claims
+            .get(&ip)
+            .and_then(|list| list.iter().max())
+            .map(|(_, pod)| pod.clone());
+        match owner {
+            Some(pod) => {
+                let key = self.pods[&pod]
+                    .keys
+                    .iter()
+                    .find(|(a, _)| *a == Some(ip))
+                    .map(|(_, k)| k)
+                    .expect("a claim comes from one of the pod's addresses");
+                let id = self.compiler.identities.ids[key];
+                self.out.maps.identities.insert(addr_bytes(ip), id);
+                self.out.address_owners.insert(ip, pod);
+            }
+            None => {
+                self.claims.remove(&ip);
+                self.out.maps.identities.remove(&addr_bytes(ip));
+                self.out.address_owners.remove(&ip);
+            }
+        }
+    }
+}
+
+/// Computes `pod`'s part, counting its keys and its claims on its addresses.
+fn claim(
+    pod: &Pod,
+    named_port_blocks: &BTreeSet<IpBlock>,
+    is_local: bool,
+    key_pods: &mut BTreeMap<IdentityKey, usize>,
+    claims: &mut BTreeMap<IpAddr, Vec<(i64, ObjectRef)>>,
+    local: &mut BTreeSet<ObjectRef>,
+) -> PodPart {
+    let me = pod.object_ref();
+    let part = PodPart {
+        created: pod.created,
+        keys: pod_key_list(pod, named_port_blocks),
+    };
+    for (ip, key) in &part.keys {
+        *key_pods.entry(key.clone()).or_default() += 1;
+        if let Some(ip) = ip {
+            claims.entry(*ip).or_default().push((part.created, me.clone()));
+        }
+    }
+    if is_local {
+        local.insert(me);
+    }
+    part
+}
