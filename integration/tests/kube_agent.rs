@@ -162,9 +162,12 @@ fn dropped_watches_410_gone_and_an_api_outage_are_survived() {
     );
     assert!(c.probe("shop/client", "shop/web", 8080, npc_policy::model::Protocol::Tcp));
     assert!(!c.probe("shop/client", "shop/web", 80, npc_policy::model::Protocol::Tcp));
-    // It comes back with changes made meanwhile (every policy deleted): they apply.
+    // It comes back with changes made meanwhile (every policy deleted) and their history
+    // compacted: the relist no longer holds the policies, and that alone must delete them (no
+    // delete event ever arrives).
     c.api.delete(Kind::NetworkPolicy, "shop", "deny");
     c.api.delete(Kind::NetworkPolicy, "shop", "allow");
+    c.api.compact();
     c.api.set_down(false);
     c.expect("after the outage", "shop/client", "shop/web", 80, true);
     c.stop_agent();

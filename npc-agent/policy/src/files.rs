@@ -68,15 +68,7 @@ impl Loaded {
 
     /// Objects of `kind` ("Pod", "Service", ...) that were rejected (each has an entry in `errors`).
     pub fn rejected(&self, kind: &str) -> usize {
-        self.errors
-            .iter()
-            .filter(|e| {
-                e.object
-                    .as_deref()
-                    .and_then(|o| o.split_once(' '))
-                    .is_some_and(|(k, _)| k == kind)
-            })
-            .count()
+        rejected(&self.errors, kind)
     }
 
     /// The compiler's input, with every pod local (a later object with the same name replaces
@@ -105,6 +97,19 @@ impl Loaded {
         self.slices.extend(other.slices);
         self.errors.extend(other.errors);
     }
+}
+
+/// How many of `errors` are about objects of `kind` ("Pod", "Service", ...).
+pub fn rejected(errors: &[ManifestError], kind: &str) -> usize {
+    errors
+        .iter()
+        .filter(|e| {
+            e.object
+                .as_deref()
+                .and_then(|o| o.split_once(' '))
+                .is_some_and(|(k, _)| k == kind)
+        })
+        .count()
 }
 
 /// Namespace used for namespaced objects that do not name one (as `kubectl apply` would).

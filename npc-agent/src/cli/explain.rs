@@ -9,7 +9,7 @@ use npc_policy::{
 };
 
 use super::{LabArgs, Output, load_manifests};
-use crate::{lab, node::metrics::Metrics, source::kube::KubeStores};
+use crate::{lab, node::metrics::Metrics, source::kube::KubeSource};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -72,7 +72,7 @@ fn cluster_snapshot(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Load
     runtime.block_on(async {
         let client = crate::node::agent::client(kubeconfig).await?;
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let stores = KubeStores::start(client, tx, Metrics::new());
+        let stores = KubeSource::start(client, tx, Metrics::new());
         tokio::time::timeout(Duration::from_secs(30), stores.wait_until_ready())
             .await
             .context("the API server did not answer the lists within 30 s")??;

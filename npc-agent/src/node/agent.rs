@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  kube watchers ──changed──▶ Waker (select!: changes, tick, stop) ──▶ Enforcer::turn
-//!  (tokio)                     snapshot stores → compile → attach/detach → MapSync → metrics
+//!  (tokio)                     changes → compile → attach/detach → MapSync → metrics
 //!  /metrics /healthz /readyz (axum, tokio) ◀── Metrics ──────────────────────┘
 //! ```
 //!
@@ -28,7 +28,7 @@ use crate::{
         metrics::Metrics,
         wake::{Timing, Wake, Waker},
     },
-    source::kube::KubeStores,
+    source::kube::KubeSource,
 };
 
 #[derive(Clone, Debug)]
@@ -79,7 +79,7 @@ pub fn run_with(opts: AgentOptions, stop: CancellationToken, metrics: Metrics) -
     let (changed_tx, changed) = tokio::sync::mpsc::unbounded_channel();
     let stores = {
         let _guard = runtime.enter();
-        KubeStores::start(client, changed_tx, metrics.clone())
+        KubeSource::start(client, changed_tx, metrics.clone())
     };
 
     let datapath = Datapath::load(&opts.pin_root)
@@ -105,18 +105,18 @@ pub fn run_with(opts: AgentOptions, stop: CancellationToken, metrics: Metrics) -
     }
 
     let mut waker = Waker::new(changed, stop, opts.timing)?;
-    let _ = enforcer.turn(&stores.snapshot());
+    let turn = |enforcer: &mut Enforcer| {
+        let (changes, errors) = stores.take();
+        let _ = enforcer.turn_changes(changes, &errors);
+    };
+    turn(&mut enforcer);
     loop {
         waker.retry_after(enforcer.retry_delay());
         match waker.wait() {
-            Wake::Changed | Wake::Retry => {
-                let _ = enforcer.turn(&stores.snapshot());
-            }
+            Wake::Changed | Wake::Retry => turn(&mut enforcer),
             // No event: compile again only when an interface needs attaching (a pod that could
             // not be attached yet, or whose interface was recreated); otherwise just counters.
-            Wake::Tick if enforcer.needs_turn() => {
-                let _ = enforcer.turn(&stores.snapshot());
-            }
+            Wake::Tick if enforcer.needs_turn() => turn(&mut enforcer),
             Wake::Tick => enforcer.refresh_counters(),
             Wake::Stop => break,
         }

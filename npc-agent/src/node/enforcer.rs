@@ -8,13 +8,14 @@ use std::{
 };
 
 use npc_policy::{
-    compiler::Compiler,
-    files::Loaded,
+    compiler::{Compiled, Incremental},
+    files::{Loaded, ManifestError},
     model::{ObjectRef, State},
 };
 
 use crate::{
     datapath::{Datapath, DatapathError, SyncStats, ifindex_of},
+    source::kube::Changes,
     node::{
         attacher::{AttachError, Attacher, PodLink},
         metrics::Metrics,
@@ -44,7 +45,8 @@ pub struct Enforcer {
     node: NodeOptions,
     datapath: Datapath,
     attacher: Attacher,
-    compiler: Compiler,
+    /// The model and the compiled maps, brought up to date by each turn's changes.
+    compiler: Incremental,
     adopted: bool,
     /// Local pods we attached to, and where.
     links: BTreeMap<ObjectRef, (IpAddr, PodLink)>,
@@ -82,7 +84,7 @@ impl Enforcer {
             node,
             datapath,
             attacher,
-            compiler: Compiler::default(),
+            compiler: Incremental::default(),
             adopted: false,
             links: BTreeMap::new(),
             unattached: 0,
@@ -111,32 +113,57 @@ impl Enforcer {
     /// from pods that are gone, and syncs the maps. A pod that cannot be attached yet is counted
     /// and retried on the next turn ([`Self::needs_turn`]).
     pub fn turn(&mut self, loaded: &Loaded) -> Result<SyncStats, DatapathError> {
+        let state = loaded.to_state();
+        self.compiler.replace(State {
+            node_name: self.compiler.state().node_name.clone(),
+            node_addrs: self.compiler.state().node_addrs.clone(),
+            legacy_default_deny: self.compiler.state().legacy_default_deny,
+            ..state
+        });
+        self.turn_on(&loaded.errors)
+    }
+
+    /// [`Self::turn`] for a source that knows what changed (the agent's watchers): only those
+    /// objects are compiled again. `errors`: every object the source currently rejects.
+    pub fn turn_changes(&mut self, changes: Changes, errors: &[ManifestError]) -> Result<SyncStats, DatapathError> {
+        changes.apply(&mut self.compiler);
+        self.turn_on(errors)
+    }
+
+    fn turn_on(&mut self, errors: &[ManifestError]) -> Result<SyncStats, DatapathError> {
         let start = Instant::now();
         self.beat();
-        for e in &loaded.errors {
+        for e in errors {
             tracing::warn!("{e} (ignored; everything else is enforced)");
         }
         for kind in ["NetworkPolicy", "Pod", "Service", "EndpointSlice"] {
-            self.metrics.set_rejected(kind, loaded.rejected(kind));
+            self.metrics.set_rejected(kind, npc_policy::files::rejected(errors, kind));
         }
         let node_addrs = self.attacher.local_addresses().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "listing this node's addresses");
             Vec::new()
         });
-        let state = State {
-            node_name: self.node.node_name.clone(),
-            node_addrs,
-            legacy_default_deny: self.node.legacy_default_deny,
-            ..loaded.to_state()
-        };
+        self.compiler
+            .set_node(self.node.node_name.clone(), node_addrs, self.node.legacy_default_deny);
         if !self.adopted {
             match self.datapath.kernel_numbering() {
-                Ok((identities, cidrs)) => self.compiler.adopt(&state, &identities, &cidrs),
+                Ok((identities, cidrs)) => self.compiler.adopt(&identities, &cidrs),
                 Err(e) => tracing::warn!(error = %e, "reading the previous agent's maps; starting afresh"),
             }
             self.adopted = true;
         }
-        let compiled = self.compiler.compile(&state);
+        // Borrowed out for the turn: the compiled maps are read while the rest of `self` works.
+        let mut compiler = std::mem::take(&mut self.compiler);
+        compiler.compile();
+        let stats = compiler.stats();
+        tracing::debug!(full = stats.full, pods = stats.pods, elapsed_ms = stats.elapsed.as_secs_f64() * 1e3, "compiled");
+        let synced = self.apply(compiler.state(), compiler.compiled(), start);
+        self.compiler = compiler;
+        synced
+    }
+
+    /// Attaches, detaches and syncs what `compiled` says.
+    fn apply(&mut self, state: &State, compiled: &Compiled, start: Instant) -> Result<SyncStats, DatapathError> {
 
         let mut ifindexes: BTreeMap<ObjectRef, u32> = BTreeMap::new();
         self.unattached = 0;

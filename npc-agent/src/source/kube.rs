@@ -1,16 +1,23 @@
-//! The Kubernetes source: kube-rs watchers and reflector stores for Pods (all namespaces: remote
-//! pods are peers), Namespaces, NetworkPolicies, Services and EndpointSlices (a pod's connection
-//! to a Service VIP is judged by the backends behind it).
+//! The Kubernetes source: kube-rs watchers for Pods (all namespaces: remote pods are peers),
+//! Namespaces, NetworkPolicies, Services and EndpointSlices (a pod's connection to a Service VIP
+//! is judged by the backends behind it).
 //!
-//! Each object is stripped to what the compiler reads before it enters a store (no managedFields,
-//! no annotations but the legacy one, no container images, env or status conditions), so memory
-//! grows with what policy needs, not with what the API server sends. Every change pings
-//! `changed`; the agent coalesces bursts into one compile.
+//! Each object is stripped to what the compiler reads and turned into the model as it arrives;
+//! the model object is all that is kept (by the enforcer's [`Incremental`] compiler), so memory
+//! grows with what policy needs, not with what the API server sends, and a turn handles only the
+//! objects that changed since the last one ([`Changes`]), never a snapshot of the whole cluster.
+//! Every change pings `changed`; the agent coalesces bursts into one compile.
 //!
 //! Errors never stop a watcher: kube-rs relists (after `410 Gone` too) and we back off
-//! ([`AgentBackoff`]); each error and each relist is logged and counted, and the stores keep
-//! the last state meanwhile, so enforcement carries on unchanged.
-use std::fmt::Debug;
+//! ([`AgentBackoff`]); each error and each relist is logged and counted, and the model keeps the
+//! last state meanwhile, so enforcement carries on unchanged. A relist's objects are compared
+//! with what was known before it: changed ones are changes, and the ones it no longer holds are
+//! deletions (what a reflector store would do on its own).
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt::{Debug, Display},
+    sync::{Arc, Mutex},
+};
 
 use tokio::sync::mpsc::UnboundedSender as Sender;
 
@@ -25,210 +32,337 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Resource,
-    runtime::{
-        WatchStreamExt as _,
-        reflector::{self, Store},
-        watcher,
-    },
+    runtime::{WatchStreamExt as _, watcher},
 };
 
 use crate::node::metrics::Metrics;
-use npc_policy::compiler::LEGACY_ANNOTATION;
+use npc_policy::compiler::{Incremental, LEGACY_ANNOTATION};
 use npc_policy::files::{DEFAULT_NAMESPACE, Loaded, ManifestError};
-use npc_policy::model;
+use npc_policy::model::{self, ObjectRef};
 use npc_policy::policy::Policy;
-use npc_policy::service;
+use npc_policy::service::{self, Backend};
 
-/// The stores, filled by watchers running on the tokio runtime.
-#[derive(Clone)]
-pub struct KubeStores {
-    pub pods: Store<Pod>,
-    pub namespaces: Store<Namespace>,
-    pub policies: Store<NetworkPolicy>,
-    pub services: Store<Service>,
-    pub slices: Store<EndpointSlice>,
+/// What the watchers turned into the model since the enforcer last took it: per object, its
+/// latest model (`None`: deleted, or no longer usable: see the errors).
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub pods: BTreeMap<ObjectRef, Option<model::Pod>>,
+    pub namespaces: BTreeMap<String, Option<model::Namespace>>,
+    pub policies: BTreeMap<ObjectRef, Option<Policy>>,
+    pub services: BTreeMap<ObjectRef, Option<service::Service>>,
+    /// Per Service, the endpoints of all its EndpointSlices together (`None`: it has no slice).
+    pub backends: BTreeMap<ObjectRef, Option<Vec<Backend>>>,
 }
 
-impl KubeStores {
+impl Changes {
+    pub fn len(&self) -> usize {
+        self.pods.len() + self.namespaces.len() + self.policies.len() + self.services.len() + self.backends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Hands every change to the compiler.
+    pub fn apply(self, inc: &mut Incremental) {
+        for (name, pod) in self.pods {
+            match pod {
+                Some(pod) => inc.set_pod(pod),
+                None => inc.remove_pod(&name),
+            }
+        }
+        for (name, ns) in self.namespaces {
+            match ns {
+                Some(ns) => inc.set_namespace(ns),
+                None => inc.remove_namespace(&name),
+            }
+        }
+        for (name, policy) in self.policies {
+            match policy {
+                Some(policy) => inc.set_policy(policy),
+                None => inc.remove_policy(&name),
+            }
+        }
+        for (name, svc) in self.services {
+            match svc {
+                Some(svc) => inc.set_service(svc),
+                None => inc.remove_service(&name),
+            }
+        }
+        for (name, backends) in self.backends {
+            inc.set_backends(name, backends);
+        }
+    }
+}
+
+/// What the watchers share with whoever takes the changes.
+#[derive(Default)]
+struct Shared {
+    changes: Changes,
+    /// Objects the model could not take (or took without some part), by kind and name: reported
+    /// on every turn until the object is fixed or deleted.
+    errors: BTreeMap<(&'static str, String), Vec<ManifestError>>,
+    /// Each EndpointSlice's Service and endpoints: a Service's backends are its slices' together.
+    slices: BTreeMap<ObjectRef, (ObjectRef, Vec<Backend>)>,
+}
+
+impl Shared {
+    fn set_errors(&mut self, kind: &'static str, name: String, errors: Vec<ManifestError>) {
+        if errors.is_empty() {
+            self.errors.remove(&(kind, name));
+        } else {
+            self.errors.insert((kind, name), errors);
+        }
+    }
+
+    /// The backends of `svc` from every slice that names it.
+    fn backends_of(&self, svc: &ObjectRef) -> Option<Vec<Backend>> {
+        let mut out: Option<Vec<Backend>> = None;
+        for (owner, backends) in self.slices.values() {
+            if owner == svc {
+                out.get_or_insert_with(Vec::new).extend(backends.iter().cloned());
+            }
+        }
+        out
+    }
+}
+
+/// The watchers, filling [`Changes`] on the tokio runtime.
+#[derive(Clone)]
+pub struct KubeSource {
+    shared: Arc<Mutex<Shared>>,
+    ready: Vec<tokio::sync::watch::Receiver<bool>>,
+}
+
+impl KubeSource {
     /// Starts the watchers (on the current tokio runtime). `changed` gets a message after every
-    /// event that changed a store.
+    /// event that changed the model.
     pub fn start(client: Client, changed: Sender<()>, metrics: Metrics) -> Self {
-        let w = Watchers {
+        let mut w = Watchers {
             client,
             changed,
             metrics,
+            shared: Arc::default(),
+            ready: Vec::new(),
         };
+        w.watch("pods", strip_pod, pod_changed);
+        w.watch("namespaces", strip_namespace, namespace_changed);
+        w.watch("networkpolicies", strip_policy, policy_changed);
+        w.watch("services", strip_service, service_changed);
+        w.watch("endpointslices", strip_slice, slice_changed);
         Self {
-            pods: w.watch("pods", strip_pod),
-            namespaces: w.watch("namespaces", strip_namespace),
-            policies: w.watch("networkpolicies", strip_policy),
-            services: w.watch("services", strip_service),
-            slices: w.watch("endpointslices", strip_slice),
+            shared: w.shared,
+            ready: w.ready,
         }
     }
 
-    /// Waits until every store has completed its first list.
+    /// Waits until every watcher has completed its first list.
     pub async fn wait_until_ready(&self) -> anyhow::Result<()> {
-        self.pods.wait_until_ready().await?;
-        self.namespaces.wait_until_ready().await?;
-        self.policies.wait_until_ready().await?;
-        self.services.wait_until_ready().await?;
-        self.slices.wait_until_ready().await?;
+        for ready in &self.ready {
+            ready
+                .clone()
+                .wait_for(|r| *r)
+                .await
+                .map_err(|_| anyhow::anyhow!("a watcher stopped before its first list completed"))?;
+        }
         Ok(())
     }
 
-    /// The stores' contents as the compiler's input. Objects the model cannot take (a policy that
-    /// fails validation, a pod with a malformed IP) become errors naming the object and field;
-    /// everything else is returned.
+    /// The changes since the last call, and every object currently rejected (an error naming
+    /// the object and field; everything else is in the changes).
+    pub fn take(&self) -> (Changes, Vec<ManifestError>) {
+        let mut shared = self.shared.lock().expect("not poisoned");
+        let changes = std::mem::take(&mut shared.changes);
+        (changes, shared.errors.values().flatten().cloned().collect())
+    }
+
+    /// Everything as one snapshot (right after the first lists: one-shot tools like `explain`).
     pub fn snapshot(&self) -> Loaded {
-        let mut errors = Vec::new();
-        let slices = convert(&self.slices, "EndpointSlice", &mut errors, |s| {
-            service::slice_from_k8s(s, DEFAULT_NAMESPACE)
-        });
-        let mut loaded = Loaded {
-            namespaces: convert(&self.namespaces, "Namespace", &mut errors, model::namespace_from_k8s),
-            pods: convert(&self.pods, "Pod", &mut errors, |p| {
-                model::pod_from_k8s(p, DEFAULT_NAMESPACE)
-            }),
-            policies: convert(&self.policies, "NetworkPolicy", &mut errors, |p| {
-                Policy::from_k8s(p, DEFAULT_NAMESPACE)
-            }),
-            services: convert(&self.services, "Service", &mut errors, |s| {
-                service::service_from_k8s(s, DEFAULT_NAMESPACE)
-            }),
-            // A slice that names no Service is not ours to judge by.
-            slices: slices.into_iter().flatten().collect(),
-            errors: Vec::new(),
-        };
-        // Parts of a pod it was kept without (a malformed annotation) are reported too.
-        for pod in &loaded.pods {
-            for (field, message) in &pod.ignored {
-                errors.push(ManifestError {
-                    file: "kubernetes".into(),
-                    document: 0,
-                    object: Some(format!("Pod {}", pod.object_ref())),
-                    field: field.clone(),
-                    message: message.clone(),
-                });
-            }
+        let (changes, errors) = self.take();
+        Loaded {
+            namespaces: changes.namespaces.into_values().flatten().collect(),
+            pods: changes.pods.into_values().flatten().collect(),
+            policies: changes.policies.into_values().flatten().collect(),
+            services: changes.services.into_values().flatten().collect(),
+            slices: changes
+                .backends
+                .into_iter()
+                .filter_map(|(svc, b)| Some((svc, b?)))
+                .collect(),
+            errors,
         }
-        loaded.errors = errors;
-        loaded
     }
 }
 
-/// Converts every object of a store; the ones that fail become errors naming kind, object and
-/// field (the error's own text), and the rest are returned.
-fn convert<K, T, E: std::fmt::Display>(
-    store: &Store<K>,
+/// The model of one object (`None` when deleted), and the errors to report for it.
+fn convert<K, T, E: Display>(
     kind: &str,
-    errors: &mut Vec<ManifestError>,
+    name: &str,
+    object: Option<&K>,
     f: impl Fn(&K) -> Result<T, E>,
-) -> Vec<T>
-where
-    K: Resource<DynamicType = ()> + Clone + 'static,
-{
-    let mut out = Vec::new();
-    for object in store.state() {
-        match f(&object) {
-            Ok(t) => out.push(t),
-            Err(e) => errors.push(ManifestError {
-                file: "kubernetes".into(),
-                document: 0,
-                object: Some(format!("{kind} {}", name_of(&*object))),
-                field: String::new(),
-                message: e.to_string(),
-            }),
-        }
+) -> (Option<T>, Vec<ManifestError>) {
+    match object.map(f) {
+        None => (None, Vec::new()),
+        Some(Ok(t)) => (Some(t), Vec::new()),
+        Some(Err(e)) => (None, vec![object_error(kind, name, String::new(), e.to_string())]),
     }
-    out
 }
 
-fn name_of<K: Resource>(k: &K) -> String {
-    let meta = k.meta();
-    format!(
-        "{}/{}",
-        meta.namespace.as_deref().unwrap_or("-"),
-        meta.name.as_deref().unwrap_or("?")
-    )
+fn object_error(kind: &str, name: &str, field: String, message: String) -> ManifestError {
+    ManifestError {
+        file: "kubernetes".into(),
+        document: 0,
+        object: Some(format!("{kind} {name}")),
+        field,
+        message,
+    }
 }
 
-/// What every watcher shares: the client, where to ping on a change, the metrics.
+/// An object's name as the model names it: a missing namespace is the default one.
+fn object_ref(key: &ObjectKey) -> ObjectRef {
+    ObjectRef::new(key.0.as_deref().unwrap_or(DEFAULT_NAMESPACE), &key.1)
+}
+
+fn pod_changed(shared: &mut Shared, key: &ObjectKey, pod: Option<&Pod>) {
+    let name = object_ref(key);
+    let (pod, mut errors) = convert("Pod", &name.to_string(), pod, |p| model::pod_from_k8s(p, DEFAULT_NAMESPACE));
+    // Parts of a pod it was kept without (a malformed annotation) are reported too.
+    for (field, message) in pod.iter().flat_map(|p| &p.ignored) {
+        errors.push(object_error("Pod", &name.to_string(), field.clone(), message.clone()));
+    }
+    shared.set_errors("Pod", name.to_string(), errors);
+    shared.changes.pods.insert(name, pod);
+}
+
+fn namespace_changed(shared: &mut Shared, key: &ObjectKey, ns: Option<&Namespace>) {
+    let (ns, errors) = convert("Namespace", &key.1, ns, model::namespace_from_k8s);
+    shared.set_errors("Namespace", key.1.clone(), errors);
+    shared.changes.namespaces.insert(key.1.clone(), ns);
+}
+
+fn policy_changed(shared: &mut Shared, key: &ObjectKey, np: Option<&NetworkPolicy>) {
+    let name = object_ref(key);
+    let (policy, errors) = convert("NetworkPolicy", &name.to_string(), np, |p| {
+        Policy::from_k8s(p, DEFAULT_NAMESPACE)
+    });
+    shared.set_errors("NetworkPolicy", name.to_string(), errors);
+    shared.changes.policies.insert(name, policy);
+}
+
+fn service_changed(shared: &mut Shared, key: &ObjectKey, svc: Option<&Service>) {
+    let name = object_ref(key);
+    let (svc, errors) = convert("Service", &name.to_string(), svc, |s| {
+        service::service_from_k8s(s, DEFAULT_NAMESPACE)
+    });
+    shared.set_errors("Service", name.to_string(), errors);
+    shared.changes.services.insert(name, svc);
+}
+
+fn slice_changed(shared: &mut Shared, key: &ObjectKey, slice: Option<&EndpointSlice>) {
+    let name = object_ref(key);
+    let (slice, errors) = convert("EndpointSlice", &name.to_string(), slice, |s| {
+        service::slice_from_k8s(s, DEFAULT_NAMESPACE)
+    });
+    shared.set_errors("EndpointSlice", name.to_string(), errors);
+    let mut touched: Vec<ObjectRef> = shared.slices.remove(&name).map(|(svc, _)| svc).into_iter().collect();
+    // A slice that names no Service is not ours to judge by.
+    if let Some((svc, backends)) = slice.flatten() {
+        touched.push(svc.clone());
+        shared.slices.insert(name, (svc, backends));
+    }
+    for svc in touched {
+        let backends = shared.backends_of(&svc);
+        shared.changes.backends.insert(svc, backends);
+    }
+}
+
+/// (namespace, name) as the API server sends them.
+type ObjectKey = (Option<String>, String);
+
+/// What every watcher shares: the client, where to ping on a change, the metrics, the model.
 struct Watchers {
     client: Client,
     changed: Sender<()>,
     metrics: Metrics,
+    shared: Arc<Mutex<Shared>>,
+    ready: Vec<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl Watchers {
-    /// A cluster-wide watcher of `K` whose objects are stripped before they enter the store.
-    fn watch<K>(&self, resource: &'static str, strip: fn(&mut K)) -> Store<K>
+    /// A cluster-wide watcher of `K` whose objects are stripped, then handed to `changed`.
+    fn watch<K>(&mut self, resource: &'static str, strip: fn(&mut K), changed: fn(&mut Shared, &ObjectKey, Option<&K>))
     where
         K: Resource<DynamicType = ()> + Clone + DeserializeOwned + serde::Serialize + Debug + Send + Sync + 'static,
     {
-        watch(
-            resource,
-            Api::all(self.client.clone()),
-            strip,
-            self.changed.clone(),
-            self.metrics.clone(),
-        )
+        let (ready_tx, ready) = tokio::sync::watch::channel(false);
+        self.ready.push(ready);
+        let stream = watcher(Api::<K>::all(self.client.clone()), watcher::Config::default())
+            .backoff(AgentBackoff::default())
+            .modify(strip);
+        let (ping, metrics, shared) = (self.changed.clone(), self.metrics.clone(), self.shared.clone());
+        let apply = move |key: &ObjectKey, object: Option<&K>| {
+            changed(&mut shared.lock().expect("not poisoned"), key, object);
+        };
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            // What each object looked like (stripped) when last seen: an update that leaves it as
+            // it was (status conditions, container statuses, a resourceVersion bump) changes
+            // nothing the compiler reads, and must not cost a compile on every node.
+            let mut seen: HashMap<ObjectKey, u64> = HashMap::new();
+            // During a (re)list: what it has returned so far.
+            let mut listed: HashMap<ObjectKey, u64> = HashMap::new();
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(watcher::Event::Init) => {
+                        metrics.kube_relist(resource);
+                        tracing::info!(resource, "listing");
+                        listed.clear();
+                    }
+                    Ok(watcher::Event::InitApply(object)) => {
+                        let (key, print) = (object_key(&object), fingerprint(&object));
+                        if seen.get(&key) != Some(&print) {
+                            apply(&key, Some(&object));
+                        }
+                        listed.insert(key, print);
+                    }
+                    Ok(watcher::Event::InitDone) => {
+                        // Objects deleted while we were not watching.
+                        for key in seen.keys().filter(|k| !listed.contains_key(*k)) {
+                            apply(key, None);
+                        }
+                        seen = std::mem::take(&mut listed);
+                        tracing::info!(resource, objects = seen.len(), "list complete");
+                        ready_tx.send_replace(true);
+                        let _ = ping.send(());
+                    }
+                    Ok(watcher::Event::Apply(object)) => {
+                        let (key, print) = (object_key(&object), fingerprint(&object));
+                        if seen.get(&key) == Some(&print) {
+                            metrics.kube_unchanged(resource);
+                        } else {
+                            apply(&key, Some(&object));
+                            seen.insert(key, print);
+                            let _ = ping.send(());
+                        }
+                    }
+                    Ok(watcher::Event::Delete(object)) => {
+                        let key = object_key(&object);
+                        seen.remove(&key);
+                        apply(&key, None);
+                        let _ = ping.send(());
+                    }
+                    Err(e) => {
+                        let gone = matches!(&e, watcher::Error::WatchError(s) if s.code == 410);
+                        metrics.kube_error(resource, gone);
+                        tracing::warn!(resource, error = %e, "watch failed; enforcing the last state, retrying with backoff");
+                    }
+                }
+            }
+        });
     }
 }
 
-fn watch<K>(resource: &'static str, api: Api<K>, strip: fn(&mut K), changed: Sender<()>, metrics: Metrics) -> Store<K>
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + serde::Serialize + Debug + Send + Sync + 'static,
-{
-    let (reader, writer) = reflector::store();
-    let stream = watcher(api, watcher::Config::default())
-        .backoff(AgentBackoff::default())
-        .modify(strip)
-        .reflect(writer);
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        // What each object looked like (stripped) when last seen: an update that leaves it as it
-        // was (status conditions, container statuses, a resourceVersion bump) changes nothing the
-        // compiler reads, and must not cost a compile on every node.
-        let mut seen: std::collections::HashMap<(Option<String>, String), u64> = Default::default();
-        while let Some(item) = stream.next().await {
-            match item {
-                Ok(watcher::Event::Init) => {
-                    metrics.kube_relist(resource);
-                    tracing::info!(resource, "listing");
-                    seen.clear();
-                }
-                Ok(watcher::Event::InitDone) => {
-                    tracing::info!(resource, "list complete");
-                    let _ = changed.send(());
-                }
-                Ok(watcher::Event::InitApply(object)) => {
-                    seen.insert(object_key(&object), fingerprint(&object));
-                }
-                Ok(watcher::Event::Apply(object)) => {
-                    let print = fingerprint(&object);
-                    if seen.insert(object_key(&object), print) == Some(print) {
-                        metrics.kube_unchanged(resource);
-                    } else {
-                        let _ = changed.send(());
-                    }
-                }
-                Ok(watcher::Event::Delete(object)) => {
-                    seen.remove(&object_key(&object));
-                    let _ = changed.send(());
-                }
-                Err(e) => {
-                    let gone = matches!(&e, watcher::Error::WatchError(s) if s.code == 410);
-                    metrics.kube_error(resource, gone);
-                    tracing::warn!(resource, error = %e, "watch failed; enforcing the last state, retrying with backoff");
-                }
-            }
-        }
-    });
-    reader
-}
-
-fn object_key<K: Resource>(object: &K) -> (Option<String>, String) {
+fn object_key<K: Resource>(object: &K) -> ObjectKey {
     let meta = object.meta();
     (meta.namespace.clone(), meta.name.clone().unwrap_or_default())
 }
