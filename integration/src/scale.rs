@@ -31,10 +31,35 @@ pub struct Row {
     pub peak_rss_mib: f64,
     /// Resident bytes per pod in the cluster (the whole process: stores, model, compiled maps).
     pub rss_bytes_per_pod: f64,
+    /// The agent's own turn time (compile + map sync, its `npc_sync_duration_seconds`) up to
+    /// `/readyz`: the part of start → enforcing that is not the API server's lists.
+    pub first_sync_s: f64,
     /// Policy edit applied on the API server → its allow entry in the kernel map.
     pub policy_edit_ms: Vec<f64>,
     /// Pod relabel applied → the allow entry of its identity gone (or back) in the kernel map.
     pub relabel_ms: Vec<f64>,
+    /// Per edit and relabel: the agent's turn time (change in hand → kernel maps written),
+    /// without the API server's delivery and the coalescing wait.
+    pub turn_ms: Vec<f64>,
+}
+
+/// Between two edits: longer than the agent's coalescing window (100 ms), so that each edit is a
+/// lone change on a quiet cluster (back-to-back edits are a burst, and wait the window out).
+const QUIET: Duration = Duration::from_millis(250);
+
+/// The agent's `npc_sync_duration_seconds` (sum, count).
+fn sync_time(c: &Cluster) -> (f64, f64) {
+    let text = c.agent_http_get(METRICS_PORT, "/metrics").unwrap_or_default();
+    let value = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (
+        value("npc_sync_duration_seconds_sum"),
+        value("npc_sync_duration_seconds_count"),
+    )
 }
 
 const FABRIC: &str = r#"
@@ -120,6 +145,24 @@ fn time_until(deadline: Duration, mut done: impl FnMut() -> bool) -> Option<Dura
     None
 }
 
+/// After a quiet pause, applies one edit and times it until `done` holds in the kernel maps; the
+/// agent's turn time for it goes to `turn_ms` (averaged over the turns it took).
+fn timed_edit(
+    c: &Cluster,
+    apply: impl FnOnce(),
+    done: impl FnMut() -> bool,
+    turn_ms: &mut Vec<f64>,
+) -> Option<Duration> {
+    std::thread::sleep(QUIET);
+    let before = sync_time(c);
+    apply();
+    let took = time_until(Duration::from_secs(60), done)?;
+    time_until(Duration::from_secs(10), || sync_time(c).1 > before.1)?;
+    let after = sync_time(c);
+    turn_ms.push((after.0 - before.0) / (after.1 - before.1) * 1e3);
+    Some(took)
+}
+
 /// Measures one cluster size; `edits` policy edits and as many relabels.
 pub fn run(size: Size, edits: usize) -> Row {
     let c = Cluster::new("scale", FABRIC, &[]);
@@ -131,6 +174,7 @@ pub fn run(size: Size, edits: usize) -> Row {
     let mut agent = c.spawn_agent_process(METRICS_PORT, "agent.log");
     c.wait_agent_process_ready(METRICS_PORT, &mut agent, "agent.log", Duration::from_secs(600));
     let start_to_enforcing = start.elapsed();
+    let (first_sync_s, _) = sync_time(&c);
     let (rss, peak) = (status_kib(agent.id(), "VmRSS:"), status_kib(agent.id(), "VmHWM:"));
 
     let pin = |name: &str| aya::maps::MapData::from_pin(c.pin_root.join(name)).expect("a pinned map");
@@ -165,12 +209,12 @@ pub fn run(size: Size, edits: usize) -> Row {
     // May the client (by its identity now) open `port` on the server, by the kernel maps?
     let allowed = |port: u16| client_identity().is_some_and(|id| policy.get(&key(id, port), 0).is_ok());
 
+    let mut turn_ms = Vec::new();
     let mut policy_edit_ms = Vec::new();
     let mut port = 80;
     for i in 0..edits {
         port = 1000 + i as u16;
-        c.api.apply(server_policy(port));
-        let took = time_until(Duration::from_secs(60), || allowed(port))
+        let took = timed_edit(&c, || c.api.apply(server_policy(port)), || allowed(port), &mut turn_ms)
             .unwrap_or_else(|| panic!("the edit to port {port} never reached NPC_POLICY"));
         policy_edit_ms.push(took.as_secs_f64() * 1e3);
     }
@@ -181,8 +225,7 @@ pub fn run(size: Size, edits: usize) -> Row {
         let back = i % 2 == 1;
         let mut relabelled = crate::cluster::pod_object(&client_pod);
         relabelled["metadata"]["labels"]["app"] = json!(if back { "client" } else { "outsider" });
-        c.api.apply(relabelled);
-        let took = time_until(Duration::from_secs(60), || allowed(port) == back)
+        let took = timed_edit(&c, || c.api.apply(relabelled), || allowed(port) == back, &mut turn_ms)
             .unwrap_or_else(|| panic!("relabel {i} never reached the kernel maps"));
         relabel_ms.push(took.as_secs_f64() * 1e3);
     }
@@ -195,8 +238,10 @@ pub fn run(size: Size, edits: usize) -> Row {
         rss_mib: rss / 1024.0,
         peak_rss_mib: peak / 1024.0,
         rss_bytes_per_pod: rss * 1024.0 / (size.pods + 2) as f64,
+        first_sync_s,
         policy_edit_ms,
         relabel_ms,
+        turn_ms,
     }
 }
 
@@ -213,16 +258,18 @@ pub fn percentile(v: &[f64], p: f64) -> f64 {
 /// The table `cargo xtask bench scale` prints.
 pub fn table(rows: &[Row]) -> String {
     let mut out = format!(
-        "{:>8} {:>6} {:>8}  {:>14} {:>9} {:>9} {:>9}  {:>24}  {:>24}\n",
+        "{:>8} {:>6} {:>8}  {:>14} {:>10} {:>9} {:>9} {:>9}  {:>24}  {:>24}  {:>16}\n",
         "pods",
         "ns",
         "policies",
         "start->enforce",
+        "first turn",
         "RSS MiB",
         "peak MiB",
         "B/pod",
         "policy edit ms p50/p99/max",
-        "relabel ms p50/p99/max"
+        "relabel ms p50/p99/max",
+        "turn ms p50/p99"
     );
     for r in rows {
         let stats = |v: &[f64]| {
@@ -234,16 +281,22 @@ pub fn table(rows: &[Row]) -> String {
             )
         };
         out += &format!(
-            "{:>8} {:>6} {:>8}  {:>13.2}s {:>9.0} {:>9.0} {:>9.0}  {:>24}  {:>24}\n",
+            "{:>8} {:>6} {:>8}  {:>13.2}s {:>9.2}s {:>9.0} {:>9.0} {:>9.0}  {:>24}  {:>24}  {:>16}\n",
             r.size.pods,
             r.size.namespaces,
             r.size.policies,
             r.start_to_enforcing_s,
+            r.first_sync_s,
             r.rss_mib,
             r.peak_rss_mib,
             r.rss_bytes_per_pod,
             stats(&r.policy_edit_ms),
-            stats(&r.relabel_ms)
+            stats(&r.relabel_ms),
+            format!(
+                "{:.1}/{:.1}",
+                percentile(&r.turn_ms, 50.0),
+                percentile(&r.turn_ms, 99.0)
+            )
         );
     }
     out

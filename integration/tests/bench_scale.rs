@@ -16,6 +16,12 @@ fn the_quick_scale_benchmark_reports_every_field_and_sees_every_edit() {
     assert!(row.start_to_enforcing_s > 0.0);
     assert!(row.rss_mib > 0.0 && row.peak_rss_mib >= row.rss_mib, "{row:?}");
     assert_eq!((row.policy_edit_ms.len(), row.relabel_ms.len()), (2, 2));
+    assert!(
+        row.first_sync_s > 0.0,
+        "the agent's first turn is read from its metrics: {row:?}"
+    );
+    assert_eq!(row.turn_ms.len(), 4, "a turn time per edit and relabel: {row:?}");
+    assert!(row.turn_ms.iter().all(|t| *t > 0.0), "{row:?}");
     let table = scale::table(&[row]);
     assert_eq!(table.lines().count(), 2, "{table}");
 }

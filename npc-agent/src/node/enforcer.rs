@@ -15,13 +15,13 @@ use npc_policy::{
 
 use crate::{
     datapath::{Datapath, DatapathError, SyncStats, ifindex_of},
-    source::kube::Changes,
     node::{
         attacher::{AttachError, Attacher, PodLink},
         metrics::Metrics,
         observer::{Observer, SharedNames},
         wake::retry_delay,
     },
+    source::kube::Changes,
 };
 
 /// How often the conntrack table is swept (live entries counted for
@@ -137,7 +137,8 @@ impl Enforcer {
             tracing::warn!("{e} (ignored; everything else is enforced)");
         }
         for kind in ["NetworkPolicy", "Pod", "Service", "EndpointSlice"] {
-            self.metrics.set_rejected(kind, npc_policy::files::rejected(errors, kind));
+            self.metrics
+                .set_rejected(kind, npc_policy::files::rejected(errors, kind));
         }
         let node_addrs = self.attacher.local_addresses().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "listing this node's addresses");
@@ -156,7 +157,12 @@ impl Enforcer {
         let mut compiler = std::mem::take(&mut self.compiler);
         compiler.compile();
         let stats = compiler.stats();
-        tracing::debug!(full = stats.full, pods = stats.pods, elapsed_ms = stats.elapsed.as_secs_f64() * 1e3, "compiled");
+        tracing::debug!(
+            full = stats.full,
+            pods = stats.pods,
+            elapsed_ms = stats.elapsed.as_secs_f64() * 1e3,
+            "compiled"
+        );
         let synced = self.apply(compiler.state(), compiler.compiled(), start);
         self.compiler = compiler;
         synced
@@ -164,7 +170,6 @@ impl Enforcer {
 
     /// Attaches, detaches and syncs what `compiled` says.
     fn apply(&mut self, state: &State, compiled: &Compiled, start: Instant) -> Result<SyncStats, DatapathError> {
-
         let mut ifindexes: BTreeMap<ObjectRef, u32> = BTreeMap::new();
         self.unattached = 0;
         // By an address the pod owns: one another (newer) pod reuses leads to that pod's

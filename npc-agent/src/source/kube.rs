@@ -225,7 +225,9 @@ fn object_ref(key: &ObjectKey) -> ObjectRef {
 
 fn pod_changed(shared: &mut Shared, key: &ObjectKey, pod: Option<&Pod>) {
     let name = object_ref(key);
-    let (pod, mut errors) = convert("Pod", &name.to_string(), pod, |p| model::pod_from_k8s(p, DEFAULT_NAMESPACE));
+    let (pod, mut errors) = convert("Pod", &name.to_string(), pod, |p| {
+        model::pod_from_k8s(p, DEFAULT_NAMESPACE)
+    });
     // Parts of a pod it was kept without (a malformed annotation) are reported too.
     for (field, message) in pod.iter().flat_map(|p| &p.ignored) {
         errors.push(object_error("Pod", &name.to_string(), field.clone(), message.clone()));

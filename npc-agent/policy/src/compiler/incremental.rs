@@ -25,6 +25,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    sync::Arc,
     time::Duration,
 };
 
@@ -49,12 +50,11 @@ pub struct CompileStats {
     pub elapsed: Duration,
 }
 
-/// One pod's part of the identities: its key per address, and its creation time (which decides
-/// who owns an address two pods claim).
+/// One pod's part of the identities: its key per address (shared with every pod of the same
+/// identity: a key holds the pod's labels, ~1 KB, and most pods share theirs with their replicas).
 #[derive(Clone, Debug)]
 struct PodPart {
-    created: i64,
-    keys: Vec<(Option<IpAddr>, IdentityKey)>,
+    keys: Vec<(Option<IpAddr>, Arc<IdentityKey>)>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -68,7 +68,7 @@ pub struct Incremental {
     policies_changed: bool,
     named_port_blocks: BTreeSet<IpBlock>,
     pods: BTreeMap<ObjectRef, PodPart>,
-    key_pods: BTreeMap<IdentityKey, usize>,
+    key_pods: BTreeMap<Arc<IdentityKey>, usize>,
     claims: BTreeMap<IpAddr, Vec<(i64, ObjectRef)>>,
     local: BTreeSet<ObjectRef>,
     /// Addresses whose `identities` entry may be the node's or a Service VIP's rather than a pod's:
@@ -254,7 +254,7 @@ impl Incremental {
             .local
             .iter()
             .flat_map(|pod| &self.pods[pod].keys)
-            .map(|(_, key)| self.compiler.identities.ids[key])
+            .map(|(_, key)| self.compiler.identities.ids[&**key])
             .collect();
         let out = &mut self.out;
         out.maps.cidrs.clear();
@@ -296,10 +296,10 @@ impl Incremental {
             );
             self.pods.insert(pod.object_ref(), part);
         }
-        let ids = self.compiler.identities.assign(self.key_pods.keys());
+        let ids = self.compiler.identities.assign(self.key_pods.keys().map(|k| &**k));
         self.out.identities = ids.iter().map(|(key, id)| (*id, key.clone())).collect();
         for (pod, part) in &self.pods {
-            self.out.pod_identity.insert(pod.clone(), ids[&part.keys[0].1]);
+            self.out.pod_identity.insert(pod.clone(), ids[&*part.keys[0].1]);
         }
         let addrs: Vec<IpAddr> = self.claims.keys().copied().collect();
         for ip in addrs {
@@ -317,10 +317,10 @@ impl Incremental {
         for name in &dirty {
             if let Some(old) = self.pods.remove(name) {
                 for (ip, key) in old.keys {
-                    if let Some(n) = self.key_pods.get_mut(&key) {
+                    if let Some(n) = self.key_pods.get_mut(&*key) {
                         *n -= 1;
                         if *n == 0 {
-                            self.key_pods.remove(&key);
+                            self.key_pods.remove(&*key);
                         }
                     }
                     if let Some(ip) = ip {
@@ -329,7 +329,7 @@ impl Incremental {
                         }
                         addrs.insert(ip);
                     }
-                    keys.insert(key);
+                    keys.insert((*key).clone());
                 }
                 self.local.remove(name);
                 self.out.pod_identity.remove(name);
@@ -345,7 +345,7 @@ impl Incremental {
                 &mut self.claims,
                 &mut self.local,
             );
-            keys.extend(part.keys.iter().map(|(_, k)| k.clone()));
+            keys.extend(part.keys.iter().map(|(_, k)| (**k).clone()));
             addrs.extend(part.keys.iter().filter_map(|(ip, _)| *ip));
             self.pods.insert(name.clone(), part);
         }
@@ -402,7 +402,7 @@ impl Incremental {
                     .find(|(a, _)| *a == Some(ip))
                     .map(|(_, k)| k)
                     .expect("a claim comes from one of the pod's addresses");
-                let id = self.compiler.identities.ids[key];
+                let id = self.compiler.identities.ids[&**key];
                 self.out.maps.identities.insert(addr_bytes(ip), id);
                 self.out.address_owners.insert(ip, pod);
             }
@@ -420,20 +420,22 @@ fn claim(
     pod: &Pod,
     named_port_blocks: &BTreeSet<IpBlock>,
     is_local: bool,
-    key_pods: &mut BTreeMap<IdentityKey, usize>,
+    key_pods: &mut BTreeMap<Arc<IdentityKey>, usize>,
     claims: &mut BTreeMap<IpAddr, Vec<(i64, ObjectRef)>>,
     local: &mut BTreeSet<ObjectRef>,
 ) -> PodPart {
     let me = pod.object_ref();
-    let part = PodPart {
-        created: pod.created,
-        keys: pod_key_list(pod, named_port_blocks),
-    };
-    for (ip, key) in &part.keys {
+    let mut part = PodPart { keys: Vec::new() };
+    for (ip, key) in pod_key_list(pod, named_port_blocks) {
+        let key = match key_pods.get_key_value(&key) {
+            Some((shared, _)) => shared.clone(),
+            None => Arc::new(key),
+        };
         *key_pods.entry(key.clone()).or_default() += 1;
         if let Some(ip) = ip {
-            claims.entry(*ip).or_default().push((part.created, me.clone()));
+            claims.entry(ip).or_default().push((pod.created, me.clone()));
         }
+        part.keys.push((ip, key));
     }
     if is_local {
         local.insert(me);
