@@ -233,7 +233,8 @@ impl Cluster {
                 npc_agent::datapath::pinned_drops(&self.pin_root)
                     .expect("read the agent's drop counters")
                     .iter()
-                    .filter(|(k, _)| k.dport == port && k.protocol == npc_common::PROTO_TCP)
+                    // Under port 0 when no policy, Service or pod names the port (a label bound).
+                    .filter(|(k, _)| (k.dport == port || k.dport == 0) && k.protocol == npc_common::PROTO_TCP)
                     .map(|(_, v)| *v)
                     .sum()
             };

@@ -146,10 +146,34 @@ fn denied_tcp_syn_is_dropped_and_counted() {
     let syn = packet::tcp(ip("10.0.0.99"), SERVER, 40000, 80, TCP_SYN);
     fx.expect(Hook::ToPod, &syn, SHOT);
     assert_eq!(fx.drops(DIR_INGRESS, PROTO_TCP, 80), 1);
-    // A client, but on a port no rule allows.
+    // Its retransmission is the same connection: one more packet, no more connections.
+    let syn = packet::tcp(ip("10.0.0.99"), SERVER, 40000, 80, TCP_SYN);
+    fx.expect(Hook::ToPod, &syn, SHOT);
+    assert_eq!(fx.drops(DIR_INGRESS, PROTO_TCP, 80), 1);
+    assert_eq!(fx.t.dp.denied_packets().unwrap(), 2);
+    // A client, but on a port no rule allows, no Service and no pod names: counted, under port 0.
     let syn = packet::tcp(CLIENT, SERVER, 40000, 81, TCP_SYN);
     fx.expect(Hook::ToPod, &syn, SHOT);
-    assert_eq!(fx.drops(DIR_INGRESS, PROTO_TCP, 81), 1);
+    assert_eq!(fx.drops(DIR_INGRESS, PROTO_TCP, 0), 1);
+    assert_eq!(fx.drops(DIR_INGRESS, PROTO_TCP, 81), 0);
+}
+
+/// A port scan cannot fill the drop counters: a thousand ports nobody declares are one counter
+/// (port 0) of a thousand connections; the declared port keeps its own (issue 14).
+#[test]
+fn a_port_scan_counts_its_connections_under_port_zero() {
+    let fx = Fixture::policed("scan");
+    for dport in 20_000..21_000 {
+        let syn = packet::tcp(ip("10.0.0.99"), SERVER, 40000, dport, TCP_SYN);
+        fx.expect(Hook::ToPod, &syn, SHOT);
+    }
+    let syn = packet::tcp(ip("10.0.0.99"), SERVER, 40000, 80, TCP_SYN);
+    fx.expect(Hook::ToPod, &syn, SHOT);
+    let drops = fx.t.dp.drops().unwrap();
+    assert_eq!(drops.len(), 2, "{drops:?}");
+    assert_eq!(fx.drops(DIR_INGRESS, PROTO_TCP, 0), 1000);
+    assert_eq!(fx.drops(DIR_INGRESS, PROTO_TCP, 80), 1);
+    assert_eq!(fx.t.dp.denied_packets().unwrap(), 1001);
 }
 
 #[test]
@@ -163,8 +187,9 @@ fn reply_of_an_allowed_connection_passes_the_isolated_direction() {
         &packet::tcp(SERVER, CLIENT, 80, 40001, TCP_SYN | TCP_ACK),
         SHOT,
     );
-    assert_eq!(fx.drops(DIR_EGRESS, PROTO_TCP, 40001), 1);
-    assert_eq!(fx.drops(DIR_EGRESS, PROTO_TCP, 40000), 0);
+    // Counted, but not under the client's ephemeral port (a reply's dport is no label).
+    assert_eq!(fx.drops(DIR_EGRESS, PROTO_TCP, 0), 1);
+    assert_eq!(fx.drops(DIR_EGRESS, PROTO_TCP, 40001), 0);
 }
 
 #[test]
@@ -497,7 +522,7 @@ fn udp_is_allowed_on_its_port_only_and_replies_pass() {
         &packet::ip(CLIENT, SERVER, L4::Udp { sport: 5000, dport: 54 }),
         SHOT,
     );
-    assert_eq!(fx.drops(DIR_INGRESS, PROTO_UDP, 54), 1);
+    assert_eq!(fx.drops(DIR_INGRESS, PROTO_UDP, 0), 1, "54 is no label: port 0");
     // TCP 53 is not UDP 53.
     fx.expect(Hook::ToPod, &packet::tcp(CLIENT, SERVER, 5000, 53, TCP_SYN), SHOT);
 }
@@ -509,7 +534,7 @@ fn sctp_is_allowed_on_its_port_only() {
         let init = L4::Sctp { sport: 5000, dport };
         fx.expect(Hook::ToPod, &packet::ip(CLIENT, SERVER, init), verdict);
     }
-    assert_eq!(fx.drops(DIR_INGRESS, PROTO_SCTP, 9001), 1);
+    assert_eq!(fx.drops(DIR_INGRESS, PROTO_SCTP, 0), 1, "9001 is no label: port 0");
 }
 
 #[test]
@@ -523,7 +548,7 @@ fn egress_policy_allows_only_its_destinations() {
         SHOT,
     );
     assert_eq!(fx.drops(DIR_EGRESS, PROTO_TCP, 8080), 1);
-    assert_eq!(fx.drops(DIR_EGRESS, PROTO_TCP, 8081), 1);
+    assert_eq!(fx.drops(DIR_EGRESS, PROTO_TCP, 0), 1, "8081 is no label: port 0");
 }
 
 #[test]
@@ -559,7 +584,11 @@ fn inspect_decodes_every_map() {
     assert_eq!(snap.conntrack[0].src, "10.0.0.20:40000");
     assert_eq!(snap.conntrack[0].state, "syn-sent");
     assert_eq!(snap.allowed_connections.ingress, 1);
-    assert!(snap.drops.iter().any(|d| d.dport == 81 && d.count == 1));
+    assert!(
+        snap.drops.iter().any(|d| d.dport == 0 && d.count == 1),
+        "{:?}",
+        snap.drops
+    );
 
     // The CLI prints the same, as a table and as JSON.
     let out = std::process::Command::new(npc_integration::npc_agent_bin())
@@ -627,7 +656,7 @@ fn egress_to_a_service_vip_is_judged_by_its_backends_and_replies_from_the_vip_pa
     );
     // Another port of the VIP, and a Service whose backends are reached on a port not allowed.
     fx.expect(Hook::FromPod, &packet::tcp(SERVER, vip, 34001, 81, TCP_SYN), SHOT);
-    assert_eq!(fx.drops(DIR_EGRESS, PROTO_TCP, 81), 1);
+    assert_eq!(fx.drops(DIR_EGRESS, PROTO_TCP, 0), 1, "81 is no label: port 0");
     let via_9999 = packet::tcp(SERVER, ip("10.96.0.21"), 34002, 80, TCP_SYN);
     fx.expect(Hook::FromPod, &via_9999, SHOT);
     assert_eq!(fx.drops(DIR_EGRESS, PROTO_TCP, 80), 1);
@@ -651,10 +680,11 @@ fn forged_replies_to_an_isolated_pod_are_judged_as_new() {
         }
     }
     assert_eq!(
-        fx.drops(DIR_INGRESS, PROTO_TCP, 42000),
-        6,
-        "each forged reply is counted"
+        fx.drops(DIR_INGRESS, PROTO_TCP, 0),
+        2,
+        "one connection per family (42000 is no label)"
     );
+    assert_eq!(fx.t.dp.denied_packets().unwrap(), 6, "each forged reply is counted");
     // The control: a real reply passes. server-out lets the server open to the client's 8080.
     fx.expect(Hook::FromPod, &packet::tcp(SERVER, CLIENT, 42001, 8080, TCP_SYN), PASS);
     let reply = packet::tcp(CLIENT, SERVER, 8080, 42001, TCP_SYN | TCP_ACK);
@@ -804,9 +834,13 @@ fn fragments_follow_their_first_fragment() {
         // A later fragment whose first fragment never came.
         assert_eq!(fx.run(Hook::ToPod, &fragment(53, 9, 1480, false)), SHOT, "{family}");
     }
-    // Later fragments carry no ports: counted under port 0, per family.
-    assert_eq!(fx.drops(DIR_INGRESS, PROTO_UDP, 0), 4, "two later fragments per family");
-    assert_eq!(fx.drops(DIR_INGRESS, PROTO_UDP, 54), 2, "the denied first fragments");
+    // Later fragments carry no flow: one each. The denied first fragments are a connection
+    // each, under port 0 too (54 is no label).
+    assert_eq!(
+        fx.drops(DIR_INGRESS, PROTO_UDP, 0),
+        4 + 2,
+        "two later fragments and a first one per family"
+    );
 
     // TCP: an allowed first fragment (port 80), then a later one at offset 8, inside the 20-byte
     // TCP header it could rewrite (flags, and with them the connection state): dropped. At 24: fine.

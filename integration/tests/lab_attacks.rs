@@ -205,6 +205,7 @@ fn forged_frames_from_a_pod_never_arrive_and_the_controls_do() {
     };
 
     let spoofed_before = lab.datapath().spoofed_packets().expect("spoofed counter");
+    let denied_before = lab.datapath().denied_packets().expect("denied counter");
     let drops_before = drop_counts(&lab);
     let capture = PacketSocket::open(&ns(&a), "eth0");
     let from_b = PacketSocket::open(&ns(&b), "eth0");
@@ -244,30 +245,35 @@ fn forged_frames_from_a_pod_never_arrive_and_the_controls_do() {
     // Each block is one the datapath counted, for the reason it had.
     let drops = drop_counts(&lab);
     let spoofed = lab.datapath().spoofed_packets().expect("spoofed counter") - spoofed_before;
+    let denied = lab.datapath().denied_packets().expect("denied counter") - denied_before;
     let n = N as u64;
     assert_eq!(
         spoofed,
         5 * n,
         "node, c, outside, c behind one tag, c as ARP sender: forged sources"
     );
+    // Every frame refused by policy is a denied packet; the drop counters count connections: the
+    // N copies of one frame a policy refuses are one connection (frames without a flow, not IP
+    // or fragments, count one each).
+    assert!(denied >= 7 * n, "{denied} denied packets, {} sent", 7 * n);
     // Tagged frames never leave b. The kernel moves a single 802.1Q tag out of the frame before
     // tc: that one is counted under the IP packet inside it; the inner tag of a stacked pair stays
     // in the frame, and the frame is counted as not IP at all.
     assert_eq!(
         grew(&drops_before, &drops, DIR_EGRESS, PROTO_UDP, 5000),
         n,
-        "one tag, b's own address"
+        "one tag, b's own address (a tagged frame is not a flow of ours: each counted)"
     );
     assert_eq!(grew(&drops_before, &drops, DIR_EGRESS, 0, 0), n, "802.1ad + 802.1Q");
     assert_eq!(
         grew(&drops_before, &drops, DIR_INGRESS, PROTO_UDP, 5000),
-        n,
-        "b's own UDP, by policy"
+        1,
+        "b's own UDP, by policy: one connection"
     );
     assert_eq!(
         grew(&drops_before, &drops, DIR_INGRESS, PROTO_ICMP, 0),
-        n,
-        "the unrelated ICMP error, by policy"
+        1,
+        "the unrelated ICMP error, by policy: one flow"
     );
     assert_eq!(
         grew(&drops_before, &drops, DIR_INGRESS, PROTO_UDP, 0),

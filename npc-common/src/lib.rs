@@ -26,7 +26,9 @@ pub mod map_names {
     pub const STATS: &str = "NPC_STATS";
     pub const SOURCES: &str = "NPC_SOURCES";
     pub const FRAGMENTS: &str = "NPC_FRAGMENTS";
-    pub const ALL: [&str; 12] = [
+    pub const PORT_LABELS: &str = "NPC_PORT_LABELS";
+    pub const DENIED: &str = "NPC_DENIED";
+    pub const ALL: [&str; 14] = [
         ENDPOINTS,
         IDENTITIES,
         CIDRS,
@@ -39,6 +41,8 @@ pub mod map_names {
         STATS,
         SOURCES,
         FRAGMENTS,
+        PORT_LABELS,
+        DENIED,
     ];
 }
 
@@ -50,6 +54,8 @@ pub mod stats {
     pub const ALLOWED_EGRESS: u32 = 1;
     /// Packets a pod sent with a source address that is not its own (dropped, whatever policy).
     pub const SPOOFED: u32 = 2;
+    /// Packets dropped by policy (every one; `NPC_DROPS` counts connections).
+    pub const DENIED_PACKETS: u32 = 3;
     pub const COUNT: u32 = 4;
 }
 
@@ -76,6 +82,11 @@ pub mod capacity {
     pub const EVENTS_BYTES: u32 = 256 * 1024;
     pub const SOURCES: u32 = 4096;
     pub const FRAGMENTS: u32 = 8192;
+    /// Ports that are labels of `NPC_DROPS` (the rest count under port 0): with both directions
+    /// and every protocol number's port-0 key, `NPC_DROPS` can never fill
+    /// (2 × (4096 + 256) < 16,384).
+    pub const PORT_LABELS: u32 = 4096;
+    pub const DENIED: u32 = 16_384;
 }
 
 /// Policy direction, from the local pod's point of view.
@@ -366,6 +377,35 @@ pub struct DropKey {
 }
 const _: () = assert!(size_of::<DropKey>() == 4);
 
+/// `NPC_PORT_LABELS` key: a (protocol, port) that `NPC_DROPS` counts under its own number. The
+/// agent writes the ports policy, Services and local pods name; a dropped packet to any other
+/// port (a port scan, the ephemeral port of a reply on a cut connection) counts under port 0, so
+/// the drop counters' label space is bounded by what the cluster declares, not by what is sent.
+#[repr(C)]
+#[derive(NoUninit, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortLabelKey {
+    pub protocol: u8,
+    pub _pad: u8,
+    /// Host byte order.
+    pub port: u16,
+}
+const _: () = assert!(size_of::<PortLabelKey>() == 4);
+
+impl PortLabelKey {
+    pub const fn new(protocol: u8, port: u16) -> Self {
+        Self {
+            protocol,
+            _pad: 0,
+            port,
+        }
+    }
+}
+
+/// A denied flow (its `NPC_DENIED` entry, keyed like conntrack) seen again within this long of
+/// its last denied packet is the same connection: a SYN's retransmissions (1, 2, 4, ... 32 s
+/// apart) count once in `NPC_DROPS`, every packet in `NPC_STATS`.
+pub const DENIED_IDLE_NS: u64 = 60_000_000_000;
+
 /// Why a packet was dropped (or, in audit mode, would have been).
 pub mod drop_reason {
     pub const POLICY: u8 = 1;
@@ -458,6 +498,7 @@ mod pod_impls {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for SourceKey {}
     unsafe impl aya::Pod for FragmentKey {}
+    unsafe impl aya::Pod for PortLabelKey {}
 }
 
 #[cfg(test)]

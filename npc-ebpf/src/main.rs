@@ -47,10 +47,11 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use npc_common::{
-    CIDR_CLASS_BASE, Config, ConntrackKey, ConntrackValue, DIR_EGRESS, DIR_INGRESS, DropKey, EndpointInfo,
-    FRAGMENT_TIMEOUT_NS, FragmentKey, PORT_ANY, PORT_RANGE_FIXED_BITS, PROTO_ANY, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP,
-    PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, PortRangeKey, SOURCE_FIXED_BITS, SourceKey, VerdictEvent, capacity,
-    ct_origin, ct_state, ct_timeout, drop_reason, endpoint_flags, event_kind, log_level, mode, peer, stats,
+    CIDR_CLASS_BASE, Config, ConntrackKey, ConntrackValue, DENIED_IDLE_NS, DIR_EGRESS, DIR_INGRESS, DropKey,
+    EndpointInfo, FRAGMENT_TIMEOUT_NS, FragmentKey, PORT_ANY, PORT_RANGE_FIXED_BITS, PROTO_ANY, PROTO_ICMP,
+    PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, PortLabelKey, PortRangeKey,
+    SOURCE_FIXED_BITS, SourceKey, VerdictEvent, capacity, ct_origin, ct_state, ct_timeout, drop_reason, endpoint_flags,
+    event_kind, log_level, mode, peer, stats,
 };
 
 mod maps;
@@ -84,6 +85,13 @@ static NPC_STATS: PerCpuArray<u64, { stats::COUNT as usize }> = PerCpuArray::new
 static NPC_SCRATCH: aya_ebpf::maps::PerCpuArray<Packet> = aya_ebpf::maps::PerCpuArray::with_max_entries(1, 0);
 #[btf_map]
 static NPC_SOURCES: LpmTrie<SourceKey, u32, { capacity::SOURCES as usize }> = LpmTrie::new();
+/// The ports `NPC_DROPS` counts under their own number (written by the agent; see `PortLabelKey`).
+#[btf_map]
+static NPC_PORT_LABELS: HashMap<PortLabelKey, u8, { capacity::PORT_LABELS as usize }> = HashMap::new();
+/// Denied flows (keyed like conntrack): when each last had a packet denied, so that a
+/// connection's retransmissions count once in `NPC_DROPS` (see `count_denied`).
+#[btf_map]
+static NPC_DENIED: LruHashMap<ConntrackKey, u64, { capacity::DENIED as usize }> = LruHashMap::new();
 /// First-fragment verdicts: the time an allowed first fragment passed.
 #[btf_map]
 static NPC_FRAGMENTS: LruHashMap<FragmentKey, u64, { capacity::FRAGMENTS as usize }> = LruHashMap::new();
@@ -228,10 +236,16 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
     // 6.1 verifier's million-instruction budget.
     let reason = decide(ctx, &hook, pkt, parsed);
     if reason == PASS {
-        TC_ACT_UNSPEC
-    } else {
-        deny(ctx, &hook, pkt, reason)
+        return TC_ACT_UNSPEC;
     }
+    // Counted here, not inside `deny`: nested, their frames would pass the 512-byte stack.
+    if reason == drop_reason::SPOOFED {
+        // Its own counter: forged packets are not connections any policy refused.
+        bump(stats::SPOOFED);
+    } else {
+        count_denied(hook.ifindex, hook.direction, pkt, reason);
+    }
+    deny(ctx, &hook, pkt, reason)
 }
 
 /// "No drop reason": the packet passes.
@@ -763,32 +777,13 @@ fn allowed(q: &Query) -> i64 {
     NOT_ALLOWED
 }
 
-/// Count, report and (unless auditing) drop. Not inlined, for the stack (see [`allowed`]).
+/// Report and (unless auditing) drop (counted before, by [`count_denied`]). Not inlined, for the
+/// stack (see [`allowed`]).
 #[inline(never)]
 fn deny(ctx: &TcContext, hook: &Hook, pkt: &Packet, reason: u8) -> i32 {
     let (ifindex, direction) = (hook.ifindex, hook.direction);
     let (endpoint, config) = (hook.endpoint, hook.config);
     let (protocol, dport) = (pkt.protocol, pkt.dport);
-    let key = DropKey {
-        direction,
-        protocol,
-        dport,
-    };
-    if reason == drop_reason::SPOOFED {
-        // Its own counter: forged packets are not connections any policy refused.
-        if let Some(count) = NPC_STATS.get_ptr_mut(&stats::SPOOFED) {
-            // SAFETY: a per-CPU slot: no other CPU writes it, and this program is not re-entered.
-            unsafe { *count += 1 };
-        }
-    } else {
-        match NPC_DROPS.get_ptr_mut(&key) {
-            // SAFETY: per-CPU value: only this CPU writes it while we run.
-            Some(count) => unsafe { *count += 1 },
-            None => {
-                let _ = NPC_DROPS.insert(&key, &1, 0);
-            }
-        }
-    }
     let audit = config.mode == mode::AUDIT;
     // The identity lookup's key is a stack copy of the peer's address: kernels before 6.2 (6.1:
     // "R2 type=alloc_mem expected=fp, pkt, pkt_meta, map_key, map_value") refuse a map key that
@@ -826,6 +821,69 @@ fn deny(ctx: &TcContext, hook: &Hook, pkt: &Packet, reason: u8) -> i32 {
         );
     }
     if audit { TC_ACT_UNSPEC } else { TC_ACT_SHOT as i32 }
+}
+
+/// Adds one to a per-CPU `NPC_STATS` slot.
+#[inline(always)]
+fn bump(slot: u32) {
+    if let Some(count) = NPC_STATS.get_ptr_mut(&slot) {
+        // SAFETY: a per-CPU slot: no other CPU writes it, and this program is not re-entered.
+        unsafe { *count += 1 };
+    }
+}
+
+/// Counts a denied packet: every one in `NPC_STATS`, and its connection once in `NPC_DROPS`,
+/// under its port only when that is a label (`NPC_PORT_LABELS`; else port 0). A packet of a
+/// flow (same direction and tuple) denied less than `DENIED_IDLE_NS` before (a retransmitted SYN,
+/// the rest of a connection a policy change cut) is the same connection. Frames without a flow (not IP,
+/// unparseable, fragments) count one each. Not inlined, for the stack (see [`allowed`]).
+#[inline(never)]
+fn count_denied(ifindex: u32, direction: u8, pkt: &Packet, reason: u8) {
+    bump(stats::DENIED_PACKETS);
+    let (protocol, dport) = (pkt.protocol, pkt.dport);
+    if reason == drop_reason::POLICY || reason == drop_reason::POLICY_CHANGED {
+        // The packet's own tuple, not conntrack's normalised one: the counters are per
+        // direction, and the two directions of a cut connection are each a blocked connection
+        // at their own enforcement point.
+        let flow = conntrack_key(
+            ifindex,
+            protocol,
+            words32(&pkt.src),
+            words32(&pkt.dst),
+            pkt.sport,
+            pkt.dport,
+        );
+        let now = now();
+        let repeat = match NPC_DENIED.get_ptr_mut(&flow) {
+            // SAFETY: the pointer came from a successful lookup; a racing writer writes a time too.
+            Some(seen) => unsafe {
+                let recent = now.wrapping_sub(*seen) < DENIED_IDLE_NS;
+                *seen = now;
+                recent
+            },
+            None => {
+                let _ = NPC_DENIED.insert(&flow, &now, 0);
+                false
+            }
+        };
+        if repeat {
+            return;
+        }
+    }
+    // SAFETY: only whether the entry exists is read.
+    let labelled = unsafe { NPC_PORT_LABELS.get(&PortLabelKey::new(protocol, dport)) }.is_some();
+    let key = DropKey {
+        direction,
+        protocol,
+        dport: if labelled { dport } else { 0 },
+    };
+    match NPC_DROPS.get_ptr_mut(&key) {
+        // SAFETY: per-CPU value: only this CPU writes it while we run.
+        Some(count) => unsafe { *count += 1 },
+        None => {
+            let _ = NPC_DROPS.insert(&key, &1, 0);
+        }
+    }
 }
 
 /// Copies `N` bytes of the packet at `offset` into `dst` (`bpf_skb_load_bytes`); false if the

@@ -134,6 +134,7 @@ fn replay(clusters: &[State], seed: u64, batch: usize, adopt: bool) -> Result<()
         inc.adopt(&left.maps.identities, &left.maps.cidrs);
     }
     let mut steps = 0;
+    let mut owners = BTreeMap::new();
     for (n, target) in clusters.iter().enumerate() {
         let mut todo = events(&state, target);
         shuffle(&mut todo, seed.wrapping_add(n as u64) | 1);
@@ -142,8 +143,21 @@ fn replay(clusters: &[State], seed: u64, batch: usize, adopt: bool) -> Result<()
                 apply(&mut inc, &mut state, e);
             }
             let full = reference.compile(&state);
-            let got = inc.compile();
-            prop_assert_eq!(got, &full, "after step {} towards cluster {}", steps, n);
+            let got = inc.compile().clone();
+            prop_assert_eq!(&got, &full, "after step {} towards cluster {}", steps, n);
+            // A copy of the owners kept up to date from `changed_owners` alone stays right.
+            match inc.changed_owners() {
+                None => owners = got.address_owners.clone(),
+                Some(addrs) => {
+                    for ip in addrs {
+                        match got.address_owners.get(ip) {
+                            Some(pod) => owners.insert(*ip, pod.clone()),
+                            None => owners.remove(ip),
+                        };
+                    }
+                }
+            }
+            prop_assert_eq!(&owners, &full.address_owners);
             steps += 1;
         }
         prop_assert_eq!(&inc.state().pods, &target.pods);

@@ -32,8 +32,8 @@ use aya::{
     programs::{ProgramError, SchedClassifier, TcAttachType, links::LinkError},
 };
 use npc_common::{
-    Config, ConntrackKey, ConntrackValue, DropKey, EndpointInfo, PolicyKey, PolicyValue, PortRangeKey, SourceKey,
-    ct_origin, ct_timeout, map_names, program_names,
+    Config, ConntrackKey, ConntrackValue, DropKey, EndpointInfo, PolicyKey, PolicyValue, PortLabelKey, PortRangeKey,
+    SourceKey, ct_origin, ct_timeout, map_names, program_names,
 };
 
 use npc_policy::compiler::CidrKey;
@@ -181,6 +181,7 @@ pub struct Datapath {
     config: Array<MapData, Config>,
     stats: PerCpuArray<MapData, u64>,
     sources: LpmTrie<MapData, SourceKey, u32>,
+    port_labels: HashMap<MapData, PortLabelKey, u8>,
     /// The verdict events ring buffer, until the observer takes it.
     events: Option<RingBuf<MapData>>,
     _log: Option<LogPump>,
@@ -268,6 +269,7 @@ impl Datapath {
             events: Some(take_map!(ebpf, map_names::EVENTS)),
             stats: take_map!(ebpf, map_names::STATS),
             sources: take_map!(ebpf, map_names::SOURCES),
+            port_labels: take_map!(ebpf, map_names::PORT_LABELS),
             ebpf,
             pin_root: pin_root.to_path_buf(),
             _log: log,
@@ -353,6 +355,11 @@ impl Datapath {
     /// Packets pods sent from addresses not their own, summed over CPUs.
     pub fn spoofed_packets(&self) -> Result<u64, DatapathError> {
         self.stat(npc_common::stats::SPOOFED)
+    }
+
+    /// Packets dropped by policy, every one (the drop counters count connections).
+    pub fn denied_packets(&self) -> Result<u64, DatapathError> {
+        self.stat(npc_common::stats::DENIED_PACKETS)
     }
 
     fn stat(&self, slot: u32) -> Result<u64, DatapathError> {

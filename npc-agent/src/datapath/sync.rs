@@ -9,7 +9,7 @@ use aya::{
     },
     sys::SyscallError,
 };
-use npc_common::{EndpointInfo, PolicyValue, SOURCE_FIXED_BITS, SourceKey, capacity, map_names};
+use npc_common::{EndpointInfo, PolicyValue, PortLabelKey, SOURCE_FIXED_BITS, SourceKey, capacity, map_names};
 use npc_policy::{
     compiler::{CidrKey, DesiredMaps, RangeKey},
     model::ObjectRef,
@@ -61,13 +61,17 @@ impl Datapath {
             .collect();
         let ranges: BTreeMap<RangeKey, PolicyValue> = desired.port_ranges.clone();
 
-        let want = Written {
+        // Every map but the peers' identities (one entry per pod in the cluster) is small: the
+        // identities are diffed in place and what was written is patched with the difference,
+        // so a sync costs the change, not a copy of the cluster.
+        let mut want = Written {
             policy: desired.policy.clone(),
             ranges,
             cidrs,
             sources,
-            identities: desired.identities.clone(),
+            identities: BTreeMap::new(),
             endpoints,
+            port_labels: desired.port_labels.iter().map(|k| (*k, 1)).collect(),
         };
         // What the maps hold: what we wrote last (no read-back), unless a full reconcile is due
         // (the first sync, after a failed one, and every RECONCILE_EVERY), which reads every map
@@ -90,8 +94,9 @@ impl Datapath {
             (map_names::PORT_RANGES, want.ranges.len(), capacity::PORT_RANGES),
             (map_names::CIDRS, want.cidrs.len(), capacity::CIDRS),
             (map_names::SOURCES, want.sources.len(), capacity::SOURCES),
-            (map_names::IDENTITIES, want.identities.len(), capacity::IDENTITIES),
+            (map_names::IDENTITIES, desired.identities.len(), capacity::IDENTITIES),
             (map_names::ENDPOINTS, want.endpoints.len(), capacity::ENDPOINTS),
+            (map_names::PORT_LABELS, want.port_labels.len(), capacity::PORT_LABELS),
         ];
         for (map, wanted, capacity) in sizes {
             if wanted > capacity as usize {
@@ -105,8 +110,9 @@ impl Datapath {
         let ranges_diff = diff(&have.ranges, &want.ranges);
         let cidrs_diff = diff(&have.cidrs, &want.cidrs);
         let sources_diff = diff(&have.sources, &want.sources);
-        let identities_diff = diff(&have.identities, &want.identities);
+        let identities_diff = diff(&have.identities, &desired.identities);
         let endpoints_diff = diff(&have.endpoints, &want.endpoints);
+        let labels_diff = diff(&have.port_labels, &want.port_labels);
         // Which maps delete first, for room (see above).
         let early = Early {
             policy: tight(&have.policy, &policy_diff, capacity::POLICY),
@@ -159,6 +165,14 @@ impl Datapath {
             };
         }
         deletes!(|tight: bool| tight);
+        // Labels only name drop counters: no order to keep with the other maps, and never
+        // near full (the compiler caps them at the capacity).
+        for k in &labels_diff.delete {
+            ignore_missing(self.port_labels.remove(k))?;
+        }
+        for (k, v) in &labels_diff.upsert {
+            self.port_labels.insert(k, v, 0)?;
+        }
         for (k, v) in &policy_diff.upsert {
             self.policy.insert(k, v, 0)?;
         }
@@ -183,19 +197,27 @@ impl Datapath {
             + cidrs_diff.upsert.len()
             + identities_diff.upsert.len()
             + sources_diff.upsert.len()
-            + endpoints_diff.upsert.len();
+            + endpoints_diff.upsert.len()
+            + labels_diff.upsert.len();
         stats.deletes = policy_diff.delete.len()
             + ranges_diff.delete.len()
             + cidrs_diff.delete.len()
             + identities_diff.delete.len()
             + sources_diff.delete.len()
-            + endpoints_diff.delete.len();
+            + endpoints_diff.delete.len()
+            + labels_diff.delete.len();
         if policy_changed {
             let mut config = self.config()?;
             config.epoch = config.epoch.wrapping_add(1);
             self.set_config(config)?;
             stats.epoch_bumped = true;
         }
+        let mut identities = have.identities;
+        for k in &identities_diff.delete {
+            identities.remove(k);
+        }
+        identities.extend(identities_diff.upsert);
+        want.identities = identities;
         self.written = Some(want);
         Ok(stats)
     }
@@ -239,6 +261,7 @@ impl Datapath {
             sources: read_lpm(&self.sources, |k| (k.prefix_len(), k.data()))?,
             identities: read_hash(&self.identities)?,
             endpoints: read_hash(&self.endpoints)?,
+            port_labels: read_hash(&self.port_labels)?,
         })
     }
 }
@@ -272,6 +295,7 @@ pub(super) struct Written {
     sources: BTreeMap<SourceEntry, u32>,
     identities: BTreeMap<[u8; 16], u32>,
     endpoints: BTreeMap<u32, EndpointInfo>,
+    port_labels: BTreeMap<PortLabelKey, u8>,
 }
 
 impl Written {
@@ -287,6 +311,7 @@ impl Written {
             + count(&self.sources, &other.sources)
             + count(&self.identities, &other.identities)
             + count(&self.endpoints, &other.endpoints)
+            + count(&self.port_labels, &other.port_labels)
     }
 }
 
@@ -337,13 +362,44 @@ where
         .collect()
 }
 
+/// What turns `have` into `want`: one merge of the two sorted maps (linear, no lookups: the
+/// identities map holds every pod of the cluster).
 fn diff<K: Ord + Clone, V: PartialEq + Copy>(have: &BTreeMap<K, V>, want: &BTreeMap<K, V>) -> Diff<K, V> {
-    Diff {
-        upsert: want
-            .iter()
-            .filter(|(k, v)| have.get(k) != Some(v))
-            .map(|(k, v)| (k.clone(), *v))
-            .collect(),
-        delete: have.keys().filter(|k| !want.contains_key(k)).cloned().collect(),
+    use std::cmp::Ordering;
+    let mut out = Diff {
+        upsert: Vec::new(),
+        delete: Vec::new(),
+    };
+    let (mut h, mut w) = (have.iter().peekable(), want.iter().peekable());
+    loop {
+        match (h.peek(), w.peek()) {
+            (None, None) => break,
+            (Some((k, _)), None) => {
+                out.delete.push((*k).clone());
+                h.next();
+            }
+            (None, Some((k, v))) => {
+                out.upsert.push(((*k).clone(), **v));
+                w.next();
+            }
+            (Some((hk, hv)), Some((wk, wv))) => match hk.cmp(wk) {
+                Ordering::Less => {
+                    out.delete.push((*hk).clone());
+                    h.next();
+                }
+                Ordering::Greater => {
+                    out.upsert.push(((*wk).clone(), **wv));
+                    w.next();
+                }
+                Ordering::Equal => {
+                    if hv != wv {
+                        out.upsert.push(((*wk).clone(), **wv));
+                    }
+                    h.next();
+                    w.next();
+                }
+            },
+        }
     }
+    out
 }

@@ -163,13 +163,20 @@ impl Enforcer {
             elapsed_ms = stats.elapsed.as_secs_f64() * 1e3,
             "compiled"
         );
-        let synced = self.apply(compiler.state(), compiler.compiled(), start);
+        let synced = self.apply(compiler.state(), compiler.compiled(), compiler.changed_owners(), start);
         self.compiler = compiler;
         synced
     }
 
     /// Attaches, detaches and syncs what `compiled` says.
-    fn apply(&mut self, state: &State, compiled: &Compiled, start: Instant) -> Result<SyncStats, DatapathError> {
+    /// `changed_owners`: the addresses whose owner may have changed (None: any).
+    fn apply(
+        &mut self,
+        state: &State,
+        compiled: &Compiled,
+        changed_owners: Option<&[IpAddr]>,
+        start: Instant,
+    ) -> Result<SyncStats, DatapathError> {
         let mut ifindexes: BTreeMap<ObjectRef, u32> = BTreeMap::new();
         self.unattached = 0;
         // By an address the pod owns: one another (newer) pod reuses leads to that pod's
@@ -235,7 +242,18 @@ impl Enforcer {
 
         {
             let mut names = self.names.write().expect("not poisoned");
-            names.by_addr = compiled.address_owners.clone();
+            // Patched, not copied: the owners are every pod address of the cluster.
+            match changed_owners {
+                None => names.by_addr = compiled.address_owners.clone(),
+                Some(addrs) => {
+                    for ip in addrs {
+                        match compiled.address_owners.get(ip) {
+                            Some(pod) => names.by_addr.insert(*ip, pod.clone()),
+                            None => names.by_addr.remove(ip),
+                        };
+                    }
+                }
+            }
             names.services = compiled.vip_owners.clone();
             names.by_ifindex = ifindexes.iter().map(|(pod, i)| (*i, pod.clone())).collect();
         }
@@ -320,6 +338,9 @@ impl Enforcer {
         }
         if let Ok(spoofed) = self.datapath.spoofed_packets() {
             self.metrics.observe_spoofed(spoofed);
+        }
+        if let Ok(denied) = self.datapath.denied_packets() {
+            self.metrics.observe_denied_packets(denied);
         }
         let due = self
             .conntrack_counted

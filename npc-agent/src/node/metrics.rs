@@ -80,6 +80,8 @@ struct Inner {
     last_allowed: Mutex<(u64, u64)>,
     spoofed: Counter,
     last_spoofed: Mutex<u64>,
+    denied_packets: Counter,
+    last_denied_packets: Mutex<u64>,
     policies: Gauge,
     rejected: Family<KindLabels, Gauge>,
     endpoints: Gauge,
@@ -127,7 +129,7 @@ impl Metrics {
         let blocked: Family<BlockedLabels, Counter> = register(
             &mut r,
             "npc_blocked_connections",
-            "Connections (new flows) dropped by network policy",
+            "Connections dropped by network policy (a flow counts once while its packets keep being dropped less than 60 s apart; a port that no policy, Service or local pod names counts as dport 0)",
             Default::default(),
         );
         let allowed: Family<DirectionLabels, Counter> = register(
@@ -140,6 +142,12 @@ impl Metrics {
             &mut r,
             "npc_spoofed_packets",
             "Packets local pods sent from an address that is not theirs (dropped whatever the policy)",
+            Default::default(),
+        );
+        let denied_packets: Counter = register(
+            &mut r,
+            "npc_denied_packets",
+            "Packets dropped by network policy, every one (retransmissions included)",
             Default::default(),
         );
         let policies: Gauge = register(&mut r, "npc_policies", "NetworkPolicies enforced", Default::default());
@@ -267,6 +275,8 @@ impl Metrics {
                 last_allowed: Mutex::new((0, 0)),
                 spoofed,
                 last_spoofed: Mutex::new(0),
+                denied_packets,
+                last_denied_packets: Mutex::new(0),
                 policies,
                 rejected,
                 endpoints,
@@ -332,6 +342,13 @@ impl Metrics {
     pub fn observe_spoofed(&self, now: u64) {
         let mut last = self.inner.last_spoofed.lock().expect("not poisoned");
         self.inner.spoofed.inc_by(grown(now, *last));
+        *last = now;
+    }
+
+    /// Adds what the kernel's denied-packet counter grew by since the last call.
+    pub fn observe_denied_packets(&self, now: u64) {
+        let mut last = self.inner.last_denied_packets.lock().expect("not poisoned");
+        self.inner.denied_packets.inc_by(grown(now, *last));
         *last = now;
     }
 

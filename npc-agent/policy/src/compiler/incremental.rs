@@ -77,6 +77,8 @@ pub struct Incremental {
     classes: Option<CidrClasses>,
     rule_ids: BTreeMap<RuleRef, u32>,
     stats: CompileStats,
+    /// Addresses whose owner the last compile may have changed (None: it recomputed them all).
+    changed_owners: Option<Vec<IpAddr>>,
 }
 
 impl Incremental {
@@ -99,6 +101,13 @@ impl Incremental {
 
     pub fn stats(&self) -> CompileStats {
         self.stats
+    }
+
+    /// The addresses whose entry in [`Compiled::address_owners`] the last compile may have
+    /// changed; None when it recomputed every one. Lets a reader keep a copy up to date without
+    /// copying every address of the cluster on each compile.
+    pub fn changed_owners(&self) -> Option<&[IpAddr]> {
+        self.changed_owners.as_deref()
     }
 
     /// Takes over a previous agent's numbering for the current state (see [`Compiler::adopt`]);
@@ -221,6 +230,7 @@ impl Incremental {
         let pods = if self.built && self.update_pods() {
             self.dirty.len()
         } else {
+            self.changed_owners = None;
             self.rebuild_pods()
         };
         self.dirty.clear();
@@ -262,13 +272,14 @@ impl Incremental {
         out.maps.port_ranges.clear();
         out.maps.endpoints.clear();
         out.maps.sources.clear();
+        out.maps.port_labels.clear();
         out.rules.clear();
         out.services.clear();
         out.vip_owners.clear();
         out.partly_allowed.clear();
         let classes = self.classes.as_ref().expect("built above");
         self.compiler
-            .emit(&self.state, out, &local_ids, classes, &self.rule_ids);
+            .emit(&self.state, out, &self.local, &local_ids, classes, &self.rule_ids);
         self.stats.elapsed = start.elapsed();
         &self.out
     }
@@ -380,9 +391,10 @@ impl Incremental {
                 self.out.pod_identity.insert(name.clone(), alloc.ids[&part.keys[0].1]);
             }
         }
-        for ip in addrs {
-            self.settle_address(ip);
+        for ip in &addrs {
+            self.settle_address(*ip);
         }
+        self.changed_owners = Some(addrs.into_iter().collect());
         true
     }
 

@@ -26,8 +26,8 @@ use std::{
 };
 
 use npc_common::{
-    CIDR_CLASS_BASE, EndpointInfo, FIRST_POD_IDENTITY, FIRST_SERVICE_IDENTITY, PolicyKey, PolicyValue, endpoint_flags,
-    peer,
+    CIDR_CLASS_BASE, EndpointInfo, FIRST_POD_IDENTITY, FIRST_SERVICE_IDENTITY, PolicyKey, PolicyValue, PortLabelKey,
+    capacity, endpoint_flags, peer,
 };
 
 use self::{
@@ -64,6 +64,8 @@ pub struct DesiredMaps {
     /// Extra prefixes local pods may send from (their source-prefixes annotation), per pod; the
     /// sync keys them by the pod's interface.
     pub sources: BTreeMap<ObjectRef, BTreeSet<CidrKey>>,
+    /// The ports the drop counters count under their own number ([`port_labels`]).
+    pub port_labels: BTreeSet<PortLabelKey>,
 }
 
 impl DesiredMaps {
@@ -74,6 +76,7 @@ impl DesiredMaps {
             + self.policy.len()
             + self.port_ranges.len()
             + self.sources.values().map(BTreeSet::len).sum::<usize>()
+            + self.port_labels.len()
     }
 
     /// How many entries differ between two map sets (added, removed or changed): the work a sync
@@ -90,6 +93,7 @@ impl DesiredMaps {
             + diff(&self.policy, &other.policy)
             + diff(&self.port_ranges, &other.port_ranges)
             + diff(&self.sources, &other.sources)
+            + self.port_labels.symmetric_difference(&other.port_labels).count()
     }
 }
 
@@ -214,7 +218,11 @@ impl Compiler {
 
         let classes = CidrClasses::build(state.policies.values(), &mut self.classes);
         let rule_ids = self.rule_ids(state);
-        self.emit(state, &mut out, &local_ids, &classes, &rule_ids);
+        let local_pods = policy_pods(state)
+            .filter(|p| state.is_local(p))
+            .map(Pod::object_ref)
+            .collect();
+        self.emit(state, &mut out, &local_pods, &local_ids, &classes, &rule_ids);
         out
     }
 
@@ -246,10 +254,13 @@ impl Compiler {
         &mut self,
         state: &State,
         out: &mut Compiled,
+        local_pods: &BTreeSet<ObjectRef>,
         local_ids: &BTreeSet<u32>,
         classes: &CidrClasses,
         rule_ids: &BTreeMap<RuleRef, u32>,
     ) {
+        // This node's policy pods, in name order (without a walk of every pod in the cluster).
+        let local = || local_pods.iter().filter_map(|name| state.pods.get(name));
         out.maps.cidrs = classes.lpm.clone();
         out.rules = rule_ids.iter().map(|(r, id)| (*id, r.clone())).collect();
         let index = IdentityIndex::new(state, &out.identities, local_ids);
@@ -313,7 +324,7 @@ impl Compiler {
         let service_ids = self.services.assign(&service_keys).clone();
         services::emit_services(state, out, &service_ids, &flags);
 
-        for pod in policy_pods(state).filter(|p| state.is_local(p)) {
+        for pod in local() {
             // Two local pods reporting one address (a terminating pod whose address the CNI
             // already gave a new one): the interface behind it is the newest pod's, and so is
             // the endpoint. A pod that owns none of its addresses any more gets none (its
@@ -339,7 +350,50 @@ impl Compiler {
                 ),
             );
         }
+        out.maps.port_labels = port_labels(state, local());
     }
+}
+
+/// The ports the drop counters keep apart (`NPC_PORT_LABELS`): every port a policy names (a
+/// range by its ends), every Service port and numbered target port, every port a local pod
+/// declares. Any other port a dropped packet goes to (a port scan, the ephemeral port of a reply
+/// on a cut connection) counts under port 0, so the counters' label space stays what the cluster
+/// declares. Capped at the map's capacity (the lowest protocol and port numbers kept).
+pub fn port_labels<'a>(state: &State, local_pods: impl Iterator<Item = &'a Pod>) -> BTreeSet<PortLabelKey> {
+    let mut out = BTreeSet::new();
+    for policy in state.policies.values() {
+        for direction in [Direction::Ingress, Direction::Egress] {
+            for rule in policy.rules(direction).unwrap_or_default() {
+                for spec in rule.ports.iter().flatten() {
+                    if let crate::policy::PortSpec::Number {
+                        protocol,
+                        port: Some(port),
+                        end,
+                    } = spec
+                    {
+                        out.insert(PortLabelKey::new(protocol.number(), *port));
+                        if let Some(end) = end {
+                            out.insert(PortLabelKey::new(protocol.number(), *end));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for svc in state.services.values() {
+        for port in &svc.ports {
+            out.insert(PortLabelKey::new(port.protocol.number(), port.port));
+            if let crate::service::TargetPort::Number(target) = port.target {
+                out.insert(PortLabelKey::new(port.protocol.number(), target));
+            }
+        }
+    }
+    for pod in local_pods {
+        for port in &pod.ports {
+            out.insert(PortLabelKey::new(port.protocol.number(), port.port));
+        }
+    }
+    out.into_iter().take(capacity::PORT_LABELS as usize).collect()
 }
 
 /// `{"ingress":{"isolation":"DefaultDeny"}}` in the legacy annotation.
