@@ -284,7 +284,8 @@ fn measure(opts: &Options, result: &mut ModeResult) {
             .drops()
             .expect("drop counters")
             .iter()
-            .filter(|(k, _)| k.dport == BLOCKED_PORT)
+            // Under port 0 when nothing the cluster declares names the port (a label bound).
+            .filter(|(k, _)| k.protocol == npc_common::PROTO_TCP && (k.dport == BLOCKED_PORT || k.dport == 0))
             .map(|(_, v)| *v)
             .sum(),
         Enforcer::Iptables => iptables_drop_packets(lab.node_netns()),
