@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use npc_policy::compiler::{Compiled, Compiler};
+use npc_policy::compiler::{Compiled, Compiler, Incremental};
 use npc_policy::model::{ContainerPort, Labels, Namespace, ObjectRef, Pod, Protocol, State};
 use npc_policy::policy::{IpBlock, NamespaceScope, Peer, Policy, PortSpec, Rule, Selector};
 
@@ -206,7 +206,7 @@ fn main() {
     };
     println!("compiler benchmark: 10 pods/namespace, 1 policy/namespace, 100 pods/node, compiled for one node");
     println!(
-        "{:>7} {:>6} {:>7} {:>10} {:>11} {:>9} {:>8} {:>9} {:>10} {:>10} {:>9} {:>10}",
+        "{:>7} {:>6} {:>7} {:>10} {:>11} {:>9} {:>8} {:>9} {:>10} {:>10} {:>9} {:>10} {:>9} {:>9} {:>9}",
         "pods",
         "ns",
         "policy",
@@ -219,6 +219,9 @@ fn main() {
         "relabel Δ",
         "edit ms",
         "edit Δ",
+        "inc rel ms",
+        "inc edit ms",
+        "inc churn ms",
     );
     for pods in sizes {
         let (state, _, model_bytes) = measure(|| cluster(pods));
@@ -260,8 +263,40 @@ fn main() {
         let (after_edit, edit_time, _) = measure(|| compiler.compile(&edited));
         let edit_diff = after_relabel.maps.diff_count(&after_edit.maps);
 
+        // The same two changes through the agent's incremental compiler.
+        let mut inc = Incremental::default();
+        inc.replace(state.clone());
+        inc.compile();
+        let pod = relabelled
+            .pods
+            .values()
+            .find(|p| state.pods.get(&p.object_ref()) != Some(*p));
+        inc.set_pod(pod.expect("the relabelled pod").clone());
+        let (_, inc_relabel_time, _) = measure(|| inc.compile().maps.entry_count());
+        let policy = edited
+            .policies
+            .values()
+            .find(|p| relabelled.policies.get(&p.id) != Some(*p));
+        inc.set_policy(policy.expect("the edited policy").clone());
+        let (inc_entries, inc_edit_time, _) = measure(|| inc.compile().maps.entry_count());
+        assert_eq!(
+            inc_entries,
+            after_edit.maps.entry_count(),
+            "incremental and full agree in size"
+        );
+        // A pod on another node restarted with a new address (rollout churn): no identity changes.
+        let mut moved = edited
+            .pods
+            .values()
+            .find(|p| p.node.as_deref() != Some("node-0"))
+            .expect("a remote pod")
+            .clone();
+        moved.ips = vec!["10.255.255.1".parse().expect("literal")];
+        inc.set_pod(moved);
+        let (_, inc_churn_time, _) = measure(|| inc.compile().maps.entry_count());
+
         println!(
-            "{:>7} {:>6} {:>7} {:>11} {:>11.1} {:>9.1} {:>8} {:>9} {:>10.1} {:>10} {:>9.1} {:>10}",
+            "{:>7} {:>6} {:>7} {:>11} {:>11.1} {:>9.1} {:>8} {:>9} {:>10.1} {:>10} {:>9.1} {:>10} {:>9.2} {:>9.2} {:>9.2}",
             pods,
             state.namespaces.len(),
             state.policies.len(),
@@ -274,10 +309,13 @@ fn main() {
             relabel_diff,
             ms(edit_time),
             edit_diff,
+            ms(inc_relabel_time),
+            ms(inc_edit_time),
+            ms(inc_churn_time),
         );
     }
     println!(
-        "(Δ = kernel map entries a sync writes or deletes for that change; model B/pod = heap of the compiler's \
+        "(relabel/edit ms: a full compile; inc: the agent's incremental compiler, same change; inc churn: a remote pod's new address; Δ = kernel map entries a sync writes or deletes for that change; model B/pod = heap of the compiler's \
          input per pod; peak = heap a full compile needs at its high-water mark)"
     );
     store_memory();

@@ -29,7 +29,7 @@ use std::{
     time::Duration,
 };
 
-use npc_common::peer;
+use npc_common::{CIDR_CLASS_BASE, FIRST_SERVICE_IDENTITY, peer};
 
 use super::{
     Compiled, Compiler, IdentityKey, RuleRef, cidrs::CidrClasses, identities::named_port_egress_blocks, pod_key_list,
@@ -47,6 +47,8 @@ pub struct CompileStats {
     pub full: bool,
     /// Pods whose identities and addresses were recomputed.
     pub pods: usize,
+    /// The policy rules' entries were emitted again (else kept from the compile before).
+    pub rules: bool,
     pub elapsed: Duration,
 }
 
@@ -79,6 +81,13 @@ pub struct Incremental {
     stats: CompileStats,
     /// Addresses whose owner the last compile may have changed (None: it recomputed them all).
     changed_owners: Option<Vec<IpAddr>>,
+    /// The policy rules' part of the result (`Compiler::emit_rules`) must be emitted again: a
+    /// policy, a namespace, the set of identities or the legacy flag changed. Pod churn within
+    /// existing identities (a rollout, a restart, a new address) leaves it as it was.
+    rules_dirty: bool,
+    /// What `emit_rules` last returned, and the local identities it ran for.
+    flags: BTreeMap<u32, u32>,
+    rules_local_ids: BTreeSet<u32>,
 }
 
 impl Incremental {
@@ -115,6 +124,7 @@ impl Incremental {
     pub fn adopt(&mut self, identities: &BTreeMap<[u8; 16], u32>, cidrs: &BTreeMap<super::CidrKey, u32>) {
         self.compiler.adopt(&self.state, identities, cidrs);
         self.built = false;
+        self.rules_dirty = true;
         self.classes = None;
     }
 
@@ -147,11 +157,16 @@ impl Incremental {
 
     // Namespaces, Services and their backends are read only by what every compile emits again.
     pub fn set_namespace(&mut self, ns: Namespace) {
-        self.state.namespaces.insert(ns.name.clone(), ns);
+        if self.state.namespaces.get(&ns.name) != Some(&ns) {
+            self.state.namespaces.insert(ns.name.clone(), ns);
+            self.rules_dirty = true;
+        }
     }
 
     pub fn remove_namespace(&mut self, name: &str) {
-        self.state.namespaces.remove(name);
+        if self.state.namespaces.remove(name).is_some() {
+            self.rules_dirty = true;
+        }
     }
 
     pub fn set_service(&mut self, svc: Service) {
@@ -178,7 +193,10 @@ impl Incremental {
             self.built = false;
         }
         self.state.node_addrs = node_addrs;
-        self.state.legacy_default_deny = legacy_default_deny;
+        if self.state.legacy_default_deny != legacy_default_deny {
+            self.state.legacy_default_deny = legacy_default_deny;
+            self.rules_dirty = true;
+        }
     }
 
     /// Replaces the whole state, marking what differs (for sources that only know snapshots).
@@ -211,7 +229,10 @@ impl Incremental {
             self.state.policies = policies;
             self.policies_changed = true;
         }
-        self.state.namespaces = namespaces;
+        if self.state.namespaces != namespaces {
+            self.state.namespaces = namespaces;
+            self.rules_dirty = true;
+        }
         self.state.services = services;
         self.state.service_backends = service_backends;
     }
@@ -237,6 +258,7 @@ impl Incremental {
         self.stats = CompileStats {
             full: !self.built,
             pods,
+            rules: false,
             elapsed: Duration::ZERO,
         };
         self.built = true;
@@ -259,6 +281,7 @@ impl Incremental {
             ));
             self.rule_ids = self.compiler.rule_ids(&self.state);
             self.policies_changed = false;
+            self.rules_dirty = true;
         }
         let local_ids: BTreeSet<u32> = self
             .local
@@ -267,25 +290,36 @@ impl Incremental {
             .map(|(_, key)| self.compiler.identities.ids[&**key])
             .collect();
         let out = &mut self.out;
-        out.maps.cidrs.clear();
-        out.maps.policy.clear();
-        out.maps.port_ranges.clear();
+        if self.rules_dirty || local_ids != self.rules_local_ids {
+            out.maps.policy.clear();
+            out.maps.port_ranges.clear();
+            let classes = self.classes.as_ref().expect("built above");
+            self.flags = self
+                .compiler
+                .emit_rules(&self.state, out, &local_ids, classes, &self.rule_ids);
+            self.rules_local_ids = local_ids;
+            self.rules_dirty = false;
+            self.stats.rules = true;
+        } else {
+            // Kept: only the last compile's Service entries go (their peer is a Service
+            // identity, which no rule entry has; see `services.rs`).
+            let services = FIRST_SERVICE_IDENTITY..CIDR_CLASS_BASE;
+            out.maps.policy.retain(|k, _| !services.contains(&k.peer));
+        }
         out.maps.endpoints.clear();
         out.maps.sources.clear();
         out.maps.port_labels.clear();
-        out.rules.clear();
         out.services.clear();
         out.vip_owners.clear();
         out.partly_allowed.clear();
-        let classes = self.classes.as_ref().expect("built above");
-        self.compiler
-            .emit(&self.state, out, &self.local, &local_ids, classes, &self.rule_ids);
+        self.compiler.emit_rest(&self.state, out, &self.local, &self.flags);
         self.stats.elapsed = start.elapsed();
         &self.out
     }
 
     /// Recomputes every pod's part from scratch (what a full compile does).
     fn rebuild_pods(&mut self) -> usize {
+        self.rules_dirty = true;
         self.pods.clear();
         self.key_pods.clear();
         self.claims.clear();
@@ -378,10 +412,12 @@ impl Incremental {
                     alloc.next += 1;
                     alloc.ids.insert(key.clone(), id);
                     self.out.identities.insert(id, key);
+                    self.rules_dirty = true;
                 }
                 (false, Some(id)) => {
                     alloc.ids.remove(&key);
                     self.out.identities.remove(&id);
+                    self.rules_dirty = true;
                 }
                 _ => {}
             }

@@ -259,8 +259,21 @@ impl Compiler {
         classes: &CidrClasses,
         rule_ids: &BTreeMap<RuleRef, u32>,
     ) {
-        // This node's policy pods, in name order (without a walk of every pod in the cluster).
-        let local = || local_pods.iter().filter_map(|name| state.pods.get(name));
+        let flags = self.emit_rules(state, out, local_ids, classes, rule_ids);
+        self.emit_rest(state, out, local_pods, &flags);
+    }
+
+    /// The ipBlock trie, rule ids, and the local identities' isolation flags (returned) and allow
+    /// entries: what depends on the policies, the namespaces and the set of identities, but not
+    /// on which pod has which address ([`Incremental`] keeps it while those stay the same).
+    fn emit_rules(
+        &mut self,
+        state: &State,
+        out: &mut Compiled,
+        local_ids: &BTreeSet<u32>,
+        classes: &CidrClasses,
+        rule_ids: &BTreeMap<RuleRef, u32>,
+    ) -> BTreeMap<u32, u32> {
         out.maps.cidrs = classes.lpm.clone();
         out.rules = rule_ids.iter().map(|(r, id)| (*id, r.clone())).collect();
         let index = IdentityIndex::new(state, &out.identities, local_ids);
@@ -320,9 +333,23 @@ impl Compiler {
             }
         }
 
+        flags
+    }
+
+    /// Services (judged by their backends' addresses and the allow entries), endpoints and drop
+    /// labels: redone on every compile.
+    fn emit_rest(
+        &mut self,
+        state: &State,
+        out: &mut Compiled,
+        local_pods: &BTreeSet<ObjectRef>,
+        flags: &BTreeMap<u32, u32>,
+    ) {
+        // This node's policy pods, in name order (without a walk of every pod in the cluster).
+        let local = || local_pods.iter().filter_map(|name| state.pods.get(name));
         let service_keys = services::service_keys(state);
         let service_ids = self.services.assign(&service_keys).clone();
-        services::emit_services(state, out, &service_ids, &flags);
+        services::emit_services(state, out, &service_ids, flags);
 
         for pod in local() {
             // Two local pods reporting one address (a terminating pod whose address the CNI
