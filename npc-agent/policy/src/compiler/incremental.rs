@@ -248,7 +248,9 @@ impl Incremental {
             }
             self.classes = None;
         }
-        let pods = if self.built && self.update_pods() {
+        // Not incremental on the first compile, or when the id space would run out.
+        let incremental = self.built && self.update_pods();
+        let pods = if incremental {
             self.dirty.len()
         } else {
             self.changed_owners = None;
@@ -256,7 +258,7 @@ impl Incremental {
         };
         self.dirty.clear();
         self.stats = CompileStats {
-            full: !self.built,
+            full: !incremental,
             pods,
             rules: false,
             elapsed: Duration::ZERO,
