@@ -135,6 +135,7 @@ fn replay(clusters: &[State], seed: u64, batch: usize, adopt: bool) -> Result<()
     }
     let mut steps = 0;
     let mut owners = BTreeMap::new();
+    let mut identities = BTreeMap::new();
     for (n, target) in clusters.iter().enumerate() {
         let mut todo = events(&state, target);
         shuffle(&mut todo, seed.wrapping_add(n as u64) | 1);
@@ -158,6 +159,20 @@ fn replay(clusters: &[State], seed: u64, batch: usize, adopt: bool) -> Result<()
                 }
             }
             prop_assert_eq!(&owners, &full.address_owners);
+            // So does a copy of the identities map patched at `changed_identities` alone (what
+            // MapSync writes).
+            match inc.changed_identities() {
+                None => identities = got.maps.identities.clone(),
+                Some(keys) => {
+                    for k in keys {
+                        match got.maps.identities.get(k) {
+                            Some(id) => identities.insert(*k, *id),
+                            None => identities.remove(k),
+                        };
+                    }
+                }
+            }
+            prop_assert_eq!(&identities, &full.maps.identities);
             steps += 1;
         }
         prop_assert_eq!(&inc.state().pods, &target.pods);

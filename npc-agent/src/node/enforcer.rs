@@ -8,7 +8,7 @@ use std::{
 };
 
 use npc_policy::{
-    compiler::{Compiled, Incremental},
+    compiler::Incremental,
     files::{Loaded, ManifestError},
     model::{ObjectRef, State},
 };
@@ -163,20 +163,15 @@ impl Enforcer {
             elapsed_ms = stats.elapsed.as_secs_f64() * 1e3,
             "compiled"
         );
-        let synced = self.apply(compiler.state(), compiler.compiled(), compiler.changed_owners(), start);
+        let synced = self.apply(&compiler, start);
         self.compiler = compiler;
         synced
     }
 
     /// Attaches, detaches and syncs what `compiled` says.
     /// `changed_owners`: the addresses whose owner may have changed (None: any).
-    fn apply(
-        &mut self,
-        state: &State,
-        compiled: &Compiled,
-        changed_owners: Option<&[IpAddr]>,
-        start: Instant,
-    ) -> Result<SyncStats, DatapathError> {
+    fn apply(&mut self, compiler: &Incremental, start: Instant) -> Result<SyncStats, DatapathError> {
+        let (state, compiled) = (compiler.state(), compiler.compiled());
         let mut ifindexes: BTreeMap<ObjectRef, u32> = BTreeMap::new();
         self.unattached = 0;
         // By an address the pod owns: one another (newer) pod reuses leads to that pod's
@@ -243,7 +238,7 @@ impl Enforcer {
         {
             let mut names = self.names.write().expect("not poisoned");
             // Patched, not copied: the owners are every pod address of the cluster.
-            match changed_owners {
+            match compiler.changed_owners() {
                 None => names.by_addr = compiled.address_owners.clone(),
                 Some(addrs) => {
                     for ip in addrs {
@@ -257,7 +252,11 @@ impl Enforcer {
             names.services = compiled.vip_owners.clone();
             names.by_ifindex = ifindexes.iter().map(|(pod, i)| (*i, pod.clone())).collect();
         }
-        let synced = self.datapath.sync(&compiled.maps, |pod| ifindexes.get(pod).copied());
+        let synced = self
+            .datapath
+            .sync_changed(&compiled.maps, compiler.changed_identities(), |pod| {
+                ifindexes.get(pod).copied()
+            });
         match &synced {
             Ok(stats) => {
                 self.metrics

@@ -81,6 +81,8 @@ pub struct Incremental {
     stats: CompileStats,
     /// Addresses whose owner the last compile may have changed (None: it recomputed them all).
     changed_owners: Option<Vec<IpAddr>>,
+    /// Keys of `maps.identities` the last compile may have changed (None: any).
+    changed_identities: Option<BTreeSet<[u8; 16]>>,
     /// The policy rules' part of the result (`Compiler::emit_rules`) must be emitted again: a
     /// policy, a namespace, the set of identities or the legacy flag changed. Pod churn within
     /// existing identities (a rollout, a restart, a new address) leaves it as it was.
@@ -117,6 +119,13 @@ impl Incremental {
     /// copying every address of the cluster on each compile.
     pub fn changed_owners(&self) -> Option<&[IpAddr]> {
         self.changed_owners.as_deref()
+    }
+
+    /// The keys of [`super::DesiredMaps::identities`] whose entry the last compile may have
+    /// changed (added, removed or renumbered); None when any may have. MapSync diffs only these
+    /// instead of the whole map (one entry per pod of the cluster).
+    pub fn changed_identities(&self) -> Option<&BTreeSet<[u8; 16]>> {
+        self.changed_identities.as_ref()
     }
 
     /// Takes over a previous agent's numbering for the current state (see [`Compiler::adopt`]);
@@ -265,9 +274,15 @@ impl Incremental {
         };
         self.built = true;
 
+        // The entries this compile may change: the pods' addresses whose owner may have changed,
+        // and the overlay before and after (the only other writers of `maps.identities`).
+        let mut touched: Option<BTreeSet<[u8; 16]>> =
+            incremental.then(|| self.changed_owners.iter().flatten().map(|ip| addr_bytes(*ip)).collect());
+
         // The node's addresses and the VIPs, over the pods' entries (as the full compile orders them).
         for ip in std::mem::take(&mut self.overlay) {
             self.settle_address(ip);
+            touched.iter_mut().for_each(|t| _ = t.insert(addr_bytes(ip)));
         }
         for ip in &self.state.node_addrs {
             self.out.maps.identities.insert(addr_bytes(*ip), peer::HOST);
@@ -275,6 +290,10 @@ impl Incremental {
         }
         self.overlay
             .extend(self.state.services.values().flat_map(|s| s.vips.iter().copied()));
+        if let Some(t) = &mut touched {
+            t.extend(self.overlay.iter().map(|ip| addr_bytes(*ip)));
+        }
+        self.changed_identities = touched;
 
         if self.policies_changed || self.classes.is_none() {
             self.classes = Some(CidrClasses::build(
