@@ -105,37 +105,66 @@ pub(super) fn named_port_egress_blocks(state: &State) -> BTreeSet<IpBlock> {
     out
 }
 
-/// Identities grouped by namespace, so that a selector is tried on the namespaces first and on
-/// the pods of matching namespaces only (1,000 policies × 10,000 identities would otherwise be
-/// ten million label matches per compile).
+/// Identity ids by namespace, so that a selector is tried on the namespaces first and on the pods
+/// of matching namespaces only (1,000 policies × 10,000 identities would otherwise be ten million
+/// label matches per compile). [`super::Incremental`] keeps one up to date as identities come and
+/// go; the full compile builds it ([`by_namespace`]).
+pub(super) type ByNamespace = BTreeMap<String, BTreeSet<u32>>;
+
+pub(super) fn by_namespace(identities: &BTreeMap<u32, IdentityKey>) -> ByNamespace {
+    let mut out = ByNamespace::new();
+    for (id, key) in identities {
+        match out.get_mut(&key.namespace) {
+            Some(ids) => _ = ids.insert(*id),
+            None => _ = out.insert(key.namespace.clone(), [*id].into()),
+        }
+    }
+    out
+}
+
+/// What rule emission looks peers up in: every identity by namespace, and the local ones.
 pub(super) struct IdentityIndex<'a> {
-    pub(super) all: BTreeMap<&'a str, Vec<(u32, &'a IdentityKey)>>,
-    pub(super) local: BTreeMap<&'a str, Vec<u32>>,
-    pub(super) namespace_labels: BTreeMap<&'a str, Labels>,
+    state: &'a State,
+    pub(super) identities: &'a BTreeMap<u32, IdentityKey>,
+    pub(super) all: &'a ByNamespace,
+    local: BTreeMap<&'a str, Vec<u32>>,
 }
 
 impl<'a> IdentityIndex<'a> {
-    pub(super) fn new(state: &State, identities: &'a BTreeMap<u32, IdentityKey>, local: &BTreeSet<u32>) -> Self {
+    pub(super) fn new(
+        state: &'a State,
+        identities: &'a BTreeMap<u32, IdentityKey>,
+        all: &'a ByNamespace,
+        local: &BTreeSet<u32>,
+    ) -> Self {
         let mut index = Self {
-            all: BTreeMap::new(),
+            state,
+            identities,
+            all,
             local: BTreeMap::new(),
-            namespace_labels: BTreeMap::new(),
         };
-        for (id, key) in identities {
-            let ns = key.namespace.as_str();
-            index.all.entry(ns).or_default().push((*id, key));
-            if local.contains(id) {
-                index.local.entry(ns).or_default().push(*id);
-            }
-            index.namespace_labels.entry(ns).or_insert_with(|| {
-                let mut fallback = Labels::new();
-                namespace_labels(state, ns, &mut fallback).clone()
-            });
+        for id in local {
+            index
+                .local
+                .entry(identities[id].namespace.as_str())
+                .or_default()
+                .push(*id);
         }
         index
     }
 
+    /// The namespaces that hold a local identity, in order.
+    pub(super) fn local_namespaces(&self) -> impl Iterator<Item = &'a str> + '_ {
+        self.local.keys().copied()
+    }
+
     pub(super) fn local_in(&self, namespace: &str) -> impl Iterator<Item = u32> + '_ {
         self.local.get(namespace).into_iter().flatten().copied()
+    }
+
+    /// Whether `namespace`'s labels (its name label alone when it is unknown) match `selector`.
+    pub(super) fn namespace_matches(&self, namespace: &str, selector: &crate::policy::Selector) -> bool {
+        let mut fallback = Labels::new();
+        selector.matches(namespace_labels(self.state, namespace, &mut fallback))
     }
 }

@@ -12,12 +12,14 @@
 //! - per address: the pods claiming it, so its owner (the newest) is known without a walk.
 //!
 //! What depends on the local pods only (isolation, allow entries, Services, endpoints) is emitted
-//! again on every compile by the same code the full compile runs (`Compiler::emit`): it is small
-//! (a node's pods), and what it reads (every identity, the namespaces, the Services) is kept up
-//! to date here. Policies are cheap to re-read (no walk of the pods): when one changes, the
-//! ipBlock classes and rule ids are renumbered as in a full compile; when the named-port ipBlocks
-//! change (every pod's key may), or the node's name, or the id space runs out, everything is
-//! recomputed.
+//! again by the same code the full compile runs (`Compiler::emit_rules`, `Compiler::emit_rest`):
+//! it is small (a node's pods, and only the policies of their namespaces), and what it reads is
+//! kept up to date here: every identity, and those identities by namespace (the index peers are
+//! looked up in). The allow entries are kept as they were unless a policy, a namespace or the set
+//! of identities changed. When a policy changes, the ipBlock classes are rebuilt and only that
+//! policy's rules are renumbered (freed, or given the next ids in policy order, as a renumbering of
+//! every rule would); when the named-port ipBlocks change (every pod's key may), or the node's
+//! name, or the id space runs out, everything is recomputed.
 //!
 //! The full compile stays the reference: the property test below replays random event sequences
 //! and asserts, after every step, that the result is *equal* to a full compile with the same
@@ -32,7 +34,10 @@ use std::{
 use npc_common::{CIDR_CLASS_BASE, FIRST_SERVICE_IDENTITY, peer};
 
 use super::{
-    Compiled, Compiler, IdentityKey, RuleRef, cidrs::CidrClasses, identities::named_port_egress_blocks, pod_key_list,
+    Compiled, Compiler, IdentityKey, RuleRef,
+    cidrs::CidrClasses,
+    identities::{ByNamespace, named_port_egress_blocks},
+    pod_key_list, policy_rule_refs, rule_refs,
 };
 use crate::{
     model::{Namespace, ObjectRef, Pod, State, addr_bytes},
@@ -77,7 +82,13 @@ pub struct Incremental {
     /// put back to the pod owner's (or removed) before the next compile sets them again.
     overlay: BTreeSet<IpAddr>,
     classes: Option<CidrClasses>,
-    rule_ids: BTreeMap<RuleRef, u32>,
+    /// Identity ids by namespace (what rule emission looks peers up in), kept with `out.identities`.
+    by_namespace: ByNamespace,
+    /// Policies set or removed since the last compile: only their rules are renumbered.
+    changed_policies: BTreeSet<ObjectRef>,
+    /// The rule numbering (`compiler.rules`, `out.rules`) matches the policies in `state` but
+    /// `changed_policies`; false before the first compile and after a `replace`.
+    rules_numbered: bool,
     stats: CompileStats,
     /// Addresses whose owner the last compile may have changed (None: it recomputed them all).
     changed_owners: Option<Vec<IpAddr>>,
@@ -153,6 +164,7 @@ impl Incremental {
 
     pub fn set_policy(&mut self, policy: Policy) {
         if self.state.policies.get(&policy.id) != Some(&policy) {
+            self.changed_policies.insert(policy.id.clone());
             self.state.policies.insert(policy.id.clone(), policy);
             self.policies_changed = true;
         }
@@ -160,6 +172,7 @@ impl Incremental {
 
     pub fn remove_policy(&mut self, policy: &ObjectRef) {
         if self.state.policies.remove(policy).is_some() {
+            self.changed_policies.insert(policy.clone());
             self.policies_changed = true;
         }
     }
@@ -237,6 +250,7 @@ impl Incremental {
         if self.state.policies != policies {
             self.state.policies = policies;
             self.policies_changed = true;
+            self.rules_numbered = false;
         }
         if self.state.namespaces != namespaces {
             self.state.namespaces = namespaces;
@@ -300,7 +314,7 @@ impl Incremental {
                 self.state.policies.values(),
                 &mut self.compiler.classes,
             ));
-            self.rule_ids = self.compiler.rule_ids(&self.state);
+            self.number_rules();
             self.policies_changed = false;
             self.rules_dirty = true;
         }
@@ -315,9 +329,14 @@ impl Incremental {
             out.maps.policy.clear();
             out.maps.port_ranges.clear();
             let classes = self.classes.as_ref().expect("built above");
-            self.flags = self
-                .compiler
-                .emit_rules(&self.state, out, &local_ids, classes, &self.rule_ids);
+            self.flags = Compiler::emit_rules(
+                &self.state,
+                out,
+                &self.by_namespace,
+                &local_ids,
+                classes,
+                &self.compiler.rules.ids,
+            );
             self.rules_local_ids = local_ids;
             self.rules_dirty = false;
             self.stats.rules = true;
@@ -364,6 +383,7 @@ impl Incremental {
         }
         let ids = self.compiler.identities.assign(self.key_pods.keys().map(|k| &**k));
         self.out.identities = ids.iter().map(|(key, id)| (*id, key.clone())).collect();
+        self.by_namespace = super::identities::by_namespace(&self.out.identities);
         for (pod, part) in &self.pods {
             self.out.pod_identity.insert(pod.clone(), ids[&*part.keys[0].1]);
         }
@@ -432,11 +452,18 @@ impl Incremental {
                     let id = alloc.next;
                     alloc.next += 1;
                     alloc.ids.insert(key.clone(), id);
+                    self.by_namespace.entry(key.namespace.clone()).or_default().insert(id);
                     self.out.identities.insert(id, key);
                     self.rules_dirty = true;
                 }
                 (false, Some(id)) => {
                     alloc.ids.remove(&key);
+                    if let Some(ids) = self.by_namespace.get_mut(&key.namespace) {
+                        ids.remove(&id);
+                        if ids.is_empty() {
+                            self.by_namespace.remove(&key.namespace);
+                        }
+                    }
                     self.out.identities.remove(&id);
                     self.rules_dirty = true;
                 }
@@ -453,6 +480,57 @@ impl Incremental {
         }
         self.changed_owners = Some(addrs.into_iter().collect());
         true
+    }
+
+    /// Numbers the changed policies' rules as `Allocator::assign` over every rule would: the
+    /// rules that are gone are freed, new ones get the next ids in policy order (the changed
+    /// policies are a subset of `state.policies`, in its order). Everything is renumbered before
+    /// the first compile, after a `replace`, and when the id space would run out.
+    fn number_rules(&mut self) {
+        let changed = std::mem::take(&mut self.changed_policies);
+        let alloc = &mut self.compiler.rules;
+        if self.rules_numbered {
+            let mut fresh: Vec<RuleRef> = Vec::new();
+            for id in &changed {
+                let live: Vec<RuleRef> = self
+                    .state
+                    .policies
+                    .get(id)
+                    .into_iter()
+                    .flat_map(policy_rule_refs)
+                    .collect();
+                let first = RuleRef {
+                    policy: id.clone(),
+                    direction: crate::policy::Direction::Ingress,
+                    index: 0,
+                };
+                let dead: Vec<RuleRef> = alloc
+                    .ids
+                    .range(first..)
+                    .take_while(|(r, _)| r.policy == *id)
+                    .filter(|(r, _)| !live.contains(r))
+                    .map(|(r, _)| r.clone())
+                    .collect();
+                for rule in dead {
+                    if let Some(n) = alloc.ids.remove(&rule) {
+                        self.out.rules.remove(&n);
+                    }
+                }
+                fresh.extend(live.into_iter().filter(|r| !alloc.ids.contains_key(r)));
+            }
+            if u64::from(alloc.next) + fresh.len() as u64 <= u64::from(alloc.limit) {
+                for rule in fresh {
+                    let n = alloc.next;
+                    alloc.next += 1;
+                    alloc.ids.insert(rule.clone(), n);
+                    self.out.rules.insert(n, rule);
+                }
+                return;
+            }
+        }
+        let ids = alloc.assign(&rule_refs(&self.state));
+        self.out.rules = ids.iter().map(|(r, n)| (*n, r.clone())).collect();
+        self.rules_numbered = true;
     }
 
     /// Sets `ip`'s owner and identity entry from the pods claiming it (the newest wins, as in

@@ -46,7 +46,7 @@ pub use self::{
 };
 use crate::{
     model::{Labels, ObjectRef, Pod, State, addr_bytes},
-    policy::{Direction, IpBlock, Rule},
+    policy::{Direction, IpBlock, Policy, Rule},
 };
 
 /// The namespace annotation of the pre-v1 NetworkPolicy API (seed 000/001).
@@ -171,6 +171,24 @@ fn pod_key_list(pod: &Pod, nblocks: &BTreeSet<IpBlock>) -> Vec<(Option<IpAddr>, 
     }
 }
 
+/// One policy's rules, in the order new ones are numbered: ingress, then egress, by index.
+fn policy_rule_refs(policy: &Policy) -> impl Iterator<Item = RuleRef> + '_ {
+    [Direction::Ingress, Direction::Egress]
+        .into_iter()
+        .flat_map(move |direction| {
+            (0..policy.rules(direction).map_or(0, <[Rule]>::len)).map(move |index| RuleRef {
+                policy: policy.id.clone(),
+                direction,
+                index,
+            })
+        })
+}
+
+/// Every rule of every policy, in policy order (new rules get ids in this order).
+fn rule_refs(state: &State) -> Vec<RuleRef> {
+    state.policies.values().flat_map(policy_rule_refs).collect()
+}
+
 /// Compiles with a fresh numbering (tests, explain, one-shot tools).
 pub fn compile(state: &State) -> Compiled {
     Compiler::default().compile(state)
@@ -217,66 +235,31 @@ impl Compiler {
         }
 
         let classes = CidrClasses::build(state.policies.values(), &mut self.classes);
-        let rule_ids = self.rule_ids(state);
+        let rule_ids = self.rules.assign(&rule_refs(state));
+        out.rules = rule_ids.iter().map(|(r, id)| (*id, r.clone())).collect();
         let local_pods = policy_pods(state)
             .filter(|p| state.is_local(p))
             .map(Pod::object_ref)
             .collect();
-        self.emit(state, &mut out, &local_pods, &local_ids, &classes, &rule_ids);
+        let by_ns = identities::by_namespace(&out.identities);
+        let flags = Self::emit_rules(state, &mut out, &by_ns, &local_ids, &classes, rule_ids);
+        self.emit_rest(state, &mut out, &local_pods, &flags);
         out
-    }
-
-    /// Numbers every rule of every policy (in policy order: new rules get ids in that order).
-    fn rule_ids(&mut self, state: &State) -> BTreeMap<RuleRef, u32> {
-        let rule_refs: Vec<RuleRef> = state
-            .policies
-            .values()
-            .flat_map(|policy| {
-                [Direction::Ingress, Direction::Egress]
-                    .into_iter()
-                    .flat_map(move |direction| {
-                        (0..policy.rules(direction).map_or(0, <[Rule]>::len)).map(move |index| RuleRef {
-                            policy: policy.id.clone(),
-                            direction,
-                            index,
-                        })
-                    })
-            })
-            .collect();
-        self.rules.assign(&rule_refs).clone()
-    }
-
-    /// Everything that depends only on the local pods' identities, given the identities of every
-    /// pod (`out.identities`, `out.maps.identities`, `out.pod_identity`, `out.address_owners`):
-    /// the ipBlock trie, isolation and allow entries, Services, endpoints. The full compile and
-    /// [`Incremental`] share it; what they differ in is how they get the identities.
-    fn emit(
-        &mut self,
-        state: &State,
-        out: &mut Compiled,
-        local_pods: &BTreeSet<ObjectRef>,
-        local_ids: &BTreeSet<u32>,
-        classes: &CidrClasses,
-        rule_ids: &BTreeMap<RuleRef, u32>,
-    ) {
-        let flags = self.emit_rules(state, out, local_ids, classes, rule_ids);
-        self.emit_rest(state, out, local_pods, &flags);
     }
 
     /// The ipBlock trie, rule ids, and the local identities' isolation flags (returned) and allow
     /// entries: what depends on the policies, the namespaces and the set of identities, but not
     /// on which pod has which address ([`Incremental`] keeps it while those stay the same).
     fn emit_rules(
-        &mut self,
         state: &State,
         out: &mut Compiled,
+        by_ns: &identities::ByNamespace,
         local_ids: &BTreeSet<u32>,
         classes: &CidrClasses,
         rule_ids: &BTreeMap<RuleRef, u32>,
     ) -> BTreeMap<u32, u32> {
         out.maps.cidrs = classes.lpm.clone();
-        out.rules = rule_ids.iter().map(|(r, id)| (*id, r.clone())).collect();
-        let index = IdentityIndex::new(state, &out.identities, local_ids);
+        let index = IdentityIndex::new(state, &out.identities, by_ns, local_ids);
 
         // Isolation and allow entries.
         let mut flags: BTreeMap<u32, u32> = BTreeMap::new();
@@ -291,7 +274,19 @@ impl Compiler {
                 }
             }
         }
-        for policy in state.policies.values() {
+        // Only a policy in a local identity's namespace can select one.
+        let local_policies = index.local_namespaces().flat_map(|ns| {
+            let from = ObjectRef {
+                namespace: ns.to_string(),
+                name: String::new(),
+            };
+            state
+                .policies
+                .range(from..)
+                .map(|(_, p)| p)
+                .take_while(move |p| p.id.namespace == ns)
+        });
+        for policy in local_policies {
             let selected: Vec<u32> = index
                 .local_in(&policy.id.namespace)
                 .filter(|id| policy.pod_selector.matches(&out.identities[id].labels))

@@ -62,23 +62,23 @@ pub(super) fn resolve_peers<'a>(
     for p in peers {
         match p {
             Peer::Pods { namespaces, pods } => {
-                let mut add = |list: &Vec<(u32, &IdentityKey)>| {
-                    for (id, key) in list {
-                        if pods.matches(&key.labels) {
+                let mut add = |ids: &BTreeSet<u32>| {
+                    for id in ids {
+                        if pods.matches(&index.identities[id].labels) {
                             out.ids.insert(PeerId::Identity(*id));
                         }
                     }
                 };
                 match namespaces {
                     NamespaceScope::Own => {
-                        if let Some(list) = index.all.get(policy.id.namespace.as_str()) {
-                            add(list);
+                        if let Some(ids) = index.all.get(policy.id.namespace.as_str()) {
+                            add(ids);
                         }
                     }
                     NamespaceScope::Selector(sel) => {
-                        for (ns, list) in &index.all {
-                            if sel.matches(&index.namespace_labels[ns]) {
-                                add(list);
+                        for (ns, ids) in index.all {
+                            if index.namespace_matches(ns, sel) {
+                                add(ids);
                             }
                         }
                     }
