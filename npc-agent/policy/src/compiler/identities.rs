@@ -1,7 +1,10 @@
 //! Identities: what policy can tell pods apart by, and which pod owns each address.
 use std::{
+    borrow::Cow,
+    cell::OnceCell,
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    sync::Arc,
 };
 
 use super::cidrs::in_ipv4_space;
@@ -72,16 +75,6 @@ pub fn address_owners(state: &State) -> BTreeMap<IpAddr, &Pod> {
     owners
 }
 
-pub(super) fn namespace_labels<'a>(state: &'a State, ns: &str, fallback: &'a mut Labels) -> &'a Labels {
-    match state.namespaces.get(ns) {
-        Some(n) => &n.labels,
-        None => {
-            fallback.insert(NAMESPACE_NAME_LABEL.to_string(), ns.to_string());
-            fallback
-        }
-    }
-}
-
 /// Egress ipBlock peers of rules that name a port: the only ipBlocks an identity must know its
 /// addresses' membership of (see [`IdentityKey::named_port_blocks`]).
 pub(super) fn named_port_egress_blocks(state: &State) -> BTreeSet<IpBlock> {
@@ -105,52 +98,72 @@ pub(super) fn named_port_egress_blocks(state: &State) -> BTreeSet<IpBlock> {
     out
 }
 
-/// Identity ids by namespace, so that a selector is tried on the namespaces first and on the pods
+/// Identities by namespace, so that a selector is tried on the namespaces first and on the pods
 /// of matching namespaces only (1,000 policies × 10,000 identities would otherwise be ten million
 /// label matches per compile). [`super::Incremental`] keeps one up to date as identities come and
-/// go; the full compile builds it ([`by_namespace`]).
-pub(super) type ByNamespace = BTreeMap<String, BTreeSet<u32>>;
-
-pub(super) fn by_namespace(identities: &BTreeMap<u32, IdentityKey>) -> ByNamespace {
-    let mut out = ByNamespace::new();
-    for (id, key) in identities {
-        match out.get_mut(&key.namespace) {
-            Some(ids) => _ = ids.insert(*id),
-            None => _ = out.insert(key.namespace.clone(), [*id].into()),
-        }
-    }
-    out
-}
+/// go (its keys are the ones its pods share, so it costs no copy); the full compile builds one.
+pub(super) type ByNamespace = BTreeMap<String, BTreeMap<u32, Arc<IdentityKey>>>;
 
 /// What rule emission looks peers up in: every identity by namespace, and the local ones.
 pub(super) struct IdentityIndex<'a> {
     state: &'a State,
-    pub(super) identities: &'a BTreeMap<u32, IdentityKey>,
-    pub(super) all: &'a ByNamespace,
+    all: &'a ByNamespace,
     local: BTreeMap<&'a str, Vec<u32>>,
+    /// Every namespace that holds an identity, with its labels: made by the first namespace
+    /// selector that needs it (one merge of two sorted maps), then shared by every rule.
+    labelled: OnceCell<Vec<NamespaceIdentities<'a>>>,
 }
+
+type NamespaceIdentities<'a> = (Cow<'a, Labels>, &'a BTreeMap<u32, Arc<IdentityKey>>);
 
 impl<'a> IdentityIndex<'a> {
     pub(super) fn new(
         state: &'a State,
-        identities: &'a BTreeMap<u32, IdentityKey>,
+        identities: &BTreeMap<u32, IdentityKey>,
         all: &'a ByNamespace,
         local: &BTreeSet<u32>,
     ) -> Self {
         let mut index = Self {
             state,
-            identities,
             all,
             local: BTreeMap::new(),
+            labelled: OnceCell::new(),
         };
         for id in local {
-            index
-                .local
-                .entry(identities[id].namespace.as_str())
-                .or_default()
-                .push(*id);
+            let ns = identities[id].namespace.as_str();
+            let (ns, _) = all
+                .get_key_value(ns)
+                .expect("every identity is in its namespace's list");
+            index.local.entry(ns.as_str()).or_default().push(*id);
         }
         index
+    }
+
+    /// The identities of `namespace`.
+    pub(super) fn in_namespace(&self, namespace: &str) -> impl Iterator<Item = (u32, &'a IdentityKey)> + use<'a> {
+        self.all
+            .get(namespace)
+            .into_iter()
+            .flatten()
+            .map(|(id, key)| (*id, &**key))
+    }
+
+    /// Every namespace's labels (its name label alone when it is unknown) with its identities.
+    pub(super) fn namespaces(&self) -> &[NamespaceIdentities<'a>] {
+        self.labelled.get_or_init(|| {
+            let mut known = self.state.namespaces.iter().peekable();
+            self.all
+                .iter()
+                .map(|(ns, ids)| {
+                    while known.next_if(|(name, _)| name.as_str() < ns.as_str()).is_some() {}
+                    let labels = match known.peek() {
+                        Some((name, n)) if *name == ns => Cow::Borrowed(&n.labels),
+                        _ => Cow::Owned(Labels::from([(NAMESPACE_NAME_LABEL.to_string(), ns.clone())])),
+                    };
+                    (labels, ids)
+                })
+                .collect()
+        })
     }
 
     /// The namespaces that hold a local identity, in order.
@@ -160,11 +173,5 @@ impl<'a> IdentityIndex<'a> {
 
     pub(super) fn local_in(&self, namespace: &str) -> impl Iterator<Item = u32> + '_ {
         self.local.get(namespace).into_iter().flatten().copied()
-    }
-
-    /// Whether `namespace`'s labels (its name label alone when it is unknown) match `selector`.
-    pub(super) fn namespace_matches(&self, namespace: &str, selector: &crate::policy::Selector) -> bool {
-        let mut fallback = Labels::new();
-        selector.matches(namespace_labels(self.state, namespace, &mut fallback))
     }
 }

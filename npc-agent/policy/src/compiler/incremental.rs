@@ -383,7 +383,14 @@ impl Incremental {
         }
         let ids = self.compiler.identities.assign(self.key_pods.keys().map(|k| &**k));
         self.out.identities = ids.iter().map(|(key, id)| (*id, key.clone())).collect();
-        self.by_namespace = super::identities::by_namespace(&self.out.identities);
+        self.by_namespace.clear();
+        for key in self.key_pods.keys() {
+            let id = ids[&**key];
+            self.by_namespace
+                .entry(key.namespace.clone())
+                .or_default()
+                .insert(id, key.clone());
+        }
         for (pod, part) in &self.pods {
             self.out.pod_identity.insert(pod.clone(), ids[&*part.keys[0].1]);
         }
@@ -452,7 +459,12 @@ impl Incremental {
                     let id = alloc.next;
                     alloc.next += 1;
                     alloc.ids.insert(key.clone(), id);
-                    self.by_namespace.entry(key.namespace.clone()).or_default().insert(id);
+                    let (shared, _) = self.key_pods.get_key_value(&key).expect("live keys are counted");
+                    let shared = shared.clone();
+                    self.by_namespace
+                        .entry(key.namespace.clone())
+                        .or_default()
+                        .insert(id, shared);
                     self.out.identities.insert(id, key);
                     self.rules_dirty = true;
                 }

@@ -23,6 +23,7 @@ mod services;
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    sync::Arc,
 };
 
 use npc_common::{
@@ -241,7 +242,14 @@ impl Compiler {
             .filter(|p| state.is_local(p))
             .map(Pod::object_ref)
             .collect();
-        let by_ns = identities::by_namespace(&out.identities);
+        // The index's keys are the numbering's own, moved (not copied) now that it is done.
+        let mut by_ns = identities::ByNamespace::new();
+        for (key, id) in ids {
+            by_ns
+                .entry(key.namespace.clone())
+                .or_default()
+                .insert(id, Arc::new(key));
+        }
         let flags = Self::emit_rules(state, &mut out, &by_ns, &local_ids, &classes, rule_ids);
         self.emit_rest(state, &mut out, &local_pods, &flags);
         out

@@ -62,23 +62,17 @@ pub(super) fn resolve_peers<'a>(
     for p in peers {
         match p {
             Peer::Pods { namespaces, pods } => {
-                let mut add = |ids: &BTreeSet<u32>| {
-                    for id in ids {
-                        if pods.matches(&index.identities[id].labels) {
-                            out.ids.insert(PeerId::Identity(*id));
-                        }
+                let mut add = |(id, key): (u32, &IdentityKey)| {
+                    if pods.matches(&key.labels) {
+                        out.ids.insert(PeerId::Identity(id));
                     }
                 };
                 match namespaces {
-                    NamespaceScope::Own => {
-                        if let Some(ids) = index.all.get(policy.id.namespace.as_str()) {
-                            add(ids);
-                        }
-                    }
+                    NamespaceScope::Own => index.in_namespace(&policy.id.namespace).for_each(&mut add),
                     NamespaceScope::Selector(sel) => {
-                        for (ns, ids) in index.all {
-                            if index.namespace_matches(ns, sel) {
-                                add(ids);
+                        for (labels, ids) in index.namespaces() {
+                            if sel.matches(labels) {
+                                ids.iter().for_each(|(id, key)| add((*id, key)));
                             }
                         }
                     }
