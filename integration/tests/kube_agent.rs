@@ -284,13 +284,23 @@ fn a_burst_of_events_is_one_compile_not_a_hundred() {
             .unwrap_or(0)
     };
     let before = syncs(&c);
+    let start = std::time::Instant::now();
     for port in (1001..=1099).chain([8080]) {
         c.api
             .apply(allow("allow", "{podSelector: {matchLabels: {app: client}}}", port));
     }
+    let burst = start.elapsed();
     c.expect("the last of the burst applies", "shop/client", "shop/web", 8080, true);
     let turns = syncs(&c) - before;
-    assert!(turns < 20, "100 policy updates took {turns} compiles");
+    // The agent folds every change within its 100 ms window into one turn, so a burst costs a
+    // turn per window it spans, whatever the number of events. How many windows that is depends
+    // on how fast the API server takes the burst: well under a second here, about two seconds in
+    // the emulated 6.1 guest (`cargo xtask test-vm`), where a fixed bound of 20 was one too few.
+    let windows = (burst.as_millis() / 100) as u64 + 1;
+    assert!(
+        turns <= windows + 2 && turns < 100,
+        "100 policy updates over {burst:?} ({windows} coalescing windows) took {turns} compiles"
+    );
     c.stop_agent();
 }
 
