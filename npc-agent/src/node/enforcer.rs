@@ -168,8 +168,7 @@ impl Enforcer {
         synced
     }
 
-    /// Attaches, detaches and syncs what `compiled` says.
-    /// `changed_owners`: the addresses whose owner may have changed (None: any).
+    /// Attaches, detaches and syncs what `compiler` last compiled.
     fn apply(&mut self, compiler: &Incremental, start: Instant) -> Result<SyncStats, DatapathError> {
         let (state, compiled) = (compiler.state(), compiler.compiled());
         let mut ifindexes: BTreeMap<ObjectRef, u32> = BTreeMap::new();

@@ -37,7 +37,7 @@ use super::{
     Compiled, Compiler, IdentityKey, RuleRef,
     cidrs::CidrClasses,
     identities::{ByNamespace, named_port_egress_blocks},
-    pod_key_list, policy_rule_refs, rule_refs,
+    pod_key_list, policy_rule_refs, rule_refs, rule_table,
 };
 use crate::{
     model::{Namespace, ObjectRef, Pod, State, addr_bytes},
@@ -541,7 +541,7 @@ impl Incremental {
             }
         }
         let ids = alloc.assign(&rule_refs(&self.state));
-        self.out.rules = ids.iter().map(|(r, n)| (*n, r.clone())).collect();
+        self.out.rules = rule_table(ids);
         self.rules_numbered = true;
     }
 

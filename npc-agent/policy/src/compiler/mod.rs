@@ -190,6 +190,11 @@ fn rule_refs(state: &State) -> Vec<RuleRef> {
     state.policies.values().flat_map(policy_rule_refs).collect()
 }
 
+/// Rule ids → rules, for [`Compiled::rules`].
+fn rule_table(ids: &BTreeMap<RuleRef, u32>) -> BTreeMap<u32, RuleRef> {
+    ids.iter().map(|(rule, id)| (*id, rule.clone())).collect()
+}
+
 /// Compiles with a fresh numbering (tests, explain, one-shot tools).
 pub fn compile(state: &State) -> Compiled {
     Compiler::default().compile(state)
@@ -237,7 +242,7 @@ impl Compiler {
 
         let classes = CidrClasses::build(state.policies.values(), &mut self.classes);
         let rule_ids = self.rules.assign(&rule_refs(state));
-        out.rules = rule_ids.iter().map(|(r, id)| (*id, r.clone())).collect();
+        out.rules = rule_table(rule_ids);
         let local_pods = policy_pods(state)
             .filter(|p| state.is_local(p))
             .map(Pod::object_ref)
@@ -255,7 +260,7 @@ impl Compiler {
         out
     }
 
-    /// The ipBlock trie, rule ids, and the local identities' isolation flags (returned) and allow
+    /// The ipBlock trie, and the local identities' isolation flags (returned) and allow
     /// entries: what depends on the policies, the namespaces and the set of identities, but not
     /// on which pod has which address ([`Incremental`] keeps it while those stay the same).
     fn emit_rules(
