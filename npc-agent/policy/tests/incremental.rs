@@ -234,3 +234,93 @@ fn a_relabel_recomputes_one_pod() {
     assert_eq!(compiled, reference.compile(inc.state()));
     assert!(compiled.identities.values().any(|k| k.labels["app"] == "new"));
 }
+
+/// Each kind of change re-emits the policies it can change, and only those (the others' entries
+/// are kept), and the result is still the full compile's.
+#[test]
+fn a_change_re_emits_only_the_policies_it_can_change() {
+    let pod = |ns: &str, name: &str, labels: &str, node: &str, ip: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{{labels}}}}}\nspec: {{nodeName: {node}, containers: [{{name: c}}]}}\nstatus: {{podIP: {ip}}}\n"
+        )
+    };
+    let policy = |name: &str, spec: &str| {
+        format!(
+            "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: a}}\nspec:\n{spec}"
+        )
+    };
+    let parse = |yaml: &str| {
+        let loaded = npc_policy::files::parse_str(std::path::Path::new("t.yaml"), yaml);
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        loaded.to_state()
+    };
+    let yaml = "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: b, labels: {team: x}}\n".to_string()
+        + &pod("a", "web", "app: web", "n1", "10.0.0.1")
+        + &pod("a", "db", "app: db", "n1", "10.0.0.2")
+        + &pod("b", "cli", "app: cli", "n2", "10.0.1.1")
+        + &policy("p1", "  podSelector: {matchLabels: {app: db}}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8}}]}]\n")
+        + &policy(
+            "p2",
+            "  podSelector: {matchLabels: {app: web}}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {team: x}}, podSelector: {matchLabels: {app: cli}}}]}]\n",
+        )
+        + &policy(
+            "p3",
+            "  podSelector: {matchLabels: {app: db}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: web}}}]}]\n",
+        );
+    let mut inc = Incremental::default();
+    let mut reference = Compiler::default();
+    inc.replace(State {
+        node_name: Some("n1".into()),
+        ..parse(&yaml)
+    });
+    let full = reference.compile(inc.state());
+    assert_eq!(inc.compile(), &full);
+    assert_eq!(inc.stats().rules, 3, "every policy selecting a local pod, at first");
+    let mut check = |inc: &mut Incremental, what: &str, emitted: usize| {
+        let got = inc.compile().clone();
+        assert_eq!(got, reference.compile(inc.state()), "{what}");
+        assert_eq!(inc.stats().rules, emitted, "{what}");
+    };
+
+    // A new ipBlock inside p1's moves p1's block into a new class too.
+    let p4 = parse(&policy(
+        "p4",
+        "  podSelector: {matchLabels: {app: web}}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/24}}]}]\n",
+    ));
+    inc.set_policy(p4.policies.into_values().next().expect("one policy"));
+    check(&mut inc, "an overlapping ipBlock", 2);
+
+    // Relabelling a namespace: the policy selecting peers by namespace labels (p2).
+    let mut b = inc.state().namespaces["b"].clone();
+    b.labels.insert("team".into(), "y".into());
+    inc.set_namespace(b);
+    check(&mut inc, "a relabelled namespace", 1);
+
+    // A new peer identity on another node: its entries are added (p3 allows it), nothing is
+    // emitted again; and when it goes, they are removed.
+    let web2 = parse(&pod("a", "web2", "app: web, v: '2'", "n2", "10.0.1.2"));
+    inc.set_pod(web2.pods.into_values().next().expect("one pod"));
+    let before = inc.compiled().maps.policy.len();
+    check(&mut inc, "a new peer identity", 0);
+    assert!(inc.compiled().maps.policy.len() > before, "the new peer's entries");
+    inc.remove_pod(&ObjectRef::new("a", "web2"));
+    check(&mut inc, "a peer identity gone", 0);
+    assert_eq!(inc.compiled().maps.policy.len(), before);
+    let web2 = parse(&pod("a", "web2", "app: web, v: '2'", "n2", "10.0.1.2"));
+    inc.set_pod(web2.pods.into_values().next().expect("one pod"));
+    check(&mut inc, "a new peer identity again", 0);
+
+    // A new pod of an existing identity changes no policy's entries.
+    let db2 = parse(&pod("a", "db2", "app: db", "n2", "10.0.1.3"));
+    inc.set_pod(db2.pods.into_values().next().expect("one pod"));
+    check(&mut inc, "a replica", 0);
+
+    // A local pod of a new identity: the policies of its namespace.
+    let new_local = parse(&pod("a", "db3", "app: db, v: '3'", "n1", "10.0.0.3"));
+    inc.set_pod(new_local.pods.into_values().next().expect("one pod"));
+    check(&mut inc, "a new local identity", 4);
+
+    // It goes again: the policies that selected it drop its entries (p1 and p3 select app=db).
+    inc.remove_pod(&ObjectRef::new("a", "db3"));
+    check(&mut inc, "a local identity gone", 2);
+}

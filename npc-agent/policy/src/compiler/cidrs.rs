@@ -115,6 +115,18 @@ impl CidrClasses {
         Self { lpm, of_block }
     }
 
+    /// The ipBlocks whose classes differ from `self` to `new` (those that came or went included).
+    pub(super) fn moved_blocks(&self, new: &Self) -> BTreeSet<IpBlock> {
+        let mut out: BTreeSet<IpBlock> = self
+            .of_block
+            .iter()
+            .filter(|(block, classes)| new.of_block.get(*block) != Some(*classes))
+            .map(|(block, _)| block.clone())
+            .collect();
+        out.extend(new.of_block.keys().filter(|b| !self.of_block.contains_key(*b)).cloned());
+        out
+    }
+
     pub(super) fn classes_of<'a>(&'a self, block: &IpBlock) -> impl Iterator<Item = u32> + 'a {
         self.of_block.get(block).into_iter().flatten().copied()
     }

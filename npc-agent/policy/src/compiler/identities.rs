@@ -104,6 +104,21 @@ pub(super) fn named_port_egress_blocks(state: &State) -> BTreeSet<IpBlock> {
 /// go (its keys are the ones its pods share, so it costs no copy); the full compile builds one.
 pub(super) type ByNamespace = BTreeMap<String, BTreeMap<u32, Arc<IdentityKey>>>;
 
+/// A namespace's labels: its own, or its name label alone while the Namespace is unknown.
+pub(super) fn namespace_labels<'a>(state: &'a State, namespace: &str) -> Cow<'a, Labels> {
+    match state.namespaces.get(namespace) {
+        Some(ns) => Cow::Borrowed(&ns.labels),
+        None => unknown_namespace_labels(namespace),
+    }
+}
+
+fn unknown_namespace_labels(namespace: &str) -> Cow<'static, Labels> {
+    Cow::Owned(Labels::from([(
+        NAMESPACE_NAME_LABEL.to_string(),
+        namespace.to_string(),
+    )]))
+}
+
 /// What rule emission looks peers up in: every identity by namespace, and the local ones.
 pub(super) struct IdentityIndex<'a> {
     state: &'a State,
@@ -158,7 +173,7 @@ impl<'a> IdentityIndex<'a> {
                     while known.next_if(|(name, _)| name.as_str() < ns.as_str()).is_some() {}
                     let labels = match known.peek() {
                         Some((name, n)) if *name == ns => Cow::Borrowed(&n.labels),
-                        _ => Cow::Owned(Labels::from([(NAMESPACE_NAME_LABEL.to_string(), ns.clone())])),
+                        _ => unknown_namespace_labels(ns),
                     };
                     (labels, ids)
                 })

@@ -11,15 +11,15 @@
 //!   key order), so that numbering, and so every map entry, is exactly the full compile's;
 //! - per address: the pods claiming it, so its owner (the newest) is known without a walk.
 //!
-//! What depends on the local pods only (isolation, allow entries, Services, endpoints) is emitted
-//! again by the same code the full compile runs (`Compiler::emit_rules`, `Compiler::emit_rest`):
-//! it is small (a node's pods, and only the policies of their namespaces), and what it reads is
-//! kept up to date here: every identity, and those identities by namespace (the index peers are
-//! looked up in). The allow entries are kept as they were unless a policy, a namespace or the set
-//! of identities changed. When a policy changes, the ipBlock classes are rebuilt and only that
-//! policy's rules are renumbered (freed, or given the next ids in policy order, as a renumbering of
-//! every rule would); when the named-port ipBlocks change (every pod's key may), or the node's
-//! name, or the id space runs out, everything is recomputed.
+//! The allow entries and isolation flags are kept per policy (`parts.rs`): a policy edit, a
+//! moved ipBlock class, a namespace change or a local identity coming or going emits the
+//! policies it can change again (by the code the full compile runs, `rules::emit_policy`), and a
+//! peer identity coming or going adds or removes the entries whose peer it is. When a policy
+//! changes, the ipBlock classes are rebuilt and only that policy's rules are renumbered (freed,
+//! or given the next ids in policy order, as a renumbering of every rule would); when the
+//! named-port ipBlocks change (every pod's key may), or the node's name, or the id space runs
+//! out, everything is recomputed. Services, endpoints and drop labels are emitted again on every
+//! compile (`Compiler::emit_rest`): they depend on the node's pods and the Services only.
 //!
 //! The full compile stays the reference: the property test below replays random event sequences
 //! and asserts, after every step, that the result is *equal* to a full compile with the same
@@ -31,12 +31,13 @@ use std::{
     time::Duration,
 };
 
-use npc_common::{CIDR_CLASS_BASE, FIRST_SERVICE_IDENTITY, peer};
+use npc_common::peer;
 
 use super::{
     Compiled, Compiler, IdentityKey, RuleRef,
     cidrs::CidrClasses,
     identities::{ByNamespace, named_port_egress_blocks},
+    parts::{Changes, RuleParts},
     pod_key_list, policy_rule_refs, rule_refs, rule_table,
 };
 use crate::{
@@ -52,8 +53,9 @@ pub struct CompileStats {
     pub full: bool,
     /// Pods whose identities and addresses were recomputed.
     pub pods: usize,
-    /// The policy rules' entries were emitted again (else kept from the compile before).
-    pub rules: bool,
+    /// Policies whose entries were emitted again (the others' were kept from the compile
+    /// before).
+    pub rules: usize,
     pub elapsed: Duration,
 }
 
@@ -94,13 +96,16 @@ pub struct Incremental {
     changed_owners: Option<Vec<IpAddr>>,
     /// Keys of `maps.identities` the last compile may have changed (None: any).
     changed_identities: Option<BTreeSet<[u8; 16]>>,
-    /// The policy rules' part of the result (`Compiler::emit_rules`) must be emitted again: a
-    /// policy, a namespace, the set of identities or the legacy flag changed. Pod churn within
-    /// existing identities (a rollout, a restart, a new address) leaves it as it was.
-    rules_dirty: bool,
-    /// What `emit_rules` last returned, and the local identities it ran for.
-    flags: BTreeMap<u32, u32>,
-    rules_local_ids: BTreeSet<u32>,
+    /// The policy rules' entries, kept per policy. Pod churn within existing identities (a
+    /// rollout, a restart, a new address) leaves them as they were; what else changed is below.
+    parts: RuleParts,
+    /// Every part must be emitted again: identities or rules were renumbered.
+    rules_reset: bool,
+    namespaces_changed: bool,
+    legacy_changed: bool,
+    /// Identities that came since the last compile, and the ids of those that went.
+    added_keys: Vec<(u32, IdentityKey)>,
+    removed_ids: Vec<u32>,
 }
 
 impl Incremental {
@@ -144,7 +149,7 @@ impl Incremental {
     pub fn adopt(&mut self, identities: &BTreeMap<[u8; 16], u32>, cidrs: &BTreeMap<super::CidrKey, u32>) {
         self.compiler.adopt(&self.state, identities, cidrs);
         self.built = false;
-        self.rules_dirty = true;
+        self.rules_reset = true;
         self.classes = None;
     }
 
@@ -181,13 +186,13 @@ impl Incremental {
     pub fn set_namespace(&mut self, ns: Namespace) {
         if self.state.namespaces.get(&ns.name) != Some(&ns) {
             self.state.namespaces.insert(ns.name.clone(), ns);
-            self.rules_dirty = true;
+            self.namespaces_changed = true;
         }
     }
 
     pub fn remove_namespace(&mut self, name: &str) {
         if self.state.namespaces.remove(name).is_some() {
-            self.rules_dirty = true;
+            self.namespaces_changed = true;
         }
     }
 
@@ -217,7 +222,7 @@ impl Incremental {
         self.state.node_addrs = node_addrs;
         if self.state.legacy_default_deny != legacy_default_deny {
             self.state.legacy_default_deny = legacy_default_deny;
-            self.rules_dirty = true;
+            self.legacy_changed = true;
         }
     }
 
@@ -254,7 +259,7 @@ impl Incremental {
         }
         if self.state.namespaces != namespaces {
             self.state.namespaces = namespaces;
-            self.rules_dirty = true;
+            self.namespaces_changed = true;
         }
         self.state.services = services;
         self.state.service_backends = service_backends;
@@ -269,7 +274,6 @@ impl Incremental {
                 self.named_port_blocks = blocks;
                 self.built = false;
             }
-            self.classes = None;
         }
         // Not incremental on the first compile, or when the id space would run out.
         let incremental = self.built && self.update_pods();
@@ -283,7 +287,7 @@ impl Incremental {
         self.stats = CompileStats {
             full: !incremental,
             pods,
-            rules: false,
+            rules: 0,
             elapsed: Duration::ZERO,
         };
         self.built = true;
@@ -309,14 +313,19 @@ impl Incremental {
         }
         self.changed_identities = touched;
 
+        let mut moved_blocks = BTreeSet::new();
         if self.policies_changed || self.classes.is_none() {
-            self.classes = Some(CidrClasses::build(
-                self.state.policies.values(),
-                &mut self.compiler.classes,
-            ));
-            self.number_rules();
+            let classes = CidrClasses::build(self.state.policies.values(), &mut self.compiler.classes);
+            match &self.classes {
+                Some(old) => moved_blocks = old.moved_blocks(&classes),
+                None => self.rules_reset = true,
+            }
+            self.out.maps.cidrs = classes.lpm.clone();
+            self.classes = Some(classes);
+            if self.number_rules() {
+                self.rules_reset = true;
+            }
             self.policies_changed = false;
-            self.rules_dirty = true;
         }
         let local_ids: BTreeSet<u32> = self
             .local
@@ -325,41 +334,46 @@ impl Incremental {
             .map(|(_, key)| self.compiler.identities.ids[&**key])
             .collect();
         let out = &mut self.out;
-        if self.rules_dirty || local_ids != self.rules_local_ids {
-            out.maps.policy.clear();
-            out.maps.port_ranges.clear();
-            let classes = self.classes.as_ref().expect("built above");
-            self.flags = Compiler::emit_rules(
-                &self.state,
-                out,
-                &self.by_namespace,
-                &local_ids,
-                classes,
-                &self.compiler.rules.ids,
-            );
-            self.rules_local_ids = local_ids;
-            self.rules_dirty = false;
-            self.stats.rules = true;
-        } else {
-            // Kept: only the last compile's Service entries go (their peer is a Service
-            // identity, which no rule entry has; see `services.rs`).
-            let services = FIRST_SERVICE_IDENTITY..CIDR_CLASS_BASE;
-            out.maps.policy.retain(|k, _| !services.contains(&k.peer));
-        }
+        self.parts.remove_service_entries(out);
+        let changes = Changes {
+            all: self.rules_reset,
+            policies: &self.changed_policies,
+            blocks: &moved_blocks,
+            added: &self.added_keys,
+            removed: &self.removed_ids,
+            namespaces: self.namespaces_changed,
+            legacy: self.legacy_changed,
+        };
+        self.stats.rules = self.parts.update(
+            &self.state,
+            out,
+            &self.by_namespace,
+            local_ids,
+            self.classes.as_ref().expect("built above"),
+            &self.compiler.rules.ids,
+            &changes,
+        );
+        self.rules_reset = false;
+        self.namespaces_changed = false;
+        self.legacy_changed = false;
+        self.added_keys.clear();
+        self.removed_ids.clear();
+        self.changed_policies.clear();
         out.maps.endpoints.clear();
         out.maps.sources.clear();
         out.maps.port_labels.clear();
         out.services.clear();
         out.vip_owners.clear();
         out.partly_allowed.clear();
-        self.compiler.emit_rest(&self.state, out, &self.local, &self.flags);
+        self.compiler
+            .emit_rest(&self.state, out, &self.local, self.parts.flags());
         self.stats.elapsed = start.elapsed();
         &self.out
     }
 
     /// Recomputes every pod's part from scratch (what a full compile does).
     fn rebuild_pods(&mut self) -> usize {
-        self.rules_dirty = true;
+        self.rules_reset = true;
         self.pods.clear();
         self.key_pods.clear();
         self.claims.clear();
@@ -465,8 +479,8 @@ impl Incremental {
                         .entry(key.namespace.clone())
                         .or_default()
                         .insert(id, shared);
+                    self.added_keys.push((id, key.clone()));
                     self.out.identities.insert(id, key);
-                    self.rules_dirty = true;
                 }
                 (false, Some(id)) => {
                     alloc.ids.remove(&key);
@@ -477,7 +491,7 @@ impl Incremental {
                         }
                     }
                     self.out.identities.remove(&id);
-                    self.rules_dirty = true;
+                    self.removed_ids.push(id);
                 }
                 _ => {}
             }
@@ -498,12 +512,12 @@ impl Incremental {
     /// rules that are gone are freed, new ones get the next ids in policy order (the changed
     /// policies are a subset of `state.policies`, in its order). Everything is renumbered before
     /// the first compile, after a `replace`, and when the id space would run out.
-    fn number_rules(&mut self) {
-        let changed = std::mem::take(&mut self.changed_policies);
+    fn number_rules(&mut self) -> bool {
+        let changed = &self.changed_policies;
         let alloc = &mut self.compiler.rules;
         if self.rules_numbered {
             let mut fresh: Vec<RuleRef> = Vec::new();
-            for id in &changed {
+            for id in changed {
                 let live: Vec<RuleRef> = self
                     .state
                     .policies
@@ -537,12 +551,13 @@ impl Incremental {
                     alloc.ids.insert(rule.clone(), n);
                     self.out.rules.insert(n, rule);
                 }
-                return;
+                return false;
             }
         }
         let ids = alloc.assign(&rule_refs(&self.state));
         self.out.rules = rule_table(ids);
         self.rules_numbered = true;
+        true
     }
 
     /// Sets `ip`'s owner and identity entry from the pods claiming it (the newest wins, as in

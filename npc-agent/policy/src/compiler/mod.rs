@@ -17,6 +17,7 @@ mod identities;
 mod incremental;
 mod lookup;
 mod numbering;
+mod parts;
 mod rules;
 mod services;
 
@@ -35,7 +36,7 @@ use self::{
     cidrs::CidrClasses,
     identities::{IdentityIndex, named_port_egress_blocks},
     numbering::Allocator,
-    rules::{emit_rule, resolve_peers},
+    rules::{Entries, emit_policy},
 };
 pub use self::{
     cidrs::CidrKey,
@@ -190,6 +191,19 @@ fn rule_refs(state: &State) -> Vec<RuleRef> {
     state.policies.values().flat_map(policy_rule_refs).collect()
 }
 
+/// `namespace`'s policies, in order.
+fn policies_in<'a>(state: &'a State, namespace: &'a str) -> impl Iterator<Item = &'a Policy> + 'a {
+    let from = ObjectRef {
+        namespace: namespace.to_string(),
+        name: String::new(),
+    };
+    state
+        .policies
+        .range(from..)
+        .map(|(_, p)| p)
+        .take_while(move |p| p.id.namespace == namespace)
+}
+
 /// Rule ids → rules, for [`Compiled::rules`].
 fn rule_table(ids: &BTreeMap<RuleRef, u32>) -> BTreeMap<u32, RuleRef> {
     ids.iter().map(|(rule, id)| (*id, rule.clone())).collect()
@@ -288,57 +302,14 @@ impl Compiler {
             }
         }
         // Only a policy in a local identity's namespace can select one.
-        let local_policies = index.local_namespaces().flat_map(|ns| {
-            let from = ObjectRef {
-                namespace: ns.to_string(),
-                name: String::new(),
-            };
-            state
-                .policies
-                .range(from..)
-                .map(|(_, p)| p)
-                .take_while(move |p| p.id.namespace == ns)
-        });
+        let local_policies = index.local_namespaces().flat_map(|ns| policies_in(state, ns));
+        let mut entries = Entries {
+            policy: &mut out.maps.policy,
+            port_ranges: &mut out.maps.port_ranges,
+            flags: &mut flags,
+        };
         for policy in local_policies {
-            let selected: Vec<u32> = index
-                .local_in(&policy.id.namespace)
-                .filter(|id| policy.pod_selector.matches(&out.identities[id].labels))
-                .collect();
-            for direction in [Direction::Ingress, Direction::Egress] {
-                let Some(rules) = policy.rules(direction) else { continue };
-                let (isolated, ranged) = match direction {
-                    Direction::Ingress => (endpoint_flags::INGRESS_ISOLATED, endpoint_flags::INGRESS_RANGES),
-                    Direction::Egress => (endpoint_flags::EGRESS_ISOLATED, endpoint_flags::EGRESS_RANGES),
-                };
-                for id in &selected {
-                    *flags.entry(*id).or_default() |= isolated;
-                }
-                if selected.is_empty() {
-                    continue;
-                }
-                for (i, rule) in rules.iter().enumerate() {
-                    let rule_id = rule_ids[&RuleRef {
-                        policy: policy.id.clone(),
-                        direction,
-                        index: i,
-                    }];
-                    let peers = resolve_peers(policy, rule.peers.as_deref(), &index, classes);
-                    for local in &selected {
-                        let emitted = emit_rule(
-                            &mut out.maps,
-                            *local,
-                            direction,
-                            &peers,
-                            rule.ports.as_deref(),
-                            &out.identities,
-                            rule_id,
-                        );
-                        if emitted.ranges {
-                            *flags.entry(*local).or_default() |= ranged;
-                        }
-                    }
-                }
-            }
+            emit_policy(policy, &index, &out.identities, classes, rule_ids, &mut entries);
         }
 
         flags

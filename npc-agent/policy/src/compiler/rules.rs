@@ -2,15 +2,19 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use npc_common::{
-    CIDR_CLASS_BASE, PORT_ANY, PORT_RANGE_FIXED_BITS, PROTO_ANY, PolicyKey, PolicyValue, PortRangeKey, peer,
+    CIDR_CLASS_BASE, PORT_ANY, PORT_RANGE_FIXED_BITS, PROTO_ANY, PolicyKey, PolicyValue, PortRangeKey, endpoint_flags,
+    peer,
 };
 
 use super::{
-    DesiredMaps,
+    RuleRef,
     cidrs::CidrClasses,
     identities::{IdentityIndex, IdentityKey},
 };
-use crate::policy::{Direction, IpBlock, NamespaceScope, Peer, Policy, PortSpec};
+use crate::{
+    model::Labels,
+    policy::{Direction, IpBlock, NamespaceScope, Peer, Policy, PortSpec, Rule},
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RangeKey {
@@ -41,6 +45,8 @@ impl PeerId {
 pub(super) struct Peers<'a> {
     pub(super) ids: BTreeSet<PeerId>,
     pub(super) blocks: Vec<&'a IpBlock>,
+    /// Emit only the entries whose peer is this identity (see [`peers_for`]).
+    pub(super) only: Option<u32>,
 }
 
 pub(super) fn resolve_peers<'a>(
@@ -53,11 +59,13 @@ pub(super) fn resolve_peers<'a>(
         return Peers {
             ids: [PeerId::Any].into(),
             blocks: Vec::new(),
+            only: None,
         };
     };
     let mut out = Peers {
         ids: BTreeSet::new(),
         blocks: Vec::new(),
+        only: None,
     };
     for p in peers {
         match p {
@@ -87,12 +95,167 @@ pub(super) fn resolve_peers<'a>(
     out
 }
 
+/// Where allow entries go: the result's maps (the full compile), or one policy's own
+/// ([`super::Incremental`] keeps them per policy). Entries go in with `or_insert` and flags with
+/// `|=`, so emitting policies in order into one set is the same as emitting each into its own and
+/// merging those in order.
+#[derive(Debug)]
+pub(super) struct Entries<'a> {
+    pub(super) policy: &'a mut BTreeMap<PolicyKey, PolicyValue>,
+    pub(super) port_ranges: &'a mut BTreeMap<RangeKey, PolicyValue>,
+    pub(super) flags: &'a mut BTreeMap<u32, u32>,
+}
+
+/// One policy's isolation flags and allow entries, for the local identities it selects (which it
+/// returns: `index` knows which are local).
+pub(super) fn emit_policy(
+    policy: &Policy,
+    index: &IdentityIndex,
+    identities: &BTreeMap<u32, IdentityKey>,
+    classes: &CidrClasses,
+    rule_ids: &BTreeMap<RuleRef, u32>,
+    into: &mut Entries,
+) -> Vec<u32> {
+    let selected: Vec<u32> = index
+        .local_in(&policy.id.namespace)
+        .filter(|id| policy.pod_selector.matches(&identities[id].labels))
+        .collect();
+    emit_selected(policy, &selected, identities, rule_ids, into, |rule| {
+        resolve_peers(policy, rule.peers.as_deref(), index, classes)
+    });
+    selected
+}
+
+/// `policy`'s flags and entries for the local identities in `selected`, each rule's peers from
+/// `peers_of` (all of them, or as far as one identity is concerned: [`peers_for`]).
+pub(super) fn emit_selected<'a>(
+    policy: &'a Policy,
+    selected: &[u32],
+    identities: &BTreeMap<u32, IdentityKey>,
+    rule_ids: &BTreeMap<RuleRef, u32>,
+    into: &mut Entries,
+    peers_of: impl Fn(&'a Rule) -> Peers<'a>,
+) {
+    if selected.is_empty() {
+        return;
+    }
+    for direction in [Direction::Ingress, Direction::Egress] {
+        let Some(rules) = policy.rules(direction) else { continue };
+        let (isolated, ranged) = match direction {
+            Direction::Ingress => (endpoint_flags::INGRESS_ISOLATED, endpoint_flags::INGRESS_RANGES),
+            Direction::Egress => (endpoint_flags::EGRESS_ISOLATED, endpoint_flags::EGRESS_RANGES),
+        };
+        for id in selected {
+            *into.flags.entry(*id).or_default() |= isolated;
+        }
+        for (i, rule) in rules.iter().enumerate() {
+            let rule_id = rule_ids[&RuleRef {
+                policy: policy.id.clone(),
+                direction,
+                index: i,
+            }];
+            let peers = peers_of(rule);
+            for local in selected {
+                let emitted = emit_rule(
+                    into,
+                    *local,
+                    direction,
+                    &peers,
+                    rule.ports.as_deref(),
+                    identities,
+                    rule_id,
+                );
+                if emitted.ranges {
+                    *into.flags.entry(*local).or_default() |= ranged;
+                }
+            }
+        }
+    }
+}
+
+/// The range flag of each direction, as [`emit_selected`] sets it: some range entry was made.
+pub(super) fn range_flags<'a>(ranges: impl Iterator<Item = &'a RangeKey>) -> u32 {
+    ranges.fold(0, |flags, k| {
+        flags
+            | if k.key.direction == Direction::Ingress.as_u8() {
+                endpoint_flags::INGRESS_RANGES
+            } else {
+                endpoint_flags::EGRESS_RANGES
+            }
+    })
+}
+
+/// Whether a rule of `policy` has an ipBlock peer in `blocks`.
+pub(super) fn has_block_in(policy: &Policy, blocks: &BTreeSet<IpBlock>) -> bool {
+    [Direction::Ingress, Direction::Egress].into_iter().any(|direction| {
+        policy.rules(direction).unwrap_or_default().iter().any(|rule| {
+            rule.peers
+                .iter()
+                .flatten()
+                .any(|peer| matches!(peer, Peer::IpBlock(b) if blocks.contains(b)))
+        })
+    })
+}
+
+/// Whether a rule of `policy` selects peers by their namespace's labels.
+pub(super) fn has_namespace_selector(policy: &Policy) -> bool {
+    [Direction::Ingress, Direction::Egress].into_iter().any(|direction| {
+        policy.rules(direction).unwrap_or_default().iter().any(|rule| {
+            rule.peers.iter().flatten().any(|peer| {
+                matches!(
+                    peer,
+                    Peer::Pods {
+                        namespaces: NamespaceScope::Selector(_),
+                        ..
+                    }
+                )
+            })
+        })
+    })
+}
+
+/// A rule's peers as far as one identity is concerned: the entries [`emit_rule`] makes with them
+/// are exactly those of the whole rule whose peer is `id` (an identity that came: the entries it
+/// adds; one that went: those it takes away). `namespace_labels` are its namespace's labels.
+pub(super) fn peers_for<'a>(
+    policy: &Policy,
+    peers: Option<&'a [Peer]>,
+    id: u32,
+    key: &IdentityKey,
+    namespace_labels: &Labels,
+) -> Peers<'a> {
+    let mut out = Peers {
+        ids: BTreeSet::new(),
+        blocks: Vec::new(),
+        only: Some(id),
+    };
+    let Some(peers) = peers else {
+        out.ids.insert(PeerId::Any);
+        return out;
+    };
+    for p in peers {
+        match p {
+            Peer::Pods { namespaces, pods } => {
+                let in_scope = match namespaces {
+                    NamespaceScope::Own => key.namespace == policy.id.namespace,
+                    NamespaceScope::Selector(sel) => sel.matches(namespace_labels),
+                };
+                if in_scope && pods.matches(&key.labels) {
+                    out.ids.insert(PeerId::Identity(id));
+                }
+            }
+            Peer::IpBlock(block) => out.blocks.push(block),
+        }
+    }
+    out
+}
+
 pub(super) struct Emitted {
     pub(super) ranges: bool,
 }
 
 pub(super) fn emit_rule(
-    maps: &mut DesiredMaps,
+    maps: &mut Entries,
     local: u32,
     direction: Direction,
     peers: &Peers,
@@ -103,7 +266,11 @@ pub(super) fn emit_rule(
     let mut emitted = Emitted { ranges: false };
     let value = PolicyValue { rule };
     let dir = direction.as_u8();
+    let wanted = |peer: PeerId| peers.only.is_none_or(|only| peer == PeerId::Identity(only));
     let mut exact = |peer: PeerId, protocol: u8, port: u16| {
+        if !wanted(peer) {
+            return;
+        }
         maps.policy
             .entry(PolicyKey {
                 identity: local,
@@ -141,7 +308,7 @@ pub(super) fn emit_rule(
                     }
                     continue;
                 }
-                for p in &peers.ids {
+                for p in peers.ids.iter().filter(|p| wanted(**p)) {
                     for (block, bits) in port_blocks(*start, end) {
                         let key = PortRangeKey {
                             identity: local,
@@ -179,17 +346,27 @@ pub(super) fn emit_rule(
                             PeerId::Identity(id) => {
                                 candidates.insert(*id);
                             }
-                            PeerId::Any => candidates.extend(identities.keys().copied()),
+                            PeerId::Any => match peers.only {
+                                Some(only) => _ = candidates.insert(only),
+                                None => candidates.extend(identities.keys().copied()),
+                            },
                             PeerId::Class(_) => {}
                         }
                     }
                     for block in &peers.blocks {
-                        candidates.extend(
-                            identities
-                                .iter()
-                                .filter(|(_, k)| k.named_port_blocks.contains(block))
-                                .map(|(id, _)| *id),
-                        );
+                        match peers.only {
+                            Some(only) => {
+                                if identities[&only].named_port_blocks.contains(block) {
+                                    candidates.insert(only);
+                                }
+                            }
+                            None => candidates.extend(
+                                identities
+                                    .iter()
+                                    .filter(|(_, k)| k.named_port_blocks.contains(block))
+                                    .map(|(id, _)| *id),
+                            ),
+                        }
                     }
                     for id in candidates {
                         for port in identities[&id].resolve(name, *protocol) {
