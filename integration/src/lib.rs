@@ -7,6 +7,16 @@ pub mod raw;
 pub mod scale;
 pub mod traffic;
 
+/// A property test's case count: `default`, divided by NPC_CASES_DIVISOR (at least one case),
+/// which `cargo xtask test` sets where a case costs ten times the host's (the emulated 6.1 guest).
+pub fn cases(default: u32) -> u32 {
+    let divisor = std::env::var("NPC_CASES_DIVISOR")
+        .ok()
+        .and_then(|s| s.parse::<u32>().ok())
+        .unwrap_or(1);
+    (default / divisor.max(1)).max(1)
+}
+
 /// Fails (never skips) when the test cannot do what it exists to do.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.

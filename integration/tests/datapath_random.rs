@@ -133,7 +133,7 @@ fn kernel_verdicts_agree_with_the_reference() {
     require_root();
     let net = Net::create();
     let mut runner = TestRunner::new(ProptestConfig {
-        cases: 32,
+        cases: npc_integration::cases(32),
         source_file: Some(file!()),
         failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("regressions"))),
         ..ProptestConfig::default()

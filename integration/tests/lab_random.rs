@@ -66,7 +66,7 @@ fn through_service(c: &Cluster, src: IpAddr, vip: IpAddr, protocol: &str, port: 
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 8,
+        cases: npc_integration::cases(8),
         failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("regressions"))),
         ..ProptestConfig::default()
     })]
