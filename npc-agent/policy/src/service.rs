@@ -117,11 +117,19 @@ pub fn backends(state: &State, svc: &Service) -> Vec<Backend> {
     let Some(selector) = &svc.selector else {
         return Vec::new();
     };
-    let selected = |pod: &&Pod| {
-        pod.namespace == svc.namespace && !pod.terminated && selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
+    let selected = |pod: &&Pod| !pod.terminated && selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v));
+    // Only the Service's namespace (pods are keyed by namespace first), not every pod.
+    let from = ObjectRef {
+        namespace: svc.namespace.clone(),
+        name: String::new(),
     };
+    let in_namespace = state
+        .pods
+        .range(from..)
+        .map(|(_, pod)| pod)
+        .take_while(|pod| pod.namespace == svc.namespace);
     let mut out = Vec::new();
-    for pod in state.pods.values().filter(selected) {
+    for pod in in_namespace.filter(selected) {
         let ports: Vec<(String, Protocol, u16)> = svc
             .ports
             .iter()

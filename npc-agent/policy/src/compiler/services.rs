@@ -64,7 +64,12 @@ pub(super) fn emit_services(
         .map(|(id, f)| EndpointInfo::new(*id, *f, &[]))
         .collect();
     for svc in state.services.values() {
-        let backends = picked_backends(state, svc);
+        // Judged only for egress-isolated local identities: none, no backends to look at.
+        let backends = if egress_isolated.is_empty() {
+            Vec::new()
+        } else {
+            picked_backends(state, svc)
+        };
         for v4 in [true, false] {
             let Some(&service_id) = ids.get(&(svc.object_ref(), v4)) else {
                 continue;
