@@ -136,6 +136,7 @@ fn replay(clusters: &[State], seed: u64, batch: usize, adopt: bool) -> Result<()
     let mut steps = 0;
     let mut owners = BTreeMap::new();
     let mut identities = BTreeMap::new();
+    let mut policy = BTreeMap::new();
     for (n, target) in clusters.iter().enumerate() {
         let mut todo = events(&state, target);
         shuffle(&mut todo, seed.wrapping_add(n as u64) | 1);
@@ -173,6 +174,19 @@ fn replay(clusters: &[State], seed: u64, batch: usize, adopt: bool) -> Result<()
                 }
             }
             prop_assert_eq!(&identities, &full.maps.identities);
+            // And a copy of the allow entries patched at `changed_policy` alone.
+            match inc.changed_policy() {
+                None => policy = got.maps.policy.clone(),
+                Some(keys) => {
+                    for k in keys {
+                        match got.maps.policy.get(k) {
+                            Some(v) => policy.insert(*k, *v),
+                            None => policy.remove(k),
+                        };
+                    }
+                }
+            }
+            prop_assert_eq!(&policy, &full.maps.policy);
             steps += 1;
         }
         prop_assert_eq!(&inc.state().pods, &target.pods);

@@ -19,6 +19,7 @@ use self::log::LogPump;
 pub use self::{
     bpffs::ensure_bpffs,
     links::{AttachPath, NL_PRIORITY, ifindex_of, kernel_release, uninstall},
+    sync::Touched,
 };
 use std::{
     collections::BTreeMap,
@@ -191,6 +192,9 @@ pub struct Datapath {
     reconciled_at: Option<std::time::Instant>,
     /// Maps over 90% of their capacity (logged once on the way up).
     pressured: std::collections::BTreeSet<&'static str>,
+    /// The conntrack sweep `load` ran, for the first metrics count (the table can hold 262k
+    /// entries: walking it twice at start is a second of CPU for nothing).
+    load_sweep: Option<ConntrackSweep>,
 }
 
 macro_rules! take_map {
@@ -276,6 +280,7 @@ impl Datapath {
             written: None,
             reconciled_at: None,
             pressured: Default::default(),
+            load_sweep: None,
         };
         std::fs::create_dir_all(dp.links_dir()).map_err(io_err("creating the links directory"))?;
         let mut dp = dp;
@@ -286,6 +291,7 @@ impl Datapath {
                 "conntrack: rewrote the previous release's entries into shared ones"
             );
         }
+        dp.load_sweep = Some(swept);
         for (ifindex, info) in &carried {
             dp.endpoints.insert(ifindex, info, 0)?;
         }
@@ -435,6 +441,11 @@ impl Datapath {
     /// whose opener was the higher end, judging their packets as new. The load sweeps once
     /// (while the previous programs still enforce, writing entries the old way), and the
     /// enforcer's first sweep after attaching catches what they wrote meanwhile.
+    /// The sweep that loading ran (once: the caller counts it as its first).
+    pub fn take_load_sweep(&mut self) -> Option<ConntrackSweep> {
+        self.load_sweep.take()
+    }
+
     pub fn conntrack_sweep(&mut self) -> Result<ConntrackSweep, DatapathError> {
         let now = monotonic_coarse_ns();
         let mut sweep = ConntrackSweep::default();

@@ -14,7 +14,7 @@ use npc_policy::{
 };
 
 use crate::{
-    datapath::{Datapath, DatapathError, SyncStats, ifindex_of},
+    datapath::{Datapath, DatapathError, SyncStats, Touched, ifindex_of},
     node::{
         attacher::{AttachError, Attacher, PodLink},
         metrics::Metrics,
@@ -80,6 +80,11 @@ impl Enforcer {
         ] {
             metrics.set_map_capacity(map, capacity);
         }
+        // Loading swept conntrack already: that is the first count.
+        let swept_at_load = datapath.take_load_sweep();
+        if let Some(sweep) = &swept_at_load {
+            metrics.set_map_entries("conntrack", sweep.live);
+        }
         Self {
             node,
             datapath,
@@ -89,7 +94,7 @@ impl Enforcer {
             links: BTreeMap::new(),
             unattached: 0,
             names,
-            conntrack_counted: None,
+            conntrack_counted: swept_at_load.map(|_| Instant::now()),
             failed_turns: 0,
             metrics,
             _observer: observer,
@@ -251,11 +256,14 @@ impl Enforcer {
             names.services = compiled.vip_owners.clone();
             names.by_ifindex = ifindexes.iter().map(|(pod, i)| (*i, pod.clone())).collect();
         }
-        let synced = self
-            .datapath
-            .sync_changed(&compiled.maps, compiler.changed_identities(), |pod| {
-                ifindexes.get(pod).copied()
-            });
+        let synced = self.datapath.sync_changed(
+            &compiled.maps,
+            Touched {
+                identities: compiler.changed_identities(),
+                policy: compiler.changed_policy(),
+            },
+            |pod| ifindexes.get(pod).copied(),
+        );
         match &synced {
             Ok(stats) => {
                 self.metrics
@@ -384,21 +392,26 @@ impl Enforcer {
     /// Where `ip` is enforced now, for a pod whose interface could not be looked up this turn:
     /// its link from an earlier turn if that interface still exists, else (right after a
     /// restart) an interface with our programs whose endpoint holds the address. The endpoints
-    /// are read once per turn, on the first need.
+    /// and our attachments are read once per turn, on the first need (a restart may find
+    /// hundreds of pods unresolved).
     fn still_enforcing(
         &self,
         pod: &ObjectRef,
         ip: IpAddr,
-        previous: &mut Option<BTreeMap<u32, npc_common::EndpointInfo>>,
+        previous: &mut Option<(BTreeMap<u32, npc_common::EndpointInfo>, BTreeSet<u32>)>,
     ) -> Option<u32> {
         if let Some((_, link)) = self.links.get(pod)
             && ifindex_of(&link.name) == Some(link.ifindex)
         {
             return Some(link.ifindex);
         }
-        let endpoints = previous.get_or_insert_with(|| self.datapath.endpoints().unwrap_or_default());
+        let (endpoints, attached) = previous.get_or_insert_with(|| {
+            (
+                self.datapath.endpoints().unwrap_or_default(),
+                self.datapath.attached_ifindexes(),
+            )
+        });
         let addr = npc_policy::model::addr_bytes(ip);
-        let attached = self.datapath.attached_ifindexes();
         endpoints
             .iter()
             .find(|(ifindex, info)| attached.contains(ifindex) && info.addrs.contains(&addr))

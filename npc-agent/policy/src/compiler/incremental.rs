@@ -31,7 +31,7 @@ use std::{
     time::Duration,
 };
 
-use npc_common::peer;
+use npc_common::{PolicyKey, peer};
 
 use super::{
     Compiled, Compiler, IdentityKey, RuleRef,
@@ -96,6 +96,8 @@ pub struct Incremental {
     changed_owners: Option<Vec<IpAddr>>,
     /// Keys of `maps.identities` the last compile may have changed (None: any).
     changed_identities: Option<BTreeSet<[u8; 16]>>,
+    /// Keys of `maps.policy` the last compile may have changed (None: any).
+    changed_policy: Option<BTreeSet<PolicyKey>>,
     /// The policy rules' entries, kept per policy. Pod churn within existing identities (a
     /// rollout, a restart, a new address) leaves them as they were; what else changed is below.
     parts: RuleParts,
@@ -142,6 +144,12 @@ impl Incremental {
     /// instead of the whole map (one entry per pod of the cluster).
     pub fn changed_identities(&self) -> Option<&BTreeSet<[u8; 16]>> {
         self.changed_identities.as_ref()
+    }
+
+    /// The keys of [`super::DesiredMaps::policy`] whose entry the last compile may have changed
+    /// (None: any): MapSync diffs only these instead of every allow entry of the node.
+    pub fn changed_policy(&self) -> Option<&BTreeSet<PolicyKey>> {
+        self.changed_policy.as_ref()
     }
 
     /// Takes over a previous agent's numbering for the current state (see [`Compiler::adopt`]);
@@ -334,7 +342,8 @@ impl Incremental {
             .map(|(_, key)| self.compiler.identities.ids[&**key])
             .collect();
         let out = &mut self.out;
-        self.parts.remove_service_entries(out);
+        let mut touched = Some(BTreeSet::new());
+        self.parts.remove_service_entries(out, &mut touched);
         let changes = Changes {
             all: self.rules_reset,
             policies: &self.changed_policies,
@@ -352,6 +361,7 @@ impl Incremental {
             self.classes.as_ref().expect("built above"),
             &self.compiler.rules.ids,
             &changes,
+            &mut touched,
         );
         self.rules_reset = false;
         self.namespaces_changed = false;
@@ -367,6 +377,8 @@ impl Incremental {
         out.partly_allowed.clear();
         self.compiler
             .emit_rest(&self.state, out, &self.local, self.parts.flags());
+        self.parts.note_service_entries(out, &mut touched);
+        self.changed_policy = touched;
         self.stats.elapsed = start.elapsed();
         &self.out
     }

@@ -94,11 +94,13 @@ impl RuleParts {
         classes: &CidrClasses,
         rule_ids: &BTreeMap<RuleRef, u32>,
         changes: &Changes,
+        touched: &mut Touched,
     ) -> usize {
         let index = IdentityIndex::new(state, &out.identities, by_ns, &local_ids);
         let mut stale: BTreeSet<ObjectRef> = BTreeSet::new();
         let mut affected: BTreeSet<u32> = BTreeSet::new();
         if changes.all {
+            *touched = None;
             self.parts.clear();
             out.maps.policy.clear();
             out.maps.port_ranges.clear();
@@ -136,7 +138,7 @@ impl RuleParts {
                     stale.insert(name.clone());
                 }
             }
-            affected.extend(self.patch_peers(state, out, &stale, rule_ids, changes));
+            affected.extend(self.patch_peers(state, out, &stale, rule_ids, changes, touched));
         }
 
         let emitted = stale.len();
@@ -162,7 +164,7 @@ impl RuleParts {
             out.maps.port_ranges.retain(|k, _| !affected.contains(&k.key.identity));
         }
         for id in &affected {
-            remove_range(&mut out.maps.policy, identity_range(*id));
+            note(touched, remove_range(&mut out.maps.policy, identity_range(*id)));
             if !self.local_ids.contains(id) {
                 continue;
             }
@@ -170,6 +172,7 @@ impl RuleParts {
                 for (k, v) in part.policy.range(identity_range(*id)) {
                     out.maps.policy.entry(*k).or_insert(*v);
                 }
+                note(touched, part.policy.range(identity_range(*id)).map(|(k, _)| *k));
                 for (k, v) in part.port_ranges.iter().filter(|(k, _)| k.key.identity == *id) {
                     out.maps.port_ranges.entry(*k).or_insert(*v);
                 }
@@ -213,6 +216,7 @@ impl RuleParts {
         stale: &BTreeSet<ObjectRef>,
         rule_ids: &BTreeMap<RuleRef, u32>,
         changes: &Changes,
+        touched: &mut Touched,
     ) -> BTreeSet<u32> {
         let mut recompose = BTreeSet::new();
         if !changes.removed.is_empty() {
@@ -235,7 +239,7 @@ impl RuleParts {
             }
             for local in &self.local_ids {
                 for peer in &gone {
-                    remove_range(&mut out.maps.policy, peer_range(*local, *peer));
+                    note(touched, remove_range(&mut out.maps.policy, peer_range(*local, *peer)));
                 }
             }
         }
@@ -262,6 +266,7 @@ impl RuleParts {
                 for (k, v) in add.policy {
                     part.policy.insert(k, v);
                     out.maps.policy.entry(k).or_insert(v);
+                    note(touched, [k]);
                 }
                 if !add.port_ranges.is_empty() {
                     part.port_ranges.extend(add.port_ranges);
@@ -276,20 +281,16 @@ impl RuleParts {
     /// Removes the Service entries of the last compile: every local identity that was judged
     /// against Services has its flags here, and a Service entry's peer is a Service identity, which
     /// no rule entry has (see `services.rs`).
-    pub(super) fn remove_service_entries(&self, out: &mut Compiled) {
+    pub(super) fn remove_service_entries(&self, out: &mut Compiled, touched: &mut Touched) {
         for id in self.flags.keys() {
-            let from = PolicyKey {
-                identity: *id,
-                peer: FIRST_SERVICE_IDENTITY,
-                port: 0,
-                protocol: 0,
-                direction: 0,
-            };
-            let to = PolicyKey {
-                peer: CIDR_CLASS_BASE,
-                ..from
-            };
-            remove_range(&mut out.maps.policy, from..to);
+            note(touched, remove_range(&mut out.maps.policy, service_range(*id)));
+        }
+    }
+
+    /// Notes the Service entries this compile made (after `Compiler::emit_rest`).
+    pub(super) fn note_service_entries(&self, out: &Compiled, touched: &mut Touched) {
+        for id in self.flags.keys() {
+            note(touched, out.maps.policy.range(service_range(*id)).map(|(k, _)| *k));
         }
     }
 
@@ -325,16 +326,32 @@ fn peer_range(local: u32, peer: u32) -> std::ops::RangeInclusive<PolicyKey> {
     }
 }
 
+/// The keys of `maps.policy` a compile may have changed (None: any), for MapSync.
+pub(super) type Touched = Option<BTreeSet<PolicyKey>>;
+
+fn note(touched: &mut Touched, keys: impl IntoIterator<Item = PolicyKey>) {
+    if let Some(t) = touched {
+        t.extend(keys);
+    }
+}
+
+/// The Service entries of local identity `local` (a Service identity's peer range).
+fn service_range(local: u32) -> std::ops::Range<PolicyKey> {
+    *peer_range(local, FIRST_SERVICE_IDENTITY).start()..*peer_range(local, CIDR_CLASS_BASE).start()
+}
+
 /// Every policy key of local identity `local`.
 fn identity_range(local: u32) -> std::ops::RangeInclusive<PolicyKey> {
     *peer_range(local, 0).start()..=*peer_range(local, u32::MAX).end()
 }
 
-fn remove_range<V>(map: &mut BTreeMap<PolicyKey, V>, range: impl std::ops::RangeBounds<PolicyKey>) {
+/// Removes `range`'s keys from `map`, and returns them.
+fn remove_range<V>(map: &mut BTreeMap<PolicyKey, V>, range: impl std::ops::RangeBounds<PolicyKey>) -> Vec<PolicyKey> {
     let gone: Vec<PolicyKey> = map.range(range).map(|(k, _)| *k).collect();
-    for key in gone {
-        map.remove(&key);
+    for key in &gone {
+        map.remove(key);
     }
+    gone
 }
 
 impl Part {
