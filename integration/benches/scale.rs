@@ -1,6 +1,6 @@
 //! `cargo xtask bench scale`: the node agent against the fake API server with generated clusters
-//! (see `npc_integration::scale`). Sizes come from `NPC_SCALE_SIZES` (`pods:namespaces:policies`,
-//! comma-separated; default 10000:100:1000,30000:100:1000); run by hand without `--bench`, one
+//! (see `npc_integration::scale`). Sizes come from `NPC_SCALE_SIZES`
+//! (`pods:namespaces:policies[:services]`, comma-separated; default 10000:100:1000,30000:100:1000); run by hand without `--bench`, one
 //! small size. Prints the table and writes the rows as JSON to `target/bench-scale.json`.
 use std::path::Path;
 
@@ -30,13 +30,16 @@ fn main() {
                         .unwrap_or_else(|e| panic!("NPC_SCALE_SIZES {s:?}: {e}"))
                 })
                 .collect();
-            let [pods, namespaces, policies] = n[..] else {
-                panic!("NPC_SCALE_SIZES {s:?}: want pods:namespaces:policies")
+            let (pods, namespaces, policies, services) = match n[..] {
+                [pods, namespaces, policies] => (pods, namespaces, policies, 0),
+                [pods, namespaces, policies, services] => (pods, namespaces, policies, services),
+                _ => panic!("NPC_SCALE_SIZES {s:?}: want pods:namespaces:policies[:services]"),
             };
             Size {
                 pods,
                 namespaces,
                 policies,
+                services,
             }
         })
         .collect();

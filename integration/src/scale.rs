@@ -1,7 +1,8 @@
 //! The control-plane scale benchmark (`cargo xtask bench scale`, issue 14): the node agent (the
 //! real `npc-agent run` binary, in its own process) against the fake API server holding a
 //! generated cluster: two pods on this node (a lab fabric: real interfaces to attach to), the
-//! rest on other nodes; one policy per pod group. Reports the time from the agent's start to
+//! rest on other nodes; one policy per pod group, and optionally one Service per group (with its
+//! EndpointSlice) that the local pods, isolated for egress, are judged against on every turn. Reports the time from the agent's start to
 //! `/readyz` (first enforcement), its resident memory (VmRSS, and the peak VmHWM) once enforcing,
 //! and edit → kernel map latencies: a policy edit that changes the local server's allowed port is
 //! timed until the new allow entry is in the pinned `NPC_POLICY`, and a relabel of the local
@@ -20,6 +21,10 @@ pub struct Size {
     pub pods: usize,
     pub namespaces: usize,
     pub policies: usize,
+    /// Services (each over one pod group, with its EndpointSlice); with any, the local pods are
+    /// isolated for egress (allowed to every pod), so every Service is judged on every turn, as
+    /// for an egress-isolated pod of a real cluster.
+    pub services: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -38,6 +43,9 @@ pub struct Row {
     pub policy_edit_ms: Vec<f64>,
     /// Pod relabel applied → the allow entry of its identity gone (or back) in the kernel map.
     pub relabel_ms: Vec<f64>,
+    /// Allow entries for Service VIPs in the kernel once enforcing (one per Service and local
+    /// pod identity when `size.services` are judged): that the Services are really judged.
+    pub service_entries: usize,
     /// Per edit and relabel: the agent's turn time (change in hand → kernel maps written),
     /// without the API server's delivery and the coalescing wait.
     pub turn_ms: Vec<f64>,
@@ -105,6 +113,37 @@ fn remote_objects(size: Size) -> Vec<Value> {
                      "containers": [{"name": "c", "ports": [{"containerPort": 8080, "name": "http"}]}]},
             "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
         }));
+    }
+    for g in 0..size.services.min(size.policies).min(65536) {
+        let ns = format!("s{}", g % size.namespaces);
+        let name = format!("g{g}");
+        out.push(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"clusterIP": format!("10.96.{}.{}", g >> 8, g & 255), "selector": {"app": name},
+                     "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]},
+        }));
+        // The group's pods: i ≡ g (mod policies).
+        let endpoints: Vec<Value> = (g..size.pods)
+            .step_by(size.policies)
+            .map(|i| {
+                json!({"addresses": [format!("10.{}.{}.{}", 128 + (i >> 16), (i >> 8) & 255, i & 255)],
+                            "conditions": {"ready": true}, "nodeName": format!("remote-{}", i % 50)})
+            })
+            .collect();
+        out.push(json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("{name}-abcde"), "namespace": ns,
+                         "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": endpoints,
+        }));
+    }
+    if size.services > 0 {
+        out.push(yaml(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: all-out, namespace: local}\nspec:\n  podSelector: {}\n  policyTypes: [Egress]\n  egress: [{to: [{namespaceSelector: {}}]}]\n",
+        ));
     }
     for g in 0..size.policies {
         out.push(json!({
@@ -209,6 +248,12 @@ pub fn run(size: Size, edits: usize) -> Row {
     // May the client (by its identity now) open `port` on the server, by the kernel maps?
     let allowed = |port: u16| client_identity().is_some_and(|id| policy.get(&key(id, port), 0).is_ok());
 
+    let services = npc_common::FIRST_SERVICE_IDENTITY..npc_common::CIDR_CLASS_BASE;
+    let service_entries = policy
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| services.contains(&k.peer))
+        .count();
     let mut turn_ms = Vec::new();
     let mut policy_edit_ms = Vec::new();
     let mut port = 80;
@@ -241,6 +286,7 @@ pub fn run(size: Size, edits: usize) -> Row {
         first_sync_s,
         policy_edit_ms,
         relabel_ms,
+        service_entries,
         turn_ms,
     }
 }
@@ -258,10 +304,11 @@ pub fn percentile(v: &[f64], p: f64) -> f64 {
 /// The table `cargo xtask bench scale` prints.
 pub fn table(rows: &[Row]) -> String {
     let mut out = format!(
-        "{:>8} {:>6} {:>8}  {:>14} {:>10} {:>9} {:>9} {:>9}  {:>24}  {:>24}  {:>16}\n",
+        "{:>8} {:>6} {:>8} {:>8}  {:>14} {:>10} {:>9} {:>9} {:>9}  {:>24}  {:>24}  {:>16}\n",
         "pods",
         "ns",
         "policies",
+        "services",
         "start->enforce",
         "first turn",
         "RSS MiB",
@@ -281,10 +328,11 @@ pub fn table(rows: &[Row]) -> String {
             )
         };
         out += &format!(
-            "{:>8} {:>6} {:>8}  {:>13.2}s {:>9.2}s {:>9.0} {:>9.0} {:>9.0}  {:>24}  {:>24}  {:>16}\n",
+            "{:>8} {:>6} {:>8} {:>8}  {:>13.2}s {:>9.2}s {:>9.0} {:>9.0} {:>9.0}  {:>24}  {:>24}  {:>16}\n",
             r.size.pods,
             r.size.namespaces,
             r.size.policies,
+            r.size.services,
             r.start_to_enforcing_s,
             r.first_sync_s,
             r.rss_mib,
