@@ -19,6 +19,19 @@ pub struct ObjectRef {
     pub name: String,
 }
 
+/// The entries of `map` in `namespace`, in name order: a map keyed by [`ObjectRef`] sorts by
+/// namespace first, so this is a range, not a walk of every object.
+pub fn in_namespace<'a, V>(
+    map: &'a BTreeMap<ObjectRef, V>,
+    namespace: &'a str,
+) -> impl Iterator<Item = (&'a ObjectRef, &'a V)> + 'a {
+    let from = ObjectRef {
+        namespace: namespace.to_string(),
+        name: String::new(),
+    };
+    map.range(from..).take_while(move |(k, _)| k.namespace == namespace)
+}
+
 impl ObjectRef {
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
         Self {

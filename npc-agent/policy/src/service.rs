@@ -17,7 +17,8 @@ use k8s_openapi::{
 };
 
 use crate::model::{
-    Labels, ObjectError, ObjectRef, Pod, Protocol, State, field_err, name_and_namespace, port_number, protocol_of,
+    Labels, ObjectError, ObjectRef, Pod, Protocol, State, field_err, in_namespace, name_and_namespace, port_number,
+    protocol_of,
 };
 
 /// Where a Service port sends traffic on a backend pod.
@@ -118,18 +119,11 @@ pub fn backends(state: &State, svc: &Service) -> Vec<Backend> {
         return Vec::new();
     };
     let selected = |pod: &&Pod| !pod.terminated && selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v));
-    // Only the Service's namespace (pods are keyed by namespace first), not every pod.
-    let from = ObjectRef {
-        namespace: svc.namespace.clone(),
-        name: String::new(),
-    };
-    let in_namespace = state
-        .pods
-        .range(from..)
-        .map(|(_, pod)| pod)
-        .take_while(|pod| pod.namespace == svc.namespace);
     let mut out = Vec::new();
-    for pod in in_namespace.filter(selected) {
+    for pod in in_namespace(&state.pods, &svc.namespace)
+        .map(|(_, pod)| pod)
+        .filter(selected)
+    {
         let ports: Vec<(String, Protocol, u16)> = svc
             .ports
             .iter()

@@ -118,6 +118,25 @@ fn shuffle<T>(items: &mut [T], mut seed: u64) {
     }
 }
 
+/// Brings `copy` up to date with `got` at the `changed` keys alone (None: any key may have
+/// changed, so all of it), as a reader of the incremental compiler's change lists does.
+fn patch<'a, K: Ord + Clone + 'a, V: Clone>(
+    copy: &mut BTreeMap<K, V>,
+    got: &BTreeMap<K, V>,
+    changed: Option<impl IntoIterator<Item = &'a K>>,
+) {
+    let Some(keys) = changed else {
+        *copy = got.clone();
+        return;
+    };
+    for k in keys {
+        match got.get(k) {
+            Some(v) => copy.insert(k.clone(), v.clone()),
+            None => copy.remove(k),
+        };
+    }
+}
+
 /// Replays `clusters` as events, comparing after every batch. `adopt`: start from the numbering a
 /// previous agent left for the last cluster (as the agent does after a restart).
 fn replay(clusters: &[State], seed: u64, batch: usize, adopt: bool) -> Result<(), TestCaseError> {
@@ -148,44 +167,14 @@ fn replay(clusters: &[State], seed: u64, batch: usize, adopt: bool) -> Result<()
             let got = inc.compile().clone();
             prop_assert_eq!(&got, &full, "after step {} towards cluster {}", steps, n);
             // A copy of the owners kept up to date from `changed_owners` alone stays right.
-            match inc.changed_owners() {
-                None => owners = got.address_owners.clone(),
-                Some(addrs) => {
-                    for ip in addrs {
-                        match got.address_owners.get(ip) {
-                            Some(pod) => owners.insert(*ip, pod.clone()),
-                            None => owners.remove(ip),
-                        };
-                    }
-                }
-            }
+            patch(&mut owners, &got.address_owners, inc.changed_owners());
             prop_assert_eq!(&owners, &full.address_owners);
             // So does a copy of the identities map patched at `changed_identities` alone (what
             // MapSync writes).
-            match inc.changed_identities() {
-                None => identities = got.maps.identities.clone(),
-                Some(keys) => {
-                    for k in keys {
-                        match got.maps.identities.get(k) {
-                            Some(id) => identities.insert(*k, *id),
-                            None => identities.remove(k),
-                        };
-                    }
-                }
-            }
+            patch(&mut identities, &got.maps.identities, inc.changed_identities());
             prop_assert_eq!(&identities, &full.maps.identities);
             // And a copy of the allow entries patched at `changed_policy` alone.
-            match inc.changed_policy() {
-                None => policy = got.maps.policy.clone(),
-                Some(keys) => {
-                    for k in keys {
-                        match got.maps.policy.get(k) {
-                            Some(v) => policy.insert(*k, *v),
-                            None => policy.remove(k),
-                        };
-                    }
-                }
-            }
+            patch(&mut policy, &got.maps.policy, inc.changed_policy());
             prop_assert_eq!(&policy, &full.maps.policy);
             steps += 1;
         }

@@ -47,7 +47,7 @@ pub use self::{
     services::{PartlyAllowed, ServiceKey},
 };
 use crate::{
-    model::{Labels, ObjectRef, Pod, State, addr_bytes},
+    model::{Labels, ObjectRef, Pod, State, addr_bytes, in_namespace},
     policy::{Direction, IpBlock, Policy, Rule},
 };
 
@@ -193,15 +193,16 @@ fn rule_refs(state: &State) -> Vec<RuleRef> {
 
 /// `namespace`'s policies, in order.
 fn policies_in<'a>(state: &'a State, namespace: &'a str) -> impl Iterator<Item = &'a Policy> + 'a {
-    let from = ObjectRef {
-        namespace: namespace.to_string(),
-        name: String::new(),
-    };
-    state
-        .policies
-        .range(from..)
-        .map(|(_, p)| p)
-        .take_while(move |p| p.id.namespace == namespace)
+    in_namespace(&state.policies, namespace).map(|(_, p)| p)
+}
+
+/// Whether the legacy annotation isolates `namespace`'s pods for ingress (when enabled).
+fn legacy_isolated(state: &State, namespace: &str) -> bool {
+    state.legacy_default_deny
+        && state
+            .namespaces
+            .get(namespace)
+            .is_some_and(|ns| legacy_default_deny(&ns.annotations))
 }
 
 /// Rule ids → rules, for [`Compiled::rules`].
@@ -290,15 +291,9 @@ impl Compiler {
 
         // Isolation and allow entries.
         let mut flags: BTreeMap<u32, u32> = BTreeMap::new();
-        if state.legacy_default_deny {
-            for id in local_ids {
-                let legacy = state
-                    .namespaces
-                    .get(&out.identities[id].namespace)
-                    .is_some_and(|ns| legacy_default_deny(&ns.annotations));
-                if legacy {
-                    *flags.entry(*id).or_default() |= endpoint_flags::INGRESS_ISOLATED;
-                }
+        for id in local_ids {
+            if legacy_isolated(state, &out.identities[id].namespace) {
+                *flags.entry(*id).or_default() |= endpoint_flags::INGRESS_ISOLATED;
             }
         }
         // Only a policy in a local identity's namespace can select one.

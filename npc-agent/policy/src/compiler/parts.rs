@@ -30,13 +30,13 @@ use super::{
     Compiled, RuleRef,
     cidrs::CidrClasses,
     identities::{ByNamespace, IdentityIndex, IdentityKey, namespace_labels},
-    legacy_default_deny, policies_in,
+    legacy_isolated, policies_in,
     rules::{
         Entries, RangeKey, emit_policy, emit_selected, has_block_in, has_namespace_selector, peers_for, range_flags,
     },
 };
 use crate::{
-    model::{ObjectRef, State},
+    model::{ObjectRef, State, in_namespace},
     policy::IpBlock,
 };
 
@@ -82,7 +82,7 @@ impl RuleParts {
     }
 
     /// Brings `out`'s policy and port-range entries up to date with `changes`; returns how many
-    /// policies were emitted again. The last compile's Service entries must be gone
+    /// policies' parts were redone (emitted again, or dropped). The last compile's Service entries must be gone
     /// ([`Self::remove_service_entries`]).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn update(
@@ -171,8 +171,8 @@ impl RuleParts {
             for part in self.parts_selecting(&out.identities[id].namespace, *id) {
                 for (k, v) in part.policy.range(identity_range(*id)) {
                     out.maps.policy.entry(*k).or_insert(*v);
+                    note(touched, [*k]);
                 }
-                note(touched, part.policy.range(identity_range(*id)).map(|(k, _)| *k));
                 for (k, v) in part.port_ranges.iter().filter(|(k, _)| k.key.identity == *id) {
                     out.maps.port_ranges.entry(*k).or_insert(*v);
                 }
@@ -189,12 +189,11 @@ impl RuleParts {
             let Some(key) = out.identities.get(&id).filter(|_| self.local_ids.contains(&id)) else {
                 continue;
             };
-            let legacy = state.legacy_default_deny
-                && state
-                    .namespaces
-                    .get(&key.namespace)
-                    .is_some_and(|ns| legacy_default_deny(&ns.annotations));
-            let mut flags = if legacy { endpoint_flags::INGRESS_ISOLATED } else { 0 };
+            let mut flags = if legacy_isolated(state, &key.namespace) {
+                endpoint_flags::INGRESS_ISOLATED
+            } else {
+                0
+            };
             for part in self.parts_selecting(&key.namespace, id) {
                 flags |= part.flags.get(&id).copied().unwrap_or(0);
             }
@@ -295,15 +294,8 @@ impl RuleParts {
     }
 
     /// The parts of `namespace`'s policies that select `id`, in policy order.
-    fn parts_selecting<'a>(&'a self, namespace: &str, id: u32) -> impl Iterator<Item = &'a Part> + 'a {
-        let from = ObjectRef {
-            namespace: namespace.to_string(),
-            name: String::new(),
-        };
-        let namespace = namespace.to_string();
-        self.parts
-            .range(from..)
-            .take_while(move |(k, _)| k.namespace == namespace)
+    fn parts_selecting<'a>(&'a self, namespace: &'a str, id: u32) -> impl Iterator<Item = &'a Part> + 'a {
+        in_namespace(&self.parts, namespace)
             .map(|(_, p)| p)
             .filter(move |p| p.selected.contains(&id))
     }
