@@ -16,6 +16,7 @@ use std::{
 use npc_policy::compiler::{Compiled, Compiler, Incremental};
 use npc_policy::model::{ContainerPort, Labels, Namespace, ObjectRef, Pod, Protocol, State};
 use npc_policy::policy::{IpBlock, NamespaceScope, Peer, Policy, PortSpec, Rule, Selector};
+use npc_policy::service::{Service, ServicePort, TargetPort};
 
 /// Counts live heap bytes and their high-water mark.
 struct Counting;
@@ -64,6 +65,31 @@ fn sel(pairs: &[(&str, &str)]) -> Selector {
 
 const PODS_PER_NAMESPACE: usize = 10;
 const PODS_PER_NODE: usize = 100;
+
+/// One Service per namespace (`--services`), selecting the namespace's app1 pods on port 80 →
+/// `grpc`: the local app0 pods are isolated for egress, so each is judged against every one.
+fn add_services(state: &mut State) {
+    let names: Vec<String> = state.namespaces.keys().cloned().collect();
+    for (n, ns) in names.into_iter().enumerate() {
+        let svc = Service {
+            namespace: ns,
+            name: "app1".into(),
+            vips: vec![std::net::IpAddr::V4(std::net::Ipv4Addr::from(
+                0x0a60_0000 + n as u32 + 1,
+            ))],
+            ports: vec![ServicePort {
+                name: String::new(),
+                protocol: Protocol::Tcp,
+                port: 80,
+                target: TargetPort::Name("grpc".into()),
+            }],
+            selector: Some(labels(&[("app", "a1".to_string())])),
+            node_local: false,
+            headless: false,
+        };
+        state.services.insert(svc.object_ref(), svc);
+    }
+}
 
 fn cluster(pods: usize) -> State {
     let namespaces = pods / PODS_PER_NAMESPACE;
@@ -199,12 +225,16 @@ fn main() {
     let sizes: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     // `cargo bench` passes `--bench`; run by hand without it, the binary makes a quick run.
     let benching = std::env::args().any(|a| a == "--bench");
+    let services = std::env::args().any(|a| a == "--services");
     let sizes = match (sizes.is_empty(), benching) {
         (false, _) => sizes,
         (true, true) => vec![1_000, 10_000, 50_000],
         (true, false) => vec![1_000],
     };
-    println!("compiler benchmark: 10 pods/namespace, 1 policy/namespace, 100 pods/node, compiled for one node");
+    println!(
+        "compiler benchmark: 10 pods/namespace, 1 policy/namespace, {}100 pods/node, compiled for one node",
+        if services { "1 Service/namespace, " } else { "" }
+    );
     println!(
         "{:>7} {:>6} {:>7} {:>10} {:>11} {:>9} {:>8} {:>9} {:>10} {:>10} {:>9} {:>10} {:>9} {:>9} {:>9}",
         "pods",
@@ -224,7 +254,13 @@ fn main() {
         "inc churn ms",
     );
     for pods in sizes {
-        let (state, _, model_bytes) = measure(|| cluster(pods));
+        let (state, _, model_bytes) = measure(|| {
+            let mut state = cluster(pods);
+            if services {
+                add_services(&mut state);
+            }
+            state
+        });
         let mut compiler = Compiler::default();
         let (compiled, compile_time, peak): (Compiled, _, _) = measure(|| compiler.compile(&state));
         let entries = compiled.maps.entry_count();

@@ -327,3 +327,139 @@ fn a_change_re_emits_only_the_policies_it_can_change() {
     inc.remove_pod(&ObjectRef::new("a", "db3"));
     check(&mut inc, "a local identity gone", 2);
 }
+
+/// A Service is judged again only when what its judgement reads changed: the Service or its
+/// backends, a backend's identity, or the judged identity's egress entries for the backends' peers
+/// (port ranges included); and the result is still the full compile's.
+#[test]
+fn a_service_is_judged_again_only_when_what_it_reads_changed() {
+    let doc = |kind: &str, ns: &str, name: &str, rest: &str| {
+        let api = if kind == "NetworkPolicy" {
+            "networking.k8s.io/v1"
+        } else {
+            "v1"
+        };
+        format!("---\napiVersion: {api}\nkind: {kind}\nmetadata: {{name: {name}, namespace: {ns}{rest}\n")
+    };
+    let pod = |ns: &str, name: &str, labels: &str, node: &str, ip: &str| {
+        doc(
+            "Pod",
+            ns,
+            name,
+            &format!(
+                ", labels: {{{labels}}}}}\nspec: {{nodeName: {node}, containers: [{{name: c}}]}}\nstatus: {{podIP: {ip}}}"
+            ),
+        )
+    };
+    let service = |name: &str, vip: &str, app: &str, port: u16, target: u16| {
+        doc(
+            "Service",
+            "b",
+            name,
+            &format!(
+                "}}\nspec: {{clusterIP: {vip}, selector: {{app: {app}}}, ports: [{{port: {port}, targetPort: {target}}}]}}"
+            ),
+        )
+    };
+    // cli may reach app=web pods anywhere on TCP 8000-`end`.
+    let egress = |end: u16| {
+        doc(
+            "NetworkPolicy",
+            "a",
+            "cli-out",
+            &format!(
+                "}}\nspec:\n  podSelector: {{matchLabels: {{app: cli}}}}\n  policyTypes: [Egress]\n  egress: [{{to: [{{namespaceSelector: {{}}, podSelector: {{matchLabels: {{app: web}}}}}}], ports: [{{port: 8000, endPort: {end}}}]}}]"
+            ),
+        )
+    };
+    let parse = |yaml: &str| {
+        let loaded = npc_policy::files::parse_str(std::path::Path::new("t.yaml"), yaml);
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        loaded.to_state()
+    };
+    let yaml = ["a", "b", "c"]
+        .iter()
+        .map(|ns| format!("---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n"))
+        .collect::<String>()
+        + &pod("a", "cli", "app: cli", "n1", "10.0.0.1")
+        + &pod("b", "web", "app: web", "n2", "10.0.1.1")
+        + &pod("b", "db", "app: db", "n2", "10.0.1.2")
+        + &pod("c", "x", "app: x", "n2", "10.0.2.1")
+        + &service("web", "10.96.0.1", "web", 80, 8080)
+        + &service("db", "10.96.0.2", "db", 5432, 5432)
+        + &egress(8100);
+    let mut inc = Incremental::default();
+    let mut reference = Compiler::default();
+    inc.replace(State {
+        node_name: Some("n1".into()),
+        ..parse(&yaml)
+    });
+    let mut check = |inc: &mut Incremental, what: &str, judged: usize| {
+        let got = inc.compile().clone();
+        assert_eq!(got, reference.compile(inc.state()), "{what}");
+        assert_eq!(inc.stats().services, judged, "{what}");
+        got
+    };
+    let allows_web = |c: &npc_policy::compiler::Compiled| {
+        let web = c.services.iter().find(|(_, s)| s.name == "web").map(|(id, _)| *id);
+        c.maps.policy.keys().any(|k| Some(k.peer) == web)
+    };
+    let first = check(&mut inc, "the first compile", 2);
+    assert!(allows_web(&first), "8080 is in 8000-8100");
+
+    // A pod no Service picks, in another namespace: nothing is judged.
+    let x = parse(&pod("c", "x", "app: x, v: '2'", "n2", "10.0.2.1"));
+    inc.set_pod(x.pods.into_values().next().expect("one pod"));
+    check(&mut inc, "an unrelated relabel", 0);
+
+    // The range shrinks below the web backend's target port: only the range entries move, and
+    // cli is judged again against every Service.
+    let narrower = parse(&egress(8050));
+    inc.set_policy(narrower.policies.into_values().next().expect("one policy"));
+    let got = check(&mut inc, "a narrower port range", 2);
+    assert!(!allows_web(&got), "8080 is not in 8000-8050");
+    let wider = parse(&egress(8100));
+    inc.set_policy(wider.policies.into_values().next().expect("one policy"));
+    assert!(allows_web(&check(&mut inc, "the range back", 2)));
+
+    // EndpointSlices (from here on, the pods' labels no longer pick the backends): each Service
+    // alone.
+    let slice = |addr: &str, port: u16| {
+        Some(vec![Backend {
+            addr: addr.parse().expect("address"),
+            node: Some("n2".into()),
+            ready: true,
+            serving: true,
+            terminating: false,
+            ports: vec![(String::new(), npc_policy::model::Protocol::Tcp, port)],
+        }])
+    };
+    inc.set_backends(ObjectRef::new("b", "db"), slice("10.0.1.2", 5432));
+    check(&mut inc, "db's EndpointSlices", 1);
+    inc.set_backends(ObjectRef::new("b", "web"), slice("10.0.1.1", 8080));
+    check(&mut inc, "web's EndpointSlices", 1);
+    inc.set_backends(ObjectRef::new("b", "web"), slice("10.0.1.1", 8080));
+    check(&mut inc, "the same EndpointSlices again", 0);
+
+    // A pod reporting db's VIP as its address owns it (its identity entry is the pod's) while it
+    // lives, and the VIP's entry comes back when it goes. Nothing is judged again.
+    let squat = parse(&pod("c", "squat", "app: squat", "n2", "10.96.0.2"));
+    inc.set_pod(squat.pods.into_values().next().expect("one pod"));
+    let got = check(&mut inc, "a pod at a VIP", 0);
+    assert!(got.address_owners.contains_key(&"10.96.0.2".parse().expect("address")));
+    inc.remove_pod(&ObjectRef::new("c", "squat"));
+    check(&mut inc, "the pod at a VIP gone", 0);
+
+    // The db backend relabelled (a new identity at its address, which cli has no entry for): db
+    // alone.
+    let db = parse(&pod("b", "db", "app: db, v: '2'", "n2", "10.0.1.2"));
+    inc.set_pod(db.pods.into_values().next().expect("one pod"));
+    check(&mut inc, "the db backend relabelled", 1);
+
+    // The web backend relabelled: cli's range entries for its old identity go, so cli is judged
+    // again against every Service, and may not reach web any more.
+    let web = parse(&pod("b", "web", "app: web2", "n2", "10.0.1.1"));
+    inc.set_pod(web.pods.into_values().next().expect("one pod"));
+    let got = check(&mut inc, "the web backend relabelled", 2);
+    assert!(!allows_web(&got), "no backend is app=web");
+}

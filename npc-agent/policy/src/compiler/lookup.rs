@@ -3,10 +3,11 @@
 use std::net::IpAddr;
 
 use npc_common::{
-    CIDR_CLASS_BASE, EndpointInfo, PORT_ANY, PORT_RANGE_FIXED_BITS, PROTO_ANY, PolicyKey, endpoint_flags, peer,
+    CIDR_CLASS_BASE, EndpointInfo, PORT_ANY, PORT_RANGE_FIXED_BITS, PROTO_ANY, PolicyKey, PortRangeKey, endpoint_flags,
+    peer,
 };
 
-use super::{CidrKey, Compiled, DesiredMaps};
+use super::{CidrKey, Compiled, DesiredMaps, RangeKey};
 use crate::{
     model::{ObjectRef, addr_bytes},
     policy::Direction,
@@ -72,12 +73,7 @@ pub(super) fn lookup_endpoint(
     if direction == Direction::Ingress && peer_identity == Some(peer::HOST) {
         return Verdict::FromNode;
     }
-    let class = maps
-        .cidrs
-        .iter()
-        .filter(|(k, _)| prefix_matches(k, &addr))
-        .max_by_key(|(k, _)| k.prefix_len)
-        .map(|(_, c)| CIDR_CLASS_BASE | c);
+    let class = class_of(maps, &addr);
     let dir = direction.as_u8();
     for peer in [peer_identity, class, Some(peer::ANY)].into_iter().flatten() {
         for (protocol, port) in [(protocol, port), (protocol, PORT_ANY), (PROTO_ANY, PORT_ANY)] {
@@ -93,23 +89,39 @@ pub(super) fn lookup_endpoint(
             }
         }
         if endpoint.flags & ranged != 0 {
-            let hit = maps.port_ranges.iter().find(|(k, _)| {
-                k.key.identity == endpoint.identity
-                    && k.key.peer == peer
-                    && k.key.direction == dir
-                    && k.key.protocol == protocol
-                    && {
-                        let bits = k.prefix_len - PORT_RANGE_FIXED_BITS;
-                        let mask = if bits == 0 { 0 } else { u16::MAX << (16 - bits) };
-                        u16::from_be_bytes(k.key.port_be) & mask == port & mask
-                    }
+            // The range entries are prefixes of the port (aligned blocks, `rules::port_blocks`),
+            // so at most one per prefix length holds it: an exact lookup per length, shortest
+            // first (the map's order). A walk of every range entry made judging 10k Services
+            // for a node's pods take seconds.
+            let hit = (0..=16u32).find_map(|bits| {
+                let mask = if bits == 0 { 0 } else { u16::MAX << (16 - bits) };
+                let key = RangeKey {
+                    prefix_len: PORT_RANGE_FIXED_BITS + bits,
+                    key: PortRangeKey {
+                        identity: endpoint.identity,
+                        peer,
+                        direction: dir,
+                        protocol,
+                        port_be: (port & mask).to_be_bytes(),
+                    },
+                };
+                maps.port_ranges.get(&key)
             });
-            if let Some((_, v)) = hit {
+            if let Some(v) = hit {
                 return Verdict::Allowed { rule: v.rule };
             }
         }
     }
     Verdict::Denied
+}
+
+/// The peer id of `addr`'s ipBlock class (its longest matching prefix's), if any.
+pub(super) fn class_of(maps: &DesiredMaps, addr: &[u8; 16]) -> Option<u32> {
+    maps.cidrs
+        .iter()
+        .filter(|(k, _)| prefix_matches(k, addr))
+        .max_by_key(|(k, _)| k.prefix_len)
+        .map(|(_, c)| CIDR_CLASS_BASE | c)
 }
 
 fn prefix_matches(key: &CidrKey, addr: &[u8; 16]) -> bool {

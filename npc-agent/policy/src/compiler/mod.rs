@@ -311,7 +311,7 @@ impl Compiler {
     }
 
     /// Services (judged by their backends' addresses and the allow entries), endpoints and drop
-    /// labels: redone on every compile.
+    /// labels: what the full compile emits after the rules.
     fn emit_rest(
         &mut self,
         state: &State,
@@ -319,12 +319,22 @@ impl Compiler {
         local_pods: &BTreeSet<ObjectRef>,
         flags: &BTreeMap<u32, u32>,
     ) {
+        let service_ids = self.number_services(state);
+        services::emit_vips(state, out, service_ids);
+        services::emit_services(state, out, service_ids, flags);
+        Self::emit_endpoints(state, out, local_pods, flags);
+        out.maps.port_labels = port_labels(state, local_pods.iter().filter_map(|name| state.pods.get(name)));
+    }
+
+    /// The Service identities: one per Service and family of its VIPs.
+    fn number_services(&mut self, state: &State) -> &BTreeMap<ServiceKey, u32> {
+        self.services.assign(&services::service_keys(state))
+    }
+
+    /// The local pods' endpoints and source prefixes.
+    fn emit_endpoints(state: &State, out: &mut Compiled, local_pods: &BTreeSet<ObjectRef>, flags: &BTreeMap<u32, u32>) {
         // This node's policy pods, in name order (without a walk of every pod in the cluster).
         let local = || local_pods.iter().filter_map(|name| state.pods.get(name));
-        let service_keys = services::service_keys(state);
-        let service_ids = self.services.assign(&service_keys).clone();
-        services::emit_services(state, out, &service_ids, flags);
-
         for pod in local() {
             // Two local pods reporting one address (a terminating pod whose address the CNI
             // already gave a new one): the interface behind it is the newest pod's, and so is
@@ -351,7 +361,6 @@ impl Compiler {
                 ),
             );
         }
-        out.maps.port_labels = port_labels(state, local());
     }
 }
 

@@ -74,6 +74,8 @@ pub(super) struct RuleParts {
     /// The local identities' isolation flags, composed (what the endpoints carry).
     flags: BTreeMap<u32, u32>,
     local_ids: BTreeSet<u32>,
+    /// The local identities whose port-range entries the last update changed.
+    ranges_moved: BTreeSet<u32>,
 }
 
 impl RuleParts {
@@ -82,8 +84,8 @@ impl RuleParts {
     }
 
     /// Brings `out`'s policy and port-range entries up to date with `changes`; returns how many
-    /// policies' parts were redone (emitted again, or dropped). The last compile's Service entries must be gone
-    /// ([`Self::remove_service_entries`]).
+    /// policies' parts were redone (emitted again, or dropped). The Service entries are left as
+    /// they are (their peers are Service identities, which no rule entry has).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn update(
         &mut self,
@@ -159,23 +161,67 @@ impl RuleParts {
         self.local_ids = local_ids;
 
         // Recompose the affected identities' entries, and the flags (every local identity's when
-        // what the legacy isolation reads changed).
-        if !affected.is_empty() {
+        // what the legacy isolation reads changed). Only the keys whose entry differs afterwards
+        // are noted: the Service judgements (`services.rs`) judge again what those keys can
+        // change, and a recomposed identity's entries are mostly what they were.
+        self.ranges_moved.clear();
+        let old_ranges: Vec<(RangeKey, PolicyValue)> = if affected.is_empty() {
+            Vec::new()
+        } else {
+            let old = out
+                .maps
+                .port_ranges
+                .iter()
+                .filter(|(k, _)| affected.contains(&k.key.identity))
+                .map(|(k, v)| (*k, *v))
+                .collect();
             out.maps.port_ranges.retain(|k, _| !affected.contains(&k.key.identity));
-        }
+            old
+        };
         for id in &affected {
-            note(touched, remove_range(&mut out.maps.policy, identity_range(*id)));
-            if !self.local_ids.contains(id) {
-                continue;
+            let old: Vec<(PolicyKey, PolicyValue)> = rule_ranges(*id)
+                .into_iter()
+                .flat_map(|range| remove_entries(&mut out.maps.policy, range))
+                .collect();
+            if self.local_ids.contains(id) {
+                for part in self.parts_selecting(&out.identities[id].namespace, *id) {
+                    for range in rule_ranges(*id) {
+                        for (k, v) in part.policy.range(range) {
+                            out.maps.policy.entry(*k).or_insert(*v);
+                        }
+                    }
+                    for (k, v) in part.port_ranges.iter().filter(|(k, _)| k.key.identity == *id) {
+                        out.maps.port_ranges.entry(*k).or_insert(*v);
+                    }
+                }
             }
-            for part in self.parts_selecting(&out.identities[id].namespace, *id) {
-                for (k, v) in part.policy.range(identity_range(*id)) {
-                    out.maps.policy.entry(*k).or_insert(*v);
-                    note(touched, [*k]);
+            if let Some(t) = touched {
+                t.extend(
+                    old.iter()
+                        .filter(|(k, v)| out.maps.policy.get(k) != Some(v))
+                        .map(|(k, _)| *k),
+                );
+                for range in rule_ranges(*id) {
+                    t.extend(
+                        out.maps
+                            .policy
+                            .range(range)
+                            .filter(|(k, v)| old.binary_search_by_key(*k, |(o, _)| *o).map(|i| old[i].1) != Ok(**v))
+                            .map(|(k, _)| *k),
+                    );
                 }
-                for (k, v) in part.port_ranges.iter().filter(|(k, _)| k.key.identity == *id) {
-                    out.maps.port_ranges.entry(*k).or_insert(*v);
-                }
+            }
+        }
+        for (k, v) in &old_ranges {
+            if out.maps.port_ranges.get(k) != Some(v) {
+                self.ranges_moved.insert(k.key.identity);
+            }
+        }
+        for (k, v) in &out.maps.port_ranges {
+            if affected.contains(&k.key.identity)
+                && old_ranges.binary_search_by_key(k, |(o, _)| *o).map(|i| old_ranges[i].1) != Ok(*v)
+            {
+                self.ranges_moved.insert(k.key.identity);
             }
         }
         let reflag: Vec<u32> = if changes.all || changes.namespaces || changes.legacy {
@@ -277,20 +323,9 @@ impl RuleParts {
         recompose
     }
 
-    /// Removes the Service entries of the last compile: every local identity that was judged
-    /// against Services has its flags here, and a Service entry's peer is a Service identity, which
-    /// no rule entry has (see `services.rs`).
-    pub(super) fn remove_service_entries(&self, out: &mut Compiled, touched: &mut Touched) {
-        for id in self.flags.keys() {
-            note(touched, remove_range(&mut out.maps.policy, service_range(*id)));
-        }
-    }
-
-    /// Notes the Service entries this compile made (after `Compiler::emit_rest`).
-    pub(super) fn note_service_entries(&self, out: &Compiled, touched: &mut Touched) {
-        for id in self.flags.keys() {
-            note(touched, out.maps.policy.range(service_range(*id)).map(|(k, _)| *k));
-        }
+    /// The local identities whose port-range entries the last [`Self::update`] changed.
+    pub(super) fn ranges_moved(&self) -> &BTreeSet<u32> {
+        &self.ranges_moved
     }
 
     /// The parts of `namespace`'s policies that select `id`, in policy order.
@@ -321,26 +356,40 @@ fn peer_range(local: u32, peer: u32) -> std::ops::RangeInclusive<PolicyKey> {
 /// The keys of `maps.policy` a compile may have changed (None: any), for MapSync.
 pub(super) type Touched = Option<BTreeSet<PolicyKey>>;
 
-fn note(touched: &mut Touched, keys: impl IntoIterator<Item = PolicyKey>) {
+pub(super) fn note(touched: &mut Touched, keys: impl IntoIterator<Item = PolicyKey>) {
     if let Some(t) = touched {
         t.extend(keys);
     }
 }
 
-/// The Service entries of local identity `local` (a Service identity's peer range).
-fn service_range(local: u32) -> std::ops::Range<PolicyKey> {
-    *peer_range(local, FIRST_SERVICE_IDENTITY).start()..*peer_range(local, CIDR_CLASS_BASE).start()
-}
-
-/// Every policy key of local identity `local`.
-fn identity_range(local: u32) -> std::ops::RangeInclusive<PolicyKey> {
-    *peer_range(local, 0).start()..=*peer_range(local, u32::MAX).end()
+/// Every policy key of local identity `local` but its Service entries (a Service identity's peer
+/// range, which `services.rs` keeps): what the policy rules make.
+fn rule_ranges(local: u32) -> [std::ops::RangeInclusive<PolicyKey>; 2] {
+    let below = PolicyKey {
+        peer: FIRST_SERVICE_IDENTITY - 1,
+        ..*peer_range(local, 0).end()
+    };
+    [
+        *peer_range(local, 0).start()..=below,
+        *peer_range(local, CIDR_CLASS_BASE).start()..=*peer_range(local, u32::MAX).end(),
+    ]
 }
 
 /// Removes `range`'s keys from `map`, and returns them.
-fn remove_range<V>(map: &mut BTreeMap<PolicyKey, V>, range: impl std::ops::RangeBounds<PolicyKey>) -> Vec<PolicyKey> {
-    let gone: Vec<PolicyKey> = map.range(range).map(|(k, _)| *k).collect();
-    for key in &gone {
+fn remove_range<V: Copy>(
+    map: &mut BTreeMap<PolicyKey, V>,
+    range: impl std::ops::RangeBounds<PolicyKey>,
+) -> Vec<PolicyKey> {
+    remove_entries(map, range).into_iter().map(|(k, _)| k).collect()
+}
+
+/// Removes `range`'s entries from `map`, and returns them (in key order).
+fn remove_entries<V: Copy>(
+    map: &mut BTreeMap<PolicyKey, V>,
+    range: impl std::ops::RangeBounds<PolicyKey>,
+) -> Vec<(PolicyKey, V)> {
+    let gone: Vec<(PolicyKey, V)> = map.range(range).map(|(k, v)| (*k, *v)).collect();
+    for (key, _) in &gone {
         map.remove(key);
     }
     gone

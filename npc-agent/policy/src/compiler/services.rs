@@ -13,15 +13,22 @@
 //! on the Service port, through the VIP's ipBlock class and the wildcard peer, as for any address.
 //!
 //! The datapath needs nothing new: the VIP is one more address in `identities`.
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
-use npc_common::{EndpointInfo, PolicyKey, PolicyValue, endpoint_flags};
+use npc_common::{EndpointInfo, PolicyKey, PolicyValue, endpoint_flags, peer};
 
-use super::{Compiled, Verdict, lookup::lookup_endpoint};
+use super::{
+    Compiled, DesiredMaps, Verdict,
+    lookup::{class_of, lookup_endpoint},
+    parts::{Touched, note},
+};
 use crate::{
     model::{ObjectRef, Protocol, State, addr_bytes},
     policy::Direction,
-    service::{Service, picked_backends},
+    service::{Backend, Service, picked_backends},
 };
 
 /// What a Service identity stands for: the Service, and the address family of its VIPs.
@@ -49,27 +56,11 @@ pub(super) fn service_keys(state: &State) -> Vec<ServiceKey> {
     keys
 }
 
-/// Emits the Service allow entries and the VIPs' identities. `flags` holds the local identities
-/// (and their endpoint flags); run after every policy rule is emitted, since the backends are
-/// judged by those entries.
-pub(super) fn emit_services(
-    state: &State,
-    out: &mut Compiled,
-    ids: &BTreeMap<ServiceKey, u32>,
-    flags: &BTreeMap<u32, u32>,
-) {
-    let egress_isolated: Vec<EndpointInfo> = flags
-        .iter()
-        .filter(|(_, f)| *f & endpoint_flags::EGRESS_ISOLATED != 0)
-        .map(|(id, f)| EndpointInfo::new(*id, *f, &[]))
-        .collect();
+/// The VIPs' identities, and which Service each VIP and Service identity is. Run before any
+/// Service is judged: a backend at another Service's VIP is judged by the VIP's identity, whatever
+/// the order of the two.
+pub(super) fn emit_vips(state: &State, out: &mut Compiled, ids: &BTreeMap<ServiceKey, u32>) {
     for svc in state.services.values() {
-        // Judged only for egress-isolated local identities: none, no backends to look at.
-        let backends = if egress_isolated.is_empty() {
-            Vec::new()
-        } else {
-            picked_backends(state, svc)
-        };
         for v4 in [true, false] {
             let Some(&service_id) = ids.get(&(svc.object_ref(), v4)) else {
                 continue;
@@ -80,69 +71,462 @@ pub(super) fn emit_services(
                 out.vip_owners.entry(*vip).or_insert_with(|| svc.object_ref());
             }
             out.services.insert(service_id, svc.object_ref());
-            for port in &svc.ports {
-                let targets: Vec<(IpAddr, u16)> = backends
-                    .iter()
-                    .filter(|b| b.addr.is_ipv4() == v4)
-                    .filter_map(|b| Some((b.addr, b.port_for(port)?)))
-                    .collect();
-                for endpoint in &egress_isolated {
-                    judge(out, svc, service_id, port, &targets, endpoint);
+        }
+    }
+}
+
+/// Emits the Service allow entries (after [`emit_vips`]). `flags` holds the local identities
+/// (and their endpoint flags); run after every policy rule is emitted, since the backends are
+/// judged by those entries.
+pub(super) fn emit_services(
+    state: &State,
+    out: &mut Compiled,
+    ids: &BTreeMap<ServiceKey, u32>,
+    flags: &BTreeMap<u32, u32>,
+) {
+    let judges = egress_isolated(flags);
+    // Judged only for egress-isolated local identities: none, no backends to look at.
+    if judges.is_empty() {
+        return;
+    }
+    for svc in state.services.values() {
+        let backends = picked_backends(state, svc);
+        for v4 in [true, false] {
+            let Some(&service_id) = ids.get(&(svc.object_ref(), v4)) else {
+                continue;
+            };
+            let targets = targets(svc, &backends, v4);
+            for (id, flags) in &judges {
+                let verdicts = judge(&out.maps, svc, service_id, &targets, *id, *flags);
+                for (k, v) in verdicts.entries {
+                    out.maps.policy.entry(k).or_insert(v);
+                }
+                out.partly_allowed.extend(verdicts.partly);
+            }
+        }
+    }
+    out.partly_allowed.sort();
+}
+
+/// The local identities isolated for egress, with the flags an egress lookup reads: those
+/// judged against Services.
+fn egress_isolated(flags: &BTreeMap<u32, u32>) -> BTreeMap<u32, u32> {
+    flags
+        .iter()
+        .filter(|(_, f)| *f & endpoint_flags::EGRESS_ISOLATED != 0)
+        .map(|(id, f)| {
+            (
+                *id,
+                *f & (endpoint_flags::EGRESS_ISOLATED | endpoint_flags::EGRESS_RANGES),
+            )
+        })
+        .collect()
+}
+
+/// Per Service port (in order), the backends of one family kube-proxy may pick, each with its
+/// target port for that Service port.
+type Targets = Vec<Vec<(IpAddr, u16)>>;
+
+fn targets(svc: &Service, backends: &[Backend], v4: bool) -> Targets {
+    svc.ports
+        .iter()
+        .map(|port| {
+            backends
+                .iter()
+                .filter(|b| b.addr.is_ipv4() == v4)
+                .filter_map(|b| Some((b.addr, b.port_for(port)?)))
+                .collect()
+        })
+        .collect()
+}
+
+/// What one local identity is allowed of one Service (and family).
+#[derive(Clone, Debug, Default)]
+struct Verdicts {
+    /// In key order.
+    entries: Vec<(PolicyKey, PolicyValue)>,
+    partly: Vec<PartlyAllowed>,
+}
+
+/// Judges every port of `svc` for local identity `id`: an entry per port whose backends are all
+/// allowed, a [`PartlyAllowed`] per port only some of whose backends are.
+fn judge(maps: &DesiredMaps, svc: &Service, service_id: u32, targets: &Targets, id: u32, flags: u32) -> Verdicts {
+    let endpoint = EndpointInfo::new(id, flags, &[]);
+    let mut entries = BTreeMap::new();
+    let mut partly = Vec::new();
+    for (port, targets) in svc.ports.iter().zip(targets) {
+        let verdicts: Vec<Verdict> = targets
+            .iter()
+            .map(|(addr, target)| {
+                lookup_endpoint(
+                    maps,
+                    &endpoint,
+                    Direction::Egress,
+                    *addr,
+                    port.protocol.number(),
+                    *target,
+                )
+            })
+            .collect();
+        let allowed = verdicts.iter().filter(|v| v.allowed()).count();
+        if allowed == 0 {
+            continue;
+        }
+        if allowed < verdicts.len() {
+            partly.push(PartlyAllowed {
+                identity: id,
+                service: svc.object_ref(),
+                protocol: port.protocol,
+                port: port.port,
+            });
+            continue;
+        }
+        // The first backend's rule names the entry (explain lists every backend's own).
+        let rule = match verdicts[0] {
+            Verdict::Allowed { rule } => rule,
+            _ => super::BUILTIN_RULE,
+        };
+        // Two ports of one number and protocol: the first one's entry.
+        entries
+            .entry(PolicyKey {
+                identity: id,
+                peer: service_id,
+                port: port.port,
+                protocol: port.protocol.number(),
+                direction: Direction::Egress.as_u8(),
+            })
+            .or_insert(PolicyValue { rule });
+    }
+    Verdicts {
+        entries: entries.into_iter().collect(),
+        partly,
+    }
+}
+
+/// The Service entries kept per Service (and family) and local identity, for
+/// [`super::Incremental`]: with 10k Services and an egress-isolated pod on the node, judging
+/// every Service port on every compile costs ~180 ms, and almost every compile changes none.
+///
+/// A Service's judgement for one local identity reads: the Service and its picked backends, the
+/// backends' identity entries and classes, the identity's flags, and the identity's egress entries
+/// whose peer is a backend's identity, a backend's class or the wildcard (and its port ranges).
+/// So a Service is judged again, for every identity, when it or its backends changed, when one of
+/// its backend addresses' identity entry changed, or when its id did; a local identity is judged
+/// again against every Service when its flags, its wildcard entries or its port ranges changed;
+/// and a (Service, identity) pair when an entry of that identity whose peer the Service's backends
+/// have changed. Everything is judged again when the classes or the numbering changed.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Judgements {
+    judged: BTreeMap<ServiceKey, Judged>,
+    /// The Services whose judgement reads each peer (a backend's identity or class).
+    by_peer: BTreeMap<u32, BTreeSet<ServiceKey>>,
+    /// The Services that have a backend at each address.
+    by_addr: BTreeMap<[u8; 16], BTreeSet<ServiceKey>>,
+    /// The identities judged, with the flags they were judged with.
+    judges: BTreeMap<u32, u32>,
+    /// Every judgement's [`PartlyAllowed`], counted (one can come from both VIP families).
+    partly: BTreeMap<PartlyAllowed, usize>,
+}
+
+#[derive(Clone, Debug)]
+struct Judged {
+    id: u32,
+    /// None until an identity is judged (the backends are looked at only then).
+    targets: Option<Targets>,
+    /// What the judgements read (indexed in `by_peer` and `by_addr`).
+    peers: BTreeSet<u32>,
+    addrs: BTreeSet<[u8; 16]>,
+    verdicts: BTreeMap<u32, Verdicts>,
+}
+
+impl Judged {
+    fn new(id: u32) -> Self {
+        Self {
+            id,
+            targets: None,
+            peers: BTreeSet::new(),
+            addrs: BTreeSet::new(),
+            verdicts: BTreeMap::new(),
+        }
+    }
+}
+
+/// What changed since the last [`Judgements::update`], besides the flags and the allow entries.
+#[derive(Debug)]
+pub(super) struct ServiceChanges<'a> {
+    /// Judge everything again: the numbering or the ipBlock classes changed.
+    pub(super) all: bool,
+    /// Services set or removed, or whose EndpointSlices changed.
+    pub(super) services: &'a BTreeSet<ObjectRef>,
+    /// Namespaces with a pod that changed (a Service without EndpointSlices picks its backends
+    /// from its namespace's pods).
+    pub(super) pod_namespaces: &'a BTreeSet<String>,
+    /// The identity entries that may have changed (None: any).
+    pub(super) identities: Option<&'a BTreeSet<[u8; 16]>>,
+    /// The local identities whose port-range entries changed.
+    pub(super) ranges: &'a BTreeSet<u32>,
+}
+
+/// Which identities to judge a Service for again.
+#[derive(Debug)]
+enum Redo {
+    All,
+    Some(BTreeSet<u32>),
+}
+
+impl Judgements {
+    /// Brings the Service entries in `out` (and `out.partly_allowed`) up to date, after the
+    /// rules' entries and [`emit_vips`]. `touched` holds the policy keys this compile changed so
+    /// far (None: any), and gets the Service entries' changes. Returns how many (Service and
+    /// family, identity) judgements were made again.
+    pub(super) fn update(
+        &mut self,
+        state: &State,
+        out: &mut Compiled,
+        ids: &BTreeMap<ServiceKey, u32>,
+        flags: &BTreeMap<u32, u32>,
+        changes: &ServiceChanges,
+        touched: &mut Touched,
+    ) -> usize {
+        let judges = egress_isolated(flags);
+        let all = changes.all || touched.is_none() || changes.identities.is_none();
+
+        // Identities to judge against every Service: new ones, and those whose wildcard or
+        // range entries changed (an identity's egress flags, isolated and has-ranges, change
+        // only with its range entries).
+        let mut whole: BTreeSet<u32> = judges
+            .keys()
+            .filter(|id| !self.judges.contains_key(*id) || changes.ranges.contains(*id))
+            .copied()
+            .collect();
+        let mut redo: BTreeMap<ServiceKey, Redo> = BTreeMap::new();
+        let mut pairs: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
+        for key in touched.iter().flatten() {
+            if key.direction != Direction::Egress.as_u8() || !judges.contains_key(&key.identity) {
+                continue;
+            }
+            if key.peer == peer::ANY {
+                whole.insert(key.identity);
+            } else if self.by_peer.contains_key(&key.peer) {
+                pairs.entry(key.peer).or_default().insert(key.identity);
+            }
+        }
+        for (peer, identities) in pairs {
+            for svc in &self.by_peer[&peer] {
+                if let Redo::Some(set) = redo.entry(svc.clone()).or_insert_with(|| Redo::Some(BTreeSet::new())) {
+                    set.extend(&identities);
+                }
+            }
+        }
+
+        // Services to judge again for every identity: new, gone or renumbered ones (the two
+        // maps walked side by side: both are in key order), changed ones and their backends.
+        let mut stale: BTreeSet<ServiceKey> = BTreeSet::new();
+        {
+            let mut old = self.judged.iter().peekable();
+            let mut new = ids.iter().peekable();
+            loop {
+                match (old.peek(), new.peek()) {
+                    (None, None) => break,
+                    (Some((k, j)), Some((n, id))) if k == n => {
+                        // A Service's id changes without a change to the Service only when the
+                        // id space runs out and everything is renumbered.
+                        if all || j.id != **id {
+                            stale.insert((*k).clone());
+                        }
+                        old.next();
+                        new.next();
+                    }
+                    (Some((k, _)), Some((n, _))) if k < n => {
+                        stale.insert((*k).clone());
+                        old.next();
+                    }
+                    (Some((k, _)), None) => {
+                        stale.insert((*k).clone());
+                        old.next();
+                    }
+                    (_, Some((n, _))) => {
+                        stale.insert((*n).clone());
+                        new.next();
+                    }
+                }
+            }
+        }
+        for svc in changes.services {
+            for v4 in [true, false] {
+                let key = (svc.clone(), v4);
+                if self.judged.contains_key(&key) || ids.contains_key(&key) {
+                    stale.insert(key);
+                }
+            }
+        }
+        for ns in changes.pod_namespaces {
+            let first = (ObjectRef::new(ns, ""), false);
+            stale.extend(
+                self.judged
+                    .range(first..)
+                    .take_while(|((svc, _), _)| svc.namespace == *ns)
+                    .filter(|((svc, _), _)| !state.service_backends.contains_key(svc))
+                    .map(|(k, _)| k.clone()),
+            );
+        }
+        for addr in changes.identities.into_iter().flatten() {
+            if let Some(services) = self.by_addr.get(addr) {
+                stale.extend(services.iter().cloned());
+            }
+        }
+
+        // Identities no longer judged lose their entries.
+        let gone: Vec<u32> = self
+            .judges
+            .keys()
+            .filter(|id| !judges.contains_key(*id))
+            .copied()
+            .collect();
+        if !gone.is_empty() {
+            for judged in self.judged.values_mut() {
+                for id in &gone {
+                    if let Some(v) = judged.verdicts.remove(id) {
+                        forget(out, &mut self.partly, &v, touched);
+                    }
+                }
+            }
+        }
+        for key in &stale {
+            if let Some(old) = self.judged.remove(key) {
+                for v in old.verdicts.values() {
+                    forget(out, &mut self.partly, v, touched);
+                }
+                self.unindex(key, &old);
+            }
+            match ids.get(key) {
+                Some(&id) => {
+                    self.judged.insert(key.clone(), Judged::new(id));
+                    redo.insert(key.clone(), Redo::All);
+                }
+                None => _ = redo.remove(key),
+            }
+        }
+        self.judges = judges;
+        let mut count = 0;
+        if !self.judges.is_empty() {
+            let Self {
+                judged,
+                by_peer,
+                by_addr,
+                judges,
+                partly,
+            } = self;
+            let mut judge_again = |key: &ServiceKey, judged: &mut Judged, which: &Redo| {
+                let svc = &state.services[&key.0];
+                if judged.targets.is_none() {
+                    look_at_backends(state, &out.maps, svc, key, judged, by_peer, by_addr);
+                }
+                let targets = judged.targets.as_ref().expect("looked at above");
+                for (id, flags) in judges.iter() {
+                    let listed = match which {
+                        Redo::All => true,
+                        Redo::Some(set) => set.contains(id),
+                    };
+                    if !listed && !whole.contains(id) {
+                        continue;
+                    }
+                    if let Some(old) = judged.verdicts.remove(id) {
+                        forget(out, partly, &old, touched);
+                    }
+                    let verdicts = judge(&out.maps, svc, judged.id, targets, *id, *flags);
+                    for (k, v) in &verdicts.entries {
+                        out.maps.policy.insert(*k, *v);
+                    }
+                    note(touched, verdicts.entries.iter().map(|(k, _)| *k));
+                    for p in &verdicts.partly {
+                        *partly.entry(p.clone()).or_default() += 1;
+                    }
+                    judged.verdicts.insert(*id, verdicts);
+                    count += 1;
+                }
+            };
+            if whole.is_empty() {
+                for (key, which) in &redo {
+                    let judged = judged.get_mut(key).expect("redone Services are judged");
+                    judge_again(key, judged, which);
+                }
+            } else {
+                let none = Redo::Some(BTreeSet::new());
+                for (key, judged) in judged.iter_mut() {
+                    judge_again(key, judged, redo.get(key).unwrap_or(&none));
+                }
+            }
+        }
+        out.partly_allowed = self
+            .partly
+            .iter()
+            .flat_map(|(p, n)| std::iter::repeat_n(p, *n))
+            .cloned()
+            .collect();
+        count
+    }
+
+    fn unindex(&mut self, key: &ServiceKey, judged: &Judged) {
+        for peer in &judged.peers {
+            if let Some(set) = self.by_peer.get_mut(peer) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.by_peer.remove(peer);
+                }
+            }
+        }
+        for addr in &judged.addrs {
+            if let Some(set) = self.by_addr.get_mut(addr) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.by_addr.remove(addr);
                 }
             }
         }
     }
 }
 
-fn judge(
-    out: &mut Compiled,
+/// Picks `key`'s backends, and indexes what judging them reads.
+fn look_at_backends(
+    state: &State,
+    maps: &DesiredMaps,
     svc: &Service,
-    service_id: u32,
-    port: &crate::service::ServicePort,
-    targets: &[(IpAddr, u16)],
-    endpoint: &EndpointInfo,
+    key: &ServiceKey,
+    judged: &mut Judged,
+    by_peer: &mut BTreeMap<u32, BTreeSet<ServiceKey>>,
+    by_addr: &mut BTreeMap<[u8; 16], BTreeSet<ServiceKey>>,
 ) {
-    let verdicts: Vec<Verdict> = targets
-        .iter()
-        .map(|(addr, target)| {
-            lookup_endpoint(
-                &out.maps,
-                endpoint,
-                Direction::Egress,
-                *addr,
-                port.protocol.number(),
-                *target,
-            )
-        })
-        .collect();
-    let allowed = verdicts.iter().filter(|v| v.allowed()).count();
-    if allowed == 0 {
-        return;
+    let targets = targets(svc, &picked_backends(state, svc), key.1);
+    for (addr, _) in targets.iter().flatten() {
+        let addr = addr_bytes(*addr);
+        judged.addrs.insert(addr);
+        judged.peers.extend(maps.identities.get(&addr).copied());
+        judged.peers.extend(class_of(maps, &addr));
     }
-    if allowed < verdicts.len() {
-        out.partly_allowed.push(PartlyAllowed {
-            identity: endpoint.identity,
-            service: svc.object_ref(),
-            protocol: port.protocol,
-            port: port.port,
-        });
-        return;
+    judged.targets = Some(targets);
+    for peer in &judged.peers {
+        by_peer.entry(*peer).or_default().insert(key.clone());
     }
-    // The first backend's rule names the entry (explain lists every backend's own).
-    let rule = match verdicts[0] {
-        Verdict::Allowed { rule } => rule,
-        _ => super::BUILTIN_RULE,
-    };
-    out.maps
-        .policy
-        .entry(PolicyKey {
-            identity: endpoint.identity,
-            peer: service_id,
-            port: port.port,
-            protocol: port.protocol.number(),
-            direction: Direction::Egress.as_u8(),
-        })
-        .or_insert(PolicyValue { rule });
+    for addr in &judged.addrs {
+        by_addr.entry(*addr).or_default().insert(key.clone());
+    }
+}
+
+/// Removes one judgement's entries from `out`, and its partly-allowed ports from the count.
+fn forget(out: &mut Compiled, partly: &mut BTreeMap<PartlyAllowed, usize>, verdicts: &Verdicts, touched: &mut Touched) {
+    for (k, _) in &verdicts.entries {
+        out.maps.policy.remove(k);
+    }
+    note(touched, verdicts.entries.iter().map(|(k, _)| *k));
+    for p in &verdicts.partly {
+        if let Some(n) = partly.get_mut(p) {
+            *n -= 1;
+            if *n == 0 {
+                partly.remove(p);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
