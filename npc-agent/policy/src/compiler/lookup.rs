@@ -63,6 +63,28 @@ pub(super) fn lookup_endpoint(
 ) -> Verdict {
     let addr = addr_bytes(peer_addr);
     let peer_identity = maps.identities.get(&addr).copied();
+    lookup_peer(
+        maps,
+        endpoint,
+        direction,
+        peer_identity,
+        || class_of(maps, &addr),
+        protocol,
+        port,
+    )
+}
+
+/// [`lookup_endpoint`] for a peer given by its identity entry and (asked for only when needed)
+/// its class: what the datapath decides depends on the address through these two alone.
+pub(super) fn lookup_peer(
+    maps: &DesiredMaps,
+    endpoint: &EndpointInfo,
+    direction: Direction,
+    peer_identity: Option<u32>,
+    class: impl FnOnce() -> Option<u32>,
+    protocol: u8,
+    port: u16,
+) -> Verdict {
     let (isolated, ranged) = match direction {
         Direction::Ingress => (endpoint_flags::INGRESS_ISOLATED, endpoint_flags::INGRESS_RANGES),
         Direction::Egress => (endpoint_flags::EGRESS_ISOLATED, endpoint_flags::EGRESS_RANGES),
@@ -73,7 +95,7 @@ pub(super) fn lookup_endpoint(
     if direction == Direction::Ingress && peer_identity == Some(peer::HOST) {
         return Verdict::FromNode;
     }
-    let class = class_of(maps, &addr);
+    let class = class();
     let dir = direction.as_u8();
     for peer in [peer_identity, class, Some(peer::ANY)].into_iter().flatten() {
         for (protocol, port) in [(protocol, port), (protocol, PORT_ANY), (PROTO_ANY, PORT_ANY)] {

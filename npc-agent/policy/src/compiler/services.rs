@@ -22,7 +22,7 @@ use npc_common::{EndpointInfo, PolicyKey, PolicyValue, endpoint_flags, peer};
 
 use super::{
     Compiled, DesiredMaps, Verdict,
-    lookup::{class_of, lookup_endpoint},
+    lookup::{class_of, lookup_peer},
     parts::{Touched, note},
 };
 use crate::{
@@ -154,18 +154,23 @@ fn judge(maps: &DesiredMaps, svc: &Service, service_id: u32, targets: &Targets, 
     let endpoint = EndpointInfo::new(id, flags, &[]);
     let mut entries = BTreeMap::new();
     let mut partly = Vec::new();
+    // A Service's backends are mostly replicas (one identity, one class, one target port): the
+    // verdict is asked once per distinct (identity, class, target port).
+    let mut seen: Vec<((Option<u32>, Option<u32>, u16), Verdict)> = Vec::new();
     for (port, targets) in svc.ports.iter().zip(targets) {
+        seen.clear();
         let verdicts: Vec<Verdict> = targets
             .iter()
             .map(|(addr, target)| {
-                lookup_endpoint(
-                    maps,
-                    &endpoint,
-                    Direction::Egress,
-                    *addr,
-                    port.protocol.number(),
-                    *target,
-                )
+                let addr = addr_bytes(*addr);
+                let peer = (maps.identities.get(&addr).copied(), class_of(maps, &addr), *target);
+                if let Some((_, v)) = seen.iter().find(|(p, _)| *p == peer) {
+                    return *v;
+                }
+                let protocol = port.protocol.number();
+                let v = lookup_peer(maps, &endpoint, Direction::Egress, peer.0, || peer.1, protocol, *target);
+                seen.push((peer, v));
+                v
             })
             .collect();
         let allowed = verdicts.iter().filter(|v| v.allowed()).count();
@@ -218,10 +223,13 @@ fn judge(maps: &DesiredMaps, svc: &Service, service_id: u32, targets: &Targets, 
 #[derive(Clone, Debug, Default)]
 pub(super) struct Judgements {
     judged: BTreeMap<ServiceKey, Judged>,
+    /// The judged Services by id (the indexes below hold ids: 4 bytes, where a key is two
+    /// strings, and the backends' addresses are ~10 per Service).
+    keys: BTreeMap<u32, ServiceKey>,
     /// The Services whose judgement reads each peer (a backend's identity or class).
-    by_peer: BTreeMap<u32, BTreeSet<ServiceKey>>,
+    by_peer: BTreeMap<u32, BTreeSet<u32>>,
     /// The Services that have a backend at each address.
-    by_addr: BTreeMap<[u8; 16], BTreeSet<ServiceKey>>,
+    by_addr: BTreeMap<[u8; 16], Vec<u32>>,
     /// The identities judged, with the flags they were judged with.
     judges: BTreeMap<u32, u32>,
     /// Every judgement's [`PartlyAllowed`], counted (one can come from both VIP families).
@@ -233,9 +241,9 @@ struct Judged {
     id: u32,
     /// None until an identity is judged (the backends are looked at only then).
     targets: Option<Targets>,
-    /// What the judgements read (indexed in `by_peer` and `by_addr`).
+    /// The backends' identities and classes (indexed in `by_peer`; their addresses, in
+    /// `targets`, in `by_addr`).
     peers: BTreeSet<u32>,
-    addrs: BTreeSet<[u8; 16]>,
     verdicts: BTreeMap<u32, Verdicts>,
 }
 
@@ -245,7 +253,6 @@ impl Judged {
             id,
             targets: None,
             peers: BTreeSet::new(),
-            addrs: BTreeSet::new(),
             verdicts: BTreeMap::new(),
         }
     }
@@ -313,7 +320,10 @@ impl Judgements {
         }
         for (peer, identities) in pairs {
             for svc in &self.by_peer[&peer] {
-                if let Redo::Some(set) = redo.entry(svc.clone()).or_insert_with(|| Redo::Some(BTreeSet::new())) {
+                if let Redo::Some(set) = redo
+                    .entry(self.keys[svc].clone())
+                    .or_insert_with(|| Redo::Some(BTreeSet::new()))
+                {
                     set.extend(&identities);
                 }
             }
@@ -372,7 +382,7 @@ impl Judgements {
         }
         for addr in changes.identities.into_iter().flatten() {
             if let Some(services) = self.by_addr.get(addr) {
-                stale.extend(services.iter().cloned());
+                stale.extend(services.iter().map(|id| self.keys[id].clone()));
             }
         }
 
@@ -392,16 +402,21 @@ impl Judgements {
                 }
             }
         }
+        // Every stale judgement goes before any comes back: when the id space ran out, a new id
+        // may be one a stale Service had.
         for key in &stale {
             if let Some(old) = self.judged.remove(key) {
                 for v in old.verdicts.values() {
                     forget(out, &mut self.partly, v, touched);
                 }
-                self.unindex(key, &old);
+                self.unindex(&old);
             }
+        }
+        for key in &stale {
             match ids.get(key) {
                 Some(&id) => {
                     self.judged.insert(key.clone(), Judged::new(id));
+                    self.keys.insert(id, key.clone());
                     redo.insert(key.clone(), Redo::All);
                 }
                 None => _ = redo.remove(key),
@@ -414,6 +429,7 @@ impl Judgements {
                 judged,
                 by_peer,
                 by_addr,
+                keys: _,
                 judges,
                 partly,
             } = self;
@@ -467,20 +483,22 @@ impl Judgements {
         count
     }
 
-    fn unindex(&mut self, key: &ServiceKey, judged: &Judged) {
+    fn unindex(&mut self, judged: &Judged) {
+        self.keys.remove(&judged.id);
         for peer in &judged.peers {
             if let Some(set) = self.by_peer.get_mut(peer) {
-                set.remove(key);
+                set.remove(&judged.id);
                 if set.is_empty() {
                     self.by_peer.remove(peer);
                 }
             }
         }
-        for addr in &judged.addrs {
-            if let Some(set) = self.by_addr.get_mut(addr) {
-                set.remove(key);
-                if set.is_empty() {
-                    self.by_addr.remove(addr);
+        for (addr, _) in judged.targets.iter().flatten().flatten() {
+            let addr = addr_bytes(*addr);
+            if let Some(list) = self.by_addr.get_mut(&addr) {
+                list.retain(|id| *id != judged.id);
+                if list.is_empty() {
+                    self.by_addr.remove(&addr);
                 }
             }
         }
@@ -494,22 +512,23 @@ fn look_at_backends(
     svc: &Service,
     key: &ServiceKey,
     judged: &mut Judged,
-    by_peer: &mut BTreeMap<u32, BTreeSet<ServiceKey>>,
-    by_addr: &mut BTreeMap<[u8; 16], BTreeSet<ServiceKey>>,
+    by_peer: &mut BTreeMap<u32, BTreeSet<u32>>,
+    by_addr: &mut BTreeMap<[u8; 16], Vec<u32>>,
 ) {
     let targets = targets(svc, &picked_backends(state, svc), key.1);
     for (addr, _) in targets.iter().flatten() {
         let addr = addr_bytes(*addr);
-        judged.addrs.insert(addr);
+        let list = by_addr.entry(addr).or_default();
+        // One entry per Service, however many of its ports the address serves.
+        if !list.contains(&judged.id) {
+            list.push(judged.id);
+        }
         judged.peers.extend(maps.identities.get(&addr).copied());
         judged.peers.extend(class_of(maps, &addr));
     }
     judged.targets = Some(targets);
     for peer in &judged.peers {
-        by_peer.entry(*peer).or_default().insert(key.clone());
-    }
-    for addr in &judged.addrs {
-        by_addr.entry(*addr).or_default().insert(key.clone());
+        by_peer.entry(*peer).or_default().insert(judged.id);
     }
 }
 
