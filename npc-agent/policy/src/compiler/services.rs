@@ -140,6 +140,9 @@ fn targets(svc: &Service, backends: &[Backend], v4: bool) -> Targets {
         .collect()
 }
 
+/// What a verdict depends on of a backend: its identity entry, its class, its target port.
+type BackendPeer = (Option<u32>, Option<u32>, u16);
+
 /// What one local identity is allowed of one Service (and family).
 #[derive(Clone, Debug, Default)]
 struct Verdicts {
@@ -156,7 +159,7 @@ fn judge(maps: &DesiredMaps, svc: &Service, service_id: u32, targets: &Targets, 
     let mut partly = Vec::new();
     // A Service's backends are mostly replicas (one identity, one class, one target port): the
     // verdict is asked once per distinct (identity, class, target port).
-    let mut seen: Vec<((Option<u32>, Option<u32>, u16), Verdict)> = Vec::new();
+    let mut seen: Vec<(BackendPeer, Verdict)> = Vec::new();
     for (port, targets) in svc.ports.iter().zip(targets) {
         seen.clear();
         let verdicts: Vec<Verdict> = targets
