@@ -173,17 +173,11 @@ impl Incremental {
     }
 
     pub fn set_pod(&mut self, pod: Pod) {
-        let key = pod.object_ref();
-        if self.state.pods.get(&key) != Some(&pod) {
-            self.state.pods.insert(key.clone(), pod);
-            self.dirty.insert(key);
-        }
+        upsert(&mut self.state.pods, pod.object_ref(), pod, &mut self.dirty);
     }
 
     pub fn remove_pod(&mut self, pod: &ObjectRef) {
-        if self.state.pods.remove(pod).is_some() {
-            self.dirty.insert(pod.clone());
-        }
+        remove(&mut self.state.pods, pod, &mut self.dirty);
     }
 
     pub fn set_policy(&mut self, policy: Policy) {
@@ -215,17 +209,16 @@ impl Incremental {
     }
 
     pub fn set_service(&mut self, svc: Service) {
-        let key = svc.object_ref();
-        if self.state.services.get(&key) != Some(&svc) {
-            self.state.services.insert(key.clone(), svc);
-            self.changed_services.insert(key);
-        }
+        upsert(
+            &mut self.state.services,
+            svc.object_ref(),
+            svc,
+            &mut self.changed_services,
+        );
     }
 
     pub fn remove_service(&mut self, svc: &ObjectRef) {
-        if self.state.services.remove(svc).is_some() {
-            self.changed_services.insert(svc.clone());
-        }
+        remove(&mut self.state.services, svc, &mut self.changed_services);
     }
 
     /// A Service's endpoints from its EndpointSlices (`None`: it has none, and gets them from its
@@ -270,14 +263,7 @@ impl Incremental {
             legacy_default_deny,
         } = state;
         self.set_node(node_name, node_addrs, legacy_default_deny);
-        let gone: Vec<ObjectRef> = self
-            .state
-            .pods
-            .keys()
-            .filter(|k| !pods.contains_key(*k))
-            .cloned()
-            .collect();
-        for pod in &gone {
+        for pod in &gone_keys(&self.state.pods, &pods) {
             self.remove_pod(pod);
         }
         for pod in pods.into_values() {
@@ -292,27 +278,13 @@ impl Incremental {
             self.state.namespaces = namespaces;
             self.namespaces_changed = true;
         }
-        let gone: Vec<ObjectRef> = self
-            .state
-            .services
-            .keys()
-            .filter(|k| !services.contains_key(*k))
-            .cloned()
-            .collect();
-        for svc in &gone {
+        for svc in &gone_keys(&self.state.services, &services) {
             self.remove_service(svc);
         }
         for svc in services.into_values() {
             self.set_service(svc);
         }
-        let gone: Vec<ObjectRef> = self
-            .state
-            .service_backends
-            .keys()
-            .filter(|k| !service_backends.contains_key(*k))
-            .cloned()
-            .collect();
-        for svc in gone {
+        for svc in gone_keys(&self.state.service_backends, &service_backends) {
             self.set_backends(svc, None);
         }
         for (svc, backends) in service_backends {
@@ -688,6 +660,26 @@ impl Incremental {
             }
         }
     }
+}
+
+/// Sets `key` to `value`, noting it in `changed` when that changes anything.
+fn upsert<V: PartialEq>(map: &mut BTreeMap<ObjectRef, V>, key: ObjectRef, value: V, changed: &mut BTreeSet<ObjectRef>) {
+    if map.get(&key) != Some(&value) {
+        map.insert(key.clone(), value);
+        changed.insert(key);
+    }
+}
+
+/// Removes `key`, noting it in `changed` when it was there.
+fn remove<V>(map: &mut BTreeMap<ObjectRef, V>, key: &ObjectRef, changed: &mut BTreeSet<ObjectRef>) {
+    if map.remove(key).is_some() {
+        changed.insert(key.clone());
+    }
+}
+
+/// The keys of `old` that `new` does not have.
+fn gone_keys<V, W>(old: &BTreeMap<ObjectRef, V>, new: &BTreeMap<ObjectRef, W>) -> Vec<ObjectRef> {
+    old.keys().filter(|k| !new.contains_key(*k)).cloned().collect()
 }
 
 /// Computes `pod`'s part, counting its keys and its claims on its addresses.
