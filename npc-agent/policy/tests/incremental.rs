@@ -203,6 +203,13 @@ proptest! {
     }
 }
 
+/// The state `yaml` describes (which must parse without an error).
+fn parse(yaml: &str) -> State {
+    let loaded = npc_policy::files::parse_str(std::path::Path::new("t.yaml"), yaml);
+    assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+    loaded.to_state()
+}
+
 /// One relabelled pod in a large cluster recomputes that pod only.
 #[test]
 fn a_relabel_recomputes_one_pod() {
@@ -251,11 +258,6 @@ fn a_change_re_emits_only_the_policies_it_can_change() {
         format!(
             "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: a}}\nspec:\n{spec}"
         )
-    };
-    let parse = |yaml: &str| {
-        let loaded = npc_policy::files::parse_str(std::path::Path::new("t.yaml"), yaml);
-        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
-        loaded.to_state()
     };
     let yaml = "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: b, labels: {team: x}}\n".to_string()
         + &pod("a", "web", "app: web", "n1", "10.0.0.1")
@@ -371,11 +373,6 @@ fn a_service_is_judged_again_only_when_what_it_reads_changed() {
                 "}}\nspec:\n  podSelector: {{matchLabels: {{app: cli}}}}\n  policyTypes: [Egress]\n  egress: [{{to: [{{namespaceSelector: {{}}, podSelector: {{matchLabels: {{app: web}}}}}}], ports: [{{port: 8000, endPort: {end}}}]}}]"
             ),
         )
-    };
-    let parse = |yaml: &str| {
-        let loaded = npc_policy::files::parse_str(std::path::Path::new("t.yaml"), yaml);
-        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
-        loaded.to_state()
     };
     let yaml = ["a", "b", "c"]
         .iter()
