@@ -272,12 +272,31 @@ fn measure(opts: &Options, result: &mut ModeResult) {
     }
     let servers = Servers::start(&server_ns);
 
-    // The enforcement is what the mode says: the blocked port is refused, and counted.
-    let refused = !connects(
+    // The fabric carries traffic first (the allowed port, retried until a deadline): on a busy
+    // CI machine a fresh lab's first SYN can take longer than the refusal probe's timeout, and
+    // a slow fabric must not read as a refused port (CI saw "none" refuse the blocked port once).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !connects(
         &client_ns,
-        SocketAddr::new(server_ip, BLOCKED_PORT),
-        Duration::from_millis(500),
-    );
+        SocketAddr::new(server_ip, CONNECT_PORT),
+        Duration::from_secs(1),
+    ) {
+        assert!(
+            Instant::now() < deadline,
+            "{:?} with {} policies: the allowed port never connected in 10 s (a broken fabric)",
+            result.enforcer,
+            result.policies
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The enforcement is what the mode says: the blocked port is refused, and counted. Where
+    // nothing enforces, the fabric is known to work, so a generous timeout costs nothing; where
+    // something does, the drop counter below is what proves the refusal, not the timeout.
+    let probe_timeout = match result.enforcer {
+        Enforcer::None | Enforcer::Hooks => Duration::from_secs(5),
+        Enforcer::Npc | Enforcer::Iptables => Duration::from_millis(500),
+    };
+    let refused = !connects(&client_ns, SocketAddr::new(server_ip, BLOCKED_PORT), probe_timeout);
     let drops = match result.enforcer {
         Enforcer::Npc => lab
             .datapath()
