@@ -1,6 +1,7 @@
 //! `cargo xtask bench scale`: the node agent against the fake API server with generated clusters
 //! (see `npc_integration::scale`). Sizes come from `NPC_SCALE_SIZES`
-//! (`pods:namespaces:policies[:services]`, comma-separated; default 10000:100:1000,30000:100:1000); run by hand without `--bench`, one
+//! (`pods:namespaces:policies[:services[:local]]`, comma-separated, `local` being pods on this
+//! node beyond the two the edits time; default 10000:100:1000,30000:100:1000); run by hand without `--bench`, one
 //! small size. Prints the table and writes the rows as JSON to `target/bench-scale.json`.
 use std::path::Path;
 
@@ -30,16 +31,18 @@ fn main() {
                         .unwrap_or_else(|e| panic!("NPC_SCALE_SIZES {s:?}: {e}"))
                 })
                 .collect();
-            let (pods, namespaces, policies, services) = match n[..] {
-                [pods, namespaces, policies] => (pods, namespaces, policies, 0),
-                [pods, namespaces, policies, services] => (pods, namespaces, policies, services),
-                _ => panic!("NPC_SCALE_SIZES {s:?}: want pods:namespaces:policies[:services]"),
+            let (pods, namespaces, policies, services, local) = match n[..] {
+                [pods, namespaces, policies] => (pods, namespaces, policies, 0, 0),
+                [pods, namespaces, policies, services] => (pods, namespaces, policies, services, 0),
+                [pods, namespaces, policies, services, local] => (pods, namespaces, policies, services, local),
+                _ => panic!("NPC_SCALE_SIZES {s:?}: want pods:namespaces:policies[:services[:local]]"),
             };
             Size {
                 pods,
                 namespaces,
                 policies,
                 services,
+                local,
             }
         })
         .collect();

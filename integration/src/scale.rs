@@ -1,7 +1,7 @@
 //! The control-plane scale benchmark (`cargo xtask bench scale`, issue 14): the node agent (the
 //! real `npc-agent run` binary, in its own process) against the fake API server holding a
-//! generated cluster: two pods on this node (a lab fabric: real interfaces to attach to), the
-//! rest on other nodes; one policy per pod group, and optionally one Service per group (with its
+//! generated cluster: two pods on this node (a lab fabric: real interfaces to attach to), and
+//! optionally more in the remote pod groups, the rest on other nodes; one policy per pod group, and optionally one Service per group (with its
 //! EndpointSlice) that the local pods, isolated for egress, are judged against on every turn. Reports the time from the agent's start to
 //! `/readyz` (first enforcement), its resident memory (VmRSS, and the peak VmHWM) once enforcing,
 //! and edit → kernel map latencies: a policy edit that changes the local server's allowed port is
@@ -25,6 +25,10 @@ pub struct Size {
     /// isolated for egress (allowed to every pod), so every Service is judged on every turn, as
     /// for an egress-isolated pod of a real cluster.
     pub services: usize,
+    /// Pods on this node beyond the server and the client (real interfaces, each in one of the
+    /// remote pod groups, so the group's policy isolates it and its peers are the next group's
+    /// pods): how the turn grows with what the node must enforce, not only with the cluster.
+    pub local: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -43,6 +47,8 @@ pub struct Row {
     pub policy_edit_ms: Vec<f64>,
     /// Pod relabel applied → the allow entry of its identity gone (or back) in the kernel map.
     pub relabel_ms: Vec<f64>,
+    /// Local pods with an endpoint in the kernel once enforcing (2 + `size.local`).
+    pub endpoints: usize,
     /// Allow entries for Service VIPs in the kernel once enforcing (one per Service and local
     /// pod identity when `size.services` are judged): that the Services are really judged.
     pub service_entries: usize,
@@ -93,6 +99,36 @@ fn server_policy(port: u16) -> Value {
     yaml(&format!(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: server-in, namespace: local}}\nspec:\n  podSelector: {{matchLabels: {{app: server}}}}\n  ingress: [{{from: [{{podSelector: {{matchLabels: {{app: client}}}}}}], ports: [{{port: {port}}}]}}]\n"
     ))
+}
+
+/// The node's pods: the server and the client, and `size.local` more, each in a remote group
+/// (`app: g<group>` in that group's namespace, with the group's named port) so that the group's
+/// policy isolates it.
+fn fabric(size: Size) -> String {
+    let mut out = FABRIC.to_string();
+    let namespaces: std::collections::BTreeSet<usize> = (0..size.local)
+        .map(|k| local_group(size, k) % size.namespaces)
+        .collect();
+    for n in namespaces {
+        out += &format!(
+            "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: s{n}, labels: {{team: t{}}}}}\n",
+            n % 10
+        );
+    }
+    for k in 0..size.local {
+        let g = local_group(size, k);
+        out += &format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: local{k}, namespace: s{}, labels: {{app: g{g}, tier: web}}}}\nspec: {{containers: [{{name: c, ports: [{{containerPort: 8080, name: http}}]}}]}}\n",
+            g % size.namespaces
+        );
+    }
+    out
+}
+
+/// The group of the k-th extra local pod: spread over the groups, so that each has its own
+/// policy and peers.
+fn local_group(size: Size, k: usize) -> usize {
+    k * size.policies.max(1) / size.local.max(1)
 }
 
 /// The remote part of the cluster: namespaces, pods (group g = i % policies, in namespace
@@ -204,7 +240,7 @@ fn timed_edit(
 
 /// Measures one cluster size; `edits` policy edits and as many relabels.
 pub fn run(size: Size, edits: usize) -> Row {
-    let c = Cluster::new("scale", FABRIC, &[]);
+    let c = Cluster::new("scale", &fabric(size), &[]);
     c.api.apply(server_policy(80));
     for object in remote_objects(size) {
         c.api.apply(object);
@@ -248,6 +284,7 @@ pub fn run(size: Size, edits: usize) -> Row {
     // May the client (by its identity now) open `port` on the server, by the kernel maps?
     let allowed = |port: u16| client_identity().is_some_and(|id| policy.get(&key(id, port), 0).is_ok());
 
+    let enforced_endpoints = endpoints.keys().filter_map(Result::ok).count();
     let services = npc_common::FIRST_SERVICE_IDENTITY..npc_common::CIDR_CLASS_BASE;
     let service_entries = policy
         .keys()
@@ -286,6 +323,7 @@ pub fn run(size: Size, edits: usize) -> Row {
         first_sync_s,
         policy_edit_ms,
         relabel_ms,
+        endpoints: enforced_endpoints,
         service_entries,
         turn_ms,
     }
@@ -304,11 +342,12 @@ pub fn percentile(v: &[f64], p: f64) -> f64 {
 /// The table `cargo xtask bench scale` prints.
 pub fn table(rows: &[Row]) -> String {
     let mut out = format!(
-        "{:>8} {:>6} {:>8} {:>8}  {:>14} {:>10} {:>9} {:>9} {:>9}  {:>24}  {:>24}  {:>16}\n",
+        "{:>8} {:>6} {:>8} {:>8} {:>7}  {:>14} {:>10} {:>9} {:>9} {:>9}  {:>24}  {:>24}  {:>16}\n",
         "pods",
         "ns",
         "policies",
         "services",
+        "on node",
         "start->enforce",
         "first turn",
         "RSS MiB",
@@ -328,11 +367,12 @@ pub fn table(rows: &[Row]) -> String {
             )
         };
         out += &format!(
-            "{:>8} {:>6} {:>8} {:>8}  {:>13.2}s {:>9.2}s {:>9.0} {:>9.0} {:>9.0}  {:>24}  {:>24}  {:>16}\n",
+            "{:>8} {:>6} {:>8} {:>8} {:>7}  {:>13.2}s {:>9.2}s {:>9.0} {:>9.0} {:>9.0}  {:>24}  {:>24}  {:>16}\n",
             r.size.pods,
             r.size.namespaces,
             r.size.policies,
             r.size.services,
+            r.endpoints,
             r.start_to_enforcing_s,
             r.first_sync_s,
             r.rss_mib,

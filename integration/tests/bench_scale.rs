@@ -11,6 +11,7 @@ fn the_quick_scale_benchmark_reports_every_field_and_sees_every_edit() {
         namespaces: 5,
         policies: 50,
         services: 20,
+        local: 6,
     };
     // `run` panics if an edit or relabel never reaches the maps.
     let row = scale::run(size, 2);
@@ -23,6 +24,8 @@ fn the_quick_scale_benchmark_reports_every_field_and_sees_every_edit() {
     );
     // Both local pods are isolated for egress and allowed to every backend: judged against each.
     assert_eq!(row.service_entries, 2 * 20, "{row:?}");
+    // The extra local pods are enforced too (each in a group its policy isolates).
+    assert_eq!(row.endpoints, 2 + 6, "{row:?}");
     assert_eq!(row.turn_ms.len(), 4, "a turn time per edit and relabel: {row:?}");
     assert!(row.turn_ms.iter().all(|t| *t > 0.0), "{row:?}");
     let table = scale::table(&[row]);
