@@ -48,6 +48,9 @@ pub enum Enforcer {
 #[derive(Clone, Debug)]
 pub struct Options {
     pub policies: Vec<usize>,
+    /// Peer pods on other nodes (in the cluster, not on this host), each size run with the
+    /// largest policy count: what a real cluster's identities and allow entries add.
+    pub peers: Vec<usize>,
     pub repeats: usize,
     pub duration: Duration,
     /// Whether the iptables baseline modes run.
@@ -57,7 +60,8 @@ pub struct Options {
 
 impl Options {
     /// The full benchmark. `NPC_TRAFFIC_POLICIES` (say `1,1000`), `NPC_TRAFFIC_REPEATS` and
-    /// `NPC_TRAFFIC_SECONDS` narrow or lengthen it (an A/B of one change wants more repeats of
+    /// `NPC_TRAFFIC_SECONDS` narrow or lengthen it, `NPC_TRAFFIC_PEERS` (say `1000,10000`; empty
+    /// for none) sets the peer pods on other nodes (an A/B of one change wants more repeats of
     /// fewer modes); `NPC_TRAFFIC_NO_IPTABLES=1` leaves the iptables modes out.
     pub fn full(tag: &str) -> Self {
         let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
@@ -67,20 +71,20 @@ impl Options {
                     .unwrap_or_else(|e| panic!("{name}={v:?} is not a whole number: {e}"))
             })
         };
-        let policies = env("NPC_TRAFFIC_POLICIES").map_or_else(
-            || vec![1, 100, 1000],
-            |v| {
-                v.split(',')
-                    .map(|p| {
-                        p.trim()
-                            .parse()
-                            .unwrap_or_else(|e| panic!("NPC_TRAFFIC_POLICIES={v:?}: {p:?}: {e}"))
-                    })
-                    .collect()
-            },
-        );
+        let list = |name: &str, default: &[usize]| {
+            env(name).map_or_else(
+                || default.to_vec(),
+                |v| {
+                    v.split(',')
+                        .filter(|p| !p.trim().is_empty())
+                        .map(|p| p.trim().parse().unwrap_or_else(|e| panic!("{name}={v:?}: {p:?}: {e}")))
+                        .collect()
+                },
+            )
+        };
         Self {
-            policies,
+            policies: list("NPC_TRAFFIC_POLICIES", &[1, 100, 1000]),
+            peers: list("NPC_TRAFFIC_PEERS", &[1000, 10_000]),
             repeats: number("NPC_TRAFFIC_REPEATS", 5) as usize,
             duration: Duration::from_secs(number("NPC_TRAFFIC_SECONDS", 3)),
             iptables: env("NPC_TRAFFIC_NO_IPTABLES").is_none(),
@@ -93,6 +97,7 @@ impl Options {
     pub fn quick(tag: &str) -> Self {
         Self {
             policies: vec![1, 100],
+            peers: vec![200],
             repeats: 1,
             duration: Duration::from_millis(200),
             iptables: true,
@@ -106,6 +111,8 @@ impl Options {
 pub struct ModeResult {
     pub enforcer: Enforcer,
     pub policies: usize,
+    /// Peer pods on other nodes in the cluster.
+    pub peers: usize,
     /// New connections per second, one figure per repeat.
     pub connections_per_second: Vec<f64>,
     /// Bulk throughput, bits per second, one figure per repeat.
@@ -114,12 +121,16 @@ pub struct ModeResult {
     pub blocked_port_refused: bool,
     /// Drops counted for the blocked port: npc's drop counter, or the iptables DROP rule's.
     pub blocked_port_drops: u64,
+    /// Pod addresses in npc's `NPC_IDENTITIES` (the two lab pods and every peer; 0 for the other
+    /// enforcers): that the peers are really in what npc enforces with.
+    pub identity_addresses: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
     pub enforcer: Enforcer,
     pub policies: usize,
+    pub peers: usize,
     pub connections_per_second_median: f64,
     pub connections_per_second_spread: (f64, f64),
     pub connections_vs_none: f64,
@@ -141,8 +152,10 @@ pub struct Report {
 /// The cluster: namespace bench, pods server and client, and `policies` NetworkPolicies that all
 /// select the server. The last one admits the client on the two measured ports (so an iptables
 /// chain walks every other rule first, as it would for the unluckiest policy); the others admit
-/// pods that do not exist here (`app: peer-N`), each on its own port.
-pub fn cluster(policies: usize) -> String {
+/// `app: peer-N` pods, each on its own port: `peers` pods on other nodes (spread over those
+/// policies' selectors and eight `shard` labels, so up to eight identities per selector), or,
+/// with none, nobody.
+pub fn cluster(policies: usize, peers: usize) -> String {
     let mut y = String::from(
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: bench}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: server, namespace: bench, labels: {app: server}}\nspec: {containers: [{name: s}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: client, namespace: bench, labels: {app: client}}\nspec: {containers: [{name: c}]}\n",
     );
@@ -159,13 +172,35 @@ pub fn cluster(policies: usize) -> String {
             "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p{i:04}, namespace: bench}}\nspec:\n  podSelector: {{matchLabels: {{app: server}}}}\n  ingress: [{{from: [{{podSelector: {{matchLabels: {{app: {from}}}}}}}], ports: {ports}}}]\n"
         );
     }
+    for k in 0..peers {
+        let group = peer_group(policies, k).map_or_else(|| "none".to_string(), |g| g.to_string());
+        y += &format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: peer{k}, namespace: bench, labels: {{app: peer-{group}, shard: s{}}}}}\nspec: {{nodeName: remote-{}, containers: [{{name: c}}]}}\nstatus: {{podIP: {}}}\n",
+            k % 8,
+            k % 50,
+            peer_addr(k)
+        );
+    }
     y
 }
 
-/// weave-npc's rendering of `cluster(policies)`, for iptables-restore and ipset restore: one
-/// ipset per policy's peer selector (the client's for the last), one for the server, an
+/// The lab's node name when the cluster has peers on other nodes.
+const NODE: &str = "bench-node";
+
+/// The policy whose selector the k-th peer matches (none when the only policy is the client's).
+fn peer_group(policies: usize, k: usize) -> Option<usize> {
+    (policies > 1).then(|| k % (policies - 1))
+}
+
+/// The k-th peer's address (10.99.0.0/16 and up; the lab's pods are in 10.244.0.0/16).
+fn peer_addr(k: usize) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(0x0a63_0000 + k as u32)
+}
+
+/// weave-npc's rendering of `cluster(policies, peers)`, for iptables-restore and ipset restore:
+/// one ipset per policy's peer selector (the client's for the last), one for the server, an
 /// ESTABLISHED accept first, one ACCEPT per policy rule, then DROP for the server.
-pub fn weave_npc_rules(policies: usize, server: IpAddr, client: IpAddr) -> (String, String) {
+pub fn weave_npc_rules(policies: usize, peers: usize, server: IpAddr, client: IpAddr) -> (String, String) {
     let mut sets = format!("create npc-bench-server hash:ip family inet\nadd npc-bench-server {server}\n");
     let mut rules = String::from(
         "*filter\n:NPC-BENCH - [0:0]\n-A FORWARD -o br0 -j NPC-BENCH\n-A NPC-BENCH -m state --state RELATED,ESTABLISHED -j ACCEPT\n",
@@ -176,8 +211,15 @@ pub fn weave_npc_rules(policies: usize, server: IpAddr, client: IpAddr) -> (Stri
         let ports = if i + 1 == policies {
             sets += &format!("add {set} {client}\n");
             vec![CONNECT_PORT, BULK_PORT]
+        } else if peers > 0 {
+            // The selector's pods on other nodes.
+            for k in (0..peers).filter(|&k| peer_group(policies, k) == Some(i)) {
+                sets += &format!("add {set} {}\n", peer_addr(k));
+            }
+            vec![10_000 + i as u16]
         } else {
-            // Peers elsewhere in the cluster: a few addresses each, as real selectors hold.
+            // No peer pods in the cluster: a few addresses each all the same, as real selectors
+            // hold.
             for k in 0..4u32 {
                 sets += &format!(
                     "add {set} {}\n",
@@ -198,22 +240,30 @@ pub fn weave_npc_rules(policies: usize, server: IpAddr, client: IpAddr) -> (Stri
 
 /// Runs the benchmark.
 pub fn run(opts: &Options) -> Report {
-    let mut modes = vec![(Enforcer::None, 0), (Enforcer::Hooks, 0)];
-    for &p in &opts.policies {
-        modes.push((Enforcer::Npc, p));
+    let mut modes = vec![(Enforcer::None, 0, 0), (Enforcer::Hooks, 0, 0)];
+    let largest = opts.policies.iter().copied().max().unwrap_or(1);
+    let sizes = opts
+        .policies
+        .iter()
+        .map(|&p| (p, 0))
+        .chain(opts.peers.iter().map(|&n| (largest, n)));
+    for (p, n) in sizes {
+        modes.push((Enforcer::Npc, p, n));
         if opts.iptables {
-            modes.push((Enforcer::Iptables, p));
+            modes.push((Enforcer::Iptables, p, n));
         }
     }
     let mut results: Vec<ModeResult> = modes
         .iter()
-        .map(|&(enforcer, policies)| ModeResult {
+        .map(|&(enforcer, policies, peers)| ModeResult {
             enforcer,
             policies,
+            peers,
             connections_per_second: Vec::new(),
             bulk_bits_per_second: Vec::new(),
             blocked_port_refused: false,
             blocked_port_drops: 0,
+            identity_addresses: 0,
         })
         .collect();
     for _ in 0..opts.repeats {
@@ -242,9 +292,11 @@ fn cpus() -> usize {
 /// One repeat of one mode: a lab of its own (so no mode inherits another's state).
 fn measure(opts: &Options, result: &mut ModeResult) {
     let policies = result.policies.max(1);
-    let loaded = files::parse_str("bench.yaml".as_ref(), &cluster(policies));
+    let loaded = files::parse_str("bench.yaml".as_ref(), &cluster(policies, result.peers));
     assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
     let mut lab_opts = LabOptions::new(&opts.tag);
+    // The peers are on other nodes: in the cluster the agent compiles, not wired here.
+    lab_opts.node_name = Some(NODE.into());
     lab_opts.enforce = matches!(result.enforcer, Enforcer::Npc | Enforcer::Hooks);
     let mut lab = Lab::up(lab_opts, &loaded).expect("lab up");
     if result.enforcer == Enforcer::Hooks {
@@ -266,7 +318,7 @@ fn measure(opts: &Options, result: &mut ModeResult) {
     let server_ip = lab.pod(&server).expect("server").ips[0];
     let client_ip = lab.pod(&client).expect("client").ips[0];
     if result.enforcer == Enforcer::Iptables {
-        let (sets, rules) = weave_npc_rules(policies, server_ip, client_ip);
+        let (sets, rules) = weave_npc_rules(policies, result.peers, server_ip, client_ip);
         restore_in(lab.node_netns(), "ipset", &["restore"], &sets);
         restore_in(lab.node_netns(), "iptables-restore", &["--noflush"], &rules);
     }
@@ -312,6 +364,9 @@ fn measure(opts: &Options, result: &mut ModeResult) {
     };
     result.blocked_port_refused = refused;
     result.blocked_port_drops = drops;
+    if result.enforcer == Enforcer::Npc {
+        result.identity_addresses = lab.datapath().kernel_numbering().expect("NPC_IDENTITIES").0.len();
+    }
 
     let rate = connection_rate(&client_ns, SocketAddr::new(server_ip, CONNECT_PORT), opts.duration);
     let bulk = bulk_rate(
@@ -530,6 +585,7 @@ fn rows(results: &[ModeResult]) -> Vec<Row> {
             Row {
                 enforcer: r.enforcer,
                 policies: r.policies,
+                peers: r.peers,
                 connections_per_second_median: c,
                 connections_per_second_spread: spread(&r.connections_per_second),
                 connections_vs_none: if conn0 > 0.0 { c / conn0 } else { 0.0 },
@@ -549,8 +605,8 @@ impl Report {
             self.kernel, self.cpus, self.repeats, self.duration_seconds
         );
         out += &format!(
-            "{:<9} {:>8} {:>12} {:>19} {:>8} {:>10} {:>15} {:>8}\n",
-            "enforcer", "policies", "conn/s", "(min-max)", "vs none", "bulk Gb/s", "(min-max)", "vs none"
+            "{:<9} {:>8} {:>6} {:>12} {:>19} {:>8} {:>10} {:>15} {:>8}\n",
+            "enforcer", "policies", "peers", "conn/s", "(min-max)", "vs none", "bulk Gb/s", "(min-max)", "vs none"
         );
         for r in &self.rows {
             let enforcer = match r.enforcer {
@@ -560,9 +616,10 @@ impl Report {
                 Enforcer::Iptables => "iptables",
             };
             out += &format!(
-                "{:<9} {:>8} {:>12.0} {:>9.0}-{:<9.0} {:>8.2} {:>10.2} {:>7.2}-{:<7.2} {:>8.2}\n",
+                "{:<9} {:>8} {:>6} {:>12.0} {:>9.0}-{:<9.0} {:>8.2} {:>10.2} {:>7.2}-{:<7.2} {:>8.2}\n",
                 enforcer,
                 r.policies,
+                r.peers,
                 r.connections_per_second_median,
                 r.connections_per_second_spread.0,
                 r.connections_per_second_spread.1,

@@ -7,20 +7,26 @@ use npc_integration::traffic::{Enforcer, Options, run};
 fn the_quick_traffic_benchmark_reports_every_mode_and_each_enforces_what_it_says() {
     npc_integration::require_root();
     let report = run(&Options::quick(&npc_integration::tag("trafficq")));
-    let modes: Vec<(Enforcer, usize)> = report.results.iter().map(|r| (r.enforcer, r.policies)).collect();
+    let modes: Vec<(Enforcer, usize, usize)> = report
+        .results
+        .iter()
+        .map(|r| (r.enforcer, r.policies, r.peers))
+        .collect();
     assert_eq!(
         modes,
         [
-            (Enforcer::None, 0),
-            (Enforcer::Hooks, 0),
-            (Enforcer::Npc, 1),
-            (Enforcer::Iptables, 1),
-            (Enforcer::Npc, 100),
-            (Enforcer::Iptables, 100)
+            (Enforcer::None, 0, 0),
+            (Enforcer::Hooks, 0, 0),
+            (Enforcer::Npc, 1, 0),
+            (Enforcer::Iptables, 1, 0),
+            (Enforcer::Npc, 100, 0),
+            (Enforcer::Iptables, 100, 0),
+            (Enforcer::Npc, 100, 200),
+            (Enforcer::Iptables, 100, 200)
         ]
     );
     for r in &report.results {
-        let what = format!("{:?} with {} policies", r.enforcer, r.policies);
+        let what = format!("{:?} with {} policies and {} peers", r.enforcer, r.policies, r.peers);
         assert_eq!(r.connections_per_second.len(), 1, "{what}");
         assert_eq!(r.bulk_bits_per_second.len(), 1, "{what}");
         assert!(r.connections_per_second[0] > 0.0, "{what}: no connection completed");
@@ -35,6 +41,21 @@ fn the_quick_traffic_benchmark_reports_every_mode_and_each_enforces_what_it_says
             _ => {
                 assert!(r.blocked_port_refused, "{what}: the port no policy allows was open");
                 assert!(r.blocked_port_drops > 0, "{what}: the refusal was not a counted drop");
+                if r.enforcer == Enforcer::Npc {
+                    // Every peer's address is in NPC_IDENTITIES, beside what the same policies
+                    // without peers have there (the lab's pods and the node's addresses).
+                    let alone = report
+                        .results
+                        .iter()
+                        .find(|o| o.enforcer == Enforcer::Npc && o.policies == r.policies && o.peers == 0)
+                        .expect("the same policies without peers");
+                    assert!(alone.identity_addresses >= 2, "{alone:?}");
+                    assert_eq!(
+                        r.identity_addresses,
+                        alone.identity_addresses + r.peers,
+                        "{what}: every peer is in NPC_IDENTITIES"
+                    );
+                }
             }
         }
     }

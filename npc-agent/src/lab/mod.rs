@@ -73,6 +73,12 @@ pub struct LabOptions {
     pub enforce: bool,
     /// How long a probe waits before calling a connection blocked.
     pub probe_timeout: Duration,
+    /// The node this lab is, in a larger cluster. `None` (the default): every pod in the
+    /// manifests is wired here. `Some(node)`: a pod whose `spec.nodeName` names another node is
+    /// only in the cluster (a policy peer, a Service backend: what the agent compiles), not
+    /// wired or probed, and needs a pinned `status.podIP`; the rest are wired here as `node`'s.
+    /// For benchmarks and tests of clusters larger than one host can wire.
+    pub node_name: Option<String>,
 }
 
 impl LabOptions {
@@ -90,6 +96,7 @@ impl LabOptions {
             legacy_default_deny: false,
             enforce: true,
             probe_timeout: Duration::from_millis(1500),
+            node_name: None,
         }
     }
 }
@@ -155,7 +162,7 @@ impl Lab {
             // The node agent's view: netlink in the node namespace, as on a Kubernetes node.
             let attacher = node.run(Attacher::new)??;
             let node_opts = NodeOptions {
-                node_name: None,
+                node_name: opts.node_name.clone(),
                 legacy_default_deny: opts.legacy_default_deny,
                 // A pod the lab just wired has said nothing yet: give the bridge time to learn it.
                 resolve_wait: Duration::from_secs(3),
@@ -225,6 +232,20 @@ impl Lab {
         for pod in &loaded.pods {
             let id = pod.object_ref();
             let mut pod = pod.clone();
+            if let Some(node) = &self.opts.node_name {
+                if pod.node.as_ref().is_some_and(|n| n != node) {
+                    // On another node: in the cluster, not on this host.
+                    if pod.ips.is_empty() {
+                        return Err(LabError::Setup(format!(
+                            "{id}: a pod on another node ({}) needs a pinned status.podIP",
+                            pod.node.as_deref().unwrap_or_default()
+                        )));
+                    }
+                    pods.push(pod);
+                    continue;
+                }
+                pod.node = Some(node.clone());
+            }
             // Keep the address a pod already has; otherwise its pinned one; otherwise the next free.
             pod.ips = match self.state.pods.get(&id) {
                 Some(existing) if self.pods.contains_key(&id) => existing.ips.clone(),
@@ -488,7 +509,7 @@ impl Lab {
         let datapath = Datapath::load(&self.opts.pin_root)?;
         let attacher = self.node.run(Attacher::new)??;
         let node_opts = NodeOptions {
-            node_name: None,
+            node_name: self.opts.node_name.clone(),
             legacy_default_deny: self.opts.legacy_default_deny,
             resolve_wait,
         };
