@@ -60,7 +60,7 @@ pub struct Options {
 
 impl Options {
     /// The full benchmark. `NPC_TRAFFIC_POLICIES` (say `1,1000`), `NPC_TRAFFIC_REPEATS` and
-    /// `NPC_TRAFFIC_SECONDS` narrow or lengthen it, `NPC_TRAFFIC_PEERS` (say `1000,10000`; empty
+    /// `NPC_TRAFFIC_SECONDS` narrow or lengthen it, `NPC_TRAFFIC_PEERS` (say `1000,10000`; `0`
     /// for none) sets the peer pods on other nodes (an A/B of one change wants more repeats of
     /// fewer modes); `NPC_TRAFFIC_NO_IPTABLES=1` leaves the iptables modes out.
     pub fn full(tag: &str) -> Self {
@@ -84,7 +84,11 @@ impl Options {
         };
         Self {
             policies: list("NPC_TRAFFIC_POLICIES", &[1, 100, 1000]),
-            peers: list("NPC_TRAFFIC_PEERS", &[1000, 10_000]),
+            // 0 is the policies' own row: `NPC_TRAFFIC_PEERS=0` runs no peer rows.
+            peers: list("NPC_TRAFFIC_PEERS", &[1000, 10_000])
+                .into_iter()
+                .filter(|&n| n > 0)
+                .collect(),
             repeats: number("NPC_TRAFFIC_REPEATS", 5) as usize,
             duration: Duration::from_secs(number("NPC_TRAFFIC_SECONDS", 3)),
             iptables: env("NPC_TRAFFIC_NO_IPTABLES").is_none(),
