@@ -8,7 +8,7 @@ use npc_agent::lab::{Lab, LabOptions};
 use npc_common::{DIR_INGRESS, DropKey, PROTO_TCP};
 use npc_integration::{require_root, tag};
 use npc_policy::files as manifests;
-use npc_policy::model::Protocol;
+use npc_policy::model::{ObjectRef, Protocol, addr_bytes};
 
 fn walkthrough_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples/walkthrough")
@@ -130,4 +130,44 @@ fn pinned_ipv6_and_dual_stack_pods_are_enforced() {
     assert_eq!(result("stranger", 80), Some("blocked"));
     assert_eq!(result("stranger", 53), Some("allowed"), "the IPv6 ipBlock");
     assert_eq!(result("v4only", 80), None, "no common family: not probed");
+}
+
+/// A lab that is one node of a larger cluster (`LabOptions::node_name`, what the traffic bench's
+/// peers use): a pod on another node is compiled (its address has an identity, and a policy
+/// admitting it has its allow entry) but is neither wired nor probed; one without a pinned
+/// address is refused, by name.
+#[test]
+fn a_lab_node_compiles_pods_of_other_nodes_without_wiring_them() {
+    require_root();
+    let pods = "apiVersion: v1\nkind: Namespace\nmetadata: {name: n}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: here, namespace: n, labels: {app: here}}\nspec: {containers: [{name: c, ports: [{containerPort: 80}]}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: there, namespace: n, labels: {app: there}}\nspec: {nodeName: elsewhere, containers: [{name: c}]}\nstatus: {podIP: 10.99.0.9}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: in, namespace: n}\nspec:\n  podSelector: {matchLabels: {app: here}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: there}}}], ports: [{port: 80}]}]\n";
+    let loaded = manifests::parse_str("remote.yaml".as_ref(), pods);
+    assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+    let mut opts = LabOptions::new(&tag("remote"));
+    opts.node_name = Some("lab-node".into());
+    let lab = Lab::up(opts.clone(), &loaded).expect("lab up");
+    let (here, there) = (ObjectRef::new("n", "here"), ObjectRef::new("n", "there"));
+    assert!(lab.pod_netns(&here).is_some(), "the local pod is wired");
+    assert!(lab.pod_netns(&there).is_none(), "the other node's pod is not");
+    let probed: Vec<String> = lab.record().pods.iter().map(|p| p.id.clone()).collect();
+    assert_eq!(probed, ["n/here"], "only this node's pods are probed");
+    let (identities, _) = lab.datapath().kernel_numbering().expect("NPC_IDENTITIES");
+    let peer = *identities
+        .get(&addr_bytes("10.99.0.9".parse().expect("address")))
+        .expect("the other node's pod has an identity");
+    let (entries, _) = lab.datapath().policy_entries().expect("NPC_POLICY");
+    assert!(
+        entries.iter().any(|(k, _)| k.peer == peer && k.port == 80),
+        "the policy admits the other node's pod: {entries:?}"
+    );
+    drop(lab);
+
+    let unpinned = pods.replace("status: {podIP: 10.99.0.9}\n", "");
+    let loaded = manifests::parse_str("remote.yaml".as_ref(), &unpinned);
+    let refused = Lab::up(opts, &loaded)
+        .err()
+        .expect("a pod elsewhere with no address is refused");
+    assert!(
+        refused.to_string().contains("n/there") && refused.to_string().contains("status.podIP"),
+        "{refused}"
+    );
 }
