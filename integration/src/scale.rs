@@ -6,7 +6,8 @@
 //! `/readyz` (first enforcement), its resident memory (VmRSS, and the peak VmHWM) once enforcing,
 //! and edit → kernel map latencies: a policy edit that changes the local server's allowed port is
 //! timed until the new allow entry is in the pinned `NPC_POLICY`, and a relabel of the local
-//! client (out of the policy's reach, and back) until its allow entry goes (comes back).
+//! client (out of the policy's reach, and back) until its allow entry goes (comes back); then a
+//! second agent process over the first one's pins, timed to `/readyz` (an upgrade's restart).
 use std::time::{Duration, Instant};
 
 use npc_common::{DIR_INGRESS, PROTO_TCP, PolicyKey, map_names};
@@ -52,6 +53,11 @@ pub struct Row {
     /// Allow entries for Service VIPs in the kernel once enforcing (one per Service and local
     /// pod identity when `size.services` are judged): that the Services are really judged.
     pub service_entries: usize,
+    /// A second agent process started over the first one's pins (an upgrade or a crash): start
+    /// → `/readyz`, and its first turn. Its links are pinned already, so it replaces the
+    /// programs in place instead of attaching anew.
+    pub restart_to_enforcing_s: f64,
+    pub restart_first_sync_s: f64,
     /// Per edit and relabel: the agent's turn time (change in hand → kernel maps written),
     /// without the API server's delivery and the coalescing wait.
     pub turn_ms: Vec<f64>,
@@ -314,6 +320,20 @@ pub fn run(size: Size, edits: usize) -> Row {
     // SAFETY: a plain signal to our own child.
     unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
     let _ = agent.wait();
+    // The restart: a new process over the same pins, as after an upgrade.
+    let restarted = Instant::now();
+    let mut agent = c.spawn_agent_process(METRICS_PORT, "agent-restarted.log");
+    c.wait_agent_process_ready(
+        METRICS_PORT,
+        &mut agent,
+        "agent-restarted.log",
+        Duration::from_secs(600),
+    );
+    let restart_to_enforcing = restarted.elapsed();
+    let (restart_first_sync_s, _) = sync_time(&c);
+    // SAFETY: as above.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    let _ = agent.wait();
     Row {
         size,
         start_to_enforcing_s: start_to_enforcing.as_secs_f64(),
@@ -323,6 +343,8 @@ pub fn run(size: Size, edits: usize) -> Row {
         first_sync_s,
         policy_edit_ms,
         relabel_ms,
+        restart_to_enforcing_s: restart_to_enforcing.as_secs_f64(),
+        restart_first_sync_s,
         endpoints: enforced_endpoints,
         service_entries,
         turn_ms,
@@ -342,7 +364,7 @@ pub fn percentile(v: &[f64], p: f64) -> f64 {
 /// The table `cargo xtask bench scale` prints.
 pub fn table(rows: &[Row]) -> String {
     let mut out = format!(
-        "{:>8} {:>6} {:>8} {:>8} {:>7}  {:>14} {:>10} {:>9} {:>9} {:>9}  {:>24}  {:>24}  {:>16}\n",
+        "{:>8} {:>6} {:>8} {:>8} {:>7}  {:>14} {:>10} {:>16} {:>9} {:>9} {:>9}  {:>24}  {:>24}  {:>16}\n",
         "pods",
         "ns",
         "policies",
@@ -350,6 +372,7 @@ pub fn table(rows: &[Row]) -> String {
         "on node",
         "start->enforce",
         "first turn",
+        "restart (turn)",
         "RSS MiB",
         "peak MiB",
         "B/pod",
@@ -367,7 +390,7 @@ pub fn table(rows: &[Row]) -> String {
             )
         };
         out += &format!(
-            "{:>8} {:>6} {:>8} {:>8} {:>7}  {:>13.2}s {:>9.2}s {:>9.0} {:>9.0} {:>9.0}  {:>24}  {:>24}  {:>16}\n",
+            "{:>8} {:>6} {:>8} {:>8} {:>7}  {:>13.2}s {:>9.2}s {:>16} {:>9.0} {:>9.0} {:>9.0}  {:>24}  {:>24}  {:>16}\n",
             r.size.pods,
             r.size.namespaces,
             r.size.policies,
@@ -375,6 +398,7 @@ pub fn table(rows: &[Row]) -> String {
             r.endpoints,
             r.start_to_enforcing_s,
             r.first_sync_s,
+            format!("{:.2}s ({:.2}s)", r.restart_to_enforcing_s, r.restart_first_sync_s),
             r.rss_mib,
             r.peak_rss_mib,
             r.rss_bytes_per_pod,

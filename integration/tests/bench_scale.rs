@@ -26,6 +26,10 @@ fn the_quick_scale_benchmark_reports_every_field_and_sees_every_edit() {
     assert_eq!(row.service_entries, 2 * 20, "{row:?}");
     // The extra local pods are enforced too (each in a group its policy isolates).
     assert_eq!(row.endpoints, 2 + 6, "{row:?}");
+    assert!(
+        row.restart_to_enforcing_s > 0.0 && row.restart_first_sync_s > 0.0,
+        "a restarted agent over the pins reaches /readyz and reports its turn: {row:?}"
+    );
     assert_eq!(row.turn_ms.len(), 4, "a turn time per edit and relabel: {row:?}");
     assert!(row.turn_ms.iter().all(|t| *t > 0.0), "{row:?}");
     let table = scale::table(&[row]);
