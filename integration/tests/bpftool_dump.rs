@@ -191,6 +191,8 @@ fn readme_examples() -> Vec<(String, Value)> {
         let Some(map) = line.strip_prefix("$ bpftool map dump pinned /sys/fs/bpf/npc/") else {
             continue;
         };
+        // The map's name, without the `# ...` comment some examples carry.
+        let map = map.split_whitespace().next().unwrap_or_default();
         let mut json = String::new();
         while let Some(next) = lines.peek() {
             if next.starts_with('$') || next.starts_with("```") {

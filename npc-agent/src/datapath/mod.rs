@@ -452,7 +452,9 @@ impl Datapath {
         let mut older = Vec::new();
         for entry in self.conntrack.iter() {
             let (key, value) = entry?;
-            if now.saturating_sub(value.last_seen_ns) <= ct_timeout::of(value.state) {
+            // Modular, as the programs compute an entry's age (`now.wrapping_sub(last_seen)`),
+            // so that both agree on every entry.
+            if now.wrapping_sub(value.last_seen_ns) <= ct_timeout::of(value.state) {
                 sweep.live += 1;
             }
             if !key.is_normal() {
