@@ -244,6 +244,21 @@ fn timed_edit(
     Some(took)
 }
 
+/// Starts `npc-agent run` (logging to `log`) and waits for `/readyz`; the process and how long
+/// that took.
+fn start_agent(c: &Cluster, log: &str) -> (std::process::Child, Duration) {
+    let start = Instant::now();
+    let mut agent = c.spawn_agent_process(METRICS_PORT, log);
+    c.wait_agent_process_ready(METRICS_PORT, &mut agent, log, Duration::from_secs(600));
+    (agent, start.elapsed())
+}
+
+fn stop_agent(mut agent: std::process::Child) {
+    // SAFETY: a plain signal to our own child.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    let _ = agent.wait();
+}
+
 /// Measures one cluster size; `edits` policy edits and as many relabels.
 pub fn run(size: Size, edits: usize) -> Row {
     let c = Cluster::new("scale", &fabric(size), &[]);
@@ -251,10 +266,7 @@ pub fn run(size: Size, edits: usize) -> Row {
     for object in remote_objects(size) {
         c.api.apply(object);
     }
-    let start = Instant::now();
-    let mut agent = c.spawn_agent_process(METRICS_PORT, "agent.log");
-    c.wait_agent_process_ready(METRICS_PORT, &mut agent, "agent.log", Duration::from_secs(600));
-    let start_to_enforcing = start.elapsed();
+    let (agent, start_to_enforcing) = start_agent(&c, "agent.log");
     let (first_sync_s, _) = sync_time(&c);
     let (rss, peak) = (status_kib(agent.id(), "VmRSS:"), status_kib(agent.id(), "VmHWM:"));
 
@@ -317,23 +329,11 @@ pub fn run(size: Size, edits: usize) -> Row {
             .unwrap_or_else(|| panic!("relabel {i} never reached the kernel maps"));
         relabel_ms.push(took.as_secs_f64() * 1e3);
     }
-    // SAFETY: a plain signal to our own child.
-    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
-    let _ = agent.wait();
+    stop_agent(agent);
     // The restart: a new process over the same pins, as after an upgrade.
-    let restarted = Instant::now();
-    let mut agent = c.spawn_agent_process(METRICS_PORT, "agent-restarted.log");
-    c.wait_agent_process_ready(
-        METRICS_PORT,
-        &mut agent,
-        "agent-restarted.log",
-        Duration::from_secs(600),
-    );
-    let restart_to_enforcing = restarted.elapsed();
+    let (agent, restart_to_enforcing) = start_agent(&c, "agent-restarted.log");
     let (restart_first_sync_s, _) = sync_time(&c);
-    // SAFETY: as above.
-    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
-    let _ = agent.wait();
+    stop_agent(agent);
     Row {
         size,
         start_to_enforcing_s: start_to_enforcing.as_secs_f64(),

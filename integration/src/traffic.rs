@@ -216,19 +216,16 @@ pub fn weave_npc_rules(policies: usize, peers: usize, server: IpAddr, client: Ip
             sets += &format!("add {set} {client}\n");
             vec![CONNECT_PORT, BULK_PORT]
         } else if peers > 0 {
-            // The selector's pods on other nodes.
-            for k in (0..peers).filter(|&k| peer_group(policies, k) == Some(i)) {
+            // The selector's pods on other nodes: those with `peer_group(policies, k) == Some(i)`.
+            for k in (i..peers).step_by(policies - 1) {
                 sets += &format!("add {set} {}\n", peer_addr(k));
             }
             vec![10_000 + i as u16]
         } else {
             // No peer pods in the cluster: a few addresses each all the same, as real selectors
             // hold.
-            for k in 0..4u32 {
-                sets += &format!(
-                    "add {set} {}\n",
-                    std::net::Ipv4Addr::from(0x0a63_0000 + i as u32 * 4 + k)
-                );
+            for k in 0..4 {
+                sets += &format!("add {set} {}\n", peer_addr(i * 4 + k));
             }
             vec![10_000 + i as u16]
         };
@@ -331,20 +328,18 @@ fn measure(opts: &Options, result: &mut ModeResult) {
     // The fabric carries traffic first (the allowed port, retried until a deadline): on a busy
     // CI machine a fresh lab's first SYN can take longer than the refusal probe's timeout, and
     // a slow fabric must not read as a refused port (CI saw "none" refuse the blocked port once).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !connects(
-        &client_ns,
-        SocketAddr::new(server_ip, CONNECT_PORT),
-        Duration::from_secs(1),
-    ) {
-        assert!(
-            Instant::now() < deadline,
-            "{:?} with {} policies: the allowed port never connected in 10 s (a broken fabric)",
-            result.enforcer,
-            result.policies
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let fabric_works = crate::wait_for(Duration::from_secs(10), || {
+        connects(
+            &client_ns,
+            SocketAddr::new(server_ip, CONNECT_PORT),
+            Duration::from_secs(1),
+        )
+    });
+    assert!(
+        fabric_works,
+        "{:?} with {} policies: the allowed port never connected in 10 s (a broken fabric)",
+        result.enforcer, result.policies
+    );
     // The enforcement is what the mode says: the blocked port is refused, and counted. Where
     // nothing enforces, the fabric is known to work, so a generous timeout costs nothing; where
     // something does, the drop counter below is what proves the refusal, not the timeout.
