@@ -51,7 +51,13 @@ enum Kind {
 fn main() {
     // `cargo bench` passes `--bench`; run by hand without it, the binary makes a quick run.
     let benching = std::env::args().any(|a| a == "--bench");
-    let (repeat, fresh): (u32, u16) = if benching { (1_000_000, 20_000) } else { (1_000, 100) };
+    let (mut repeat, fresh): (u32, u16) = if benching { (1_000_000, 20_000) } else { (1_000, 100) };
+    // For profiling one case under `perf record -a`: `NPC_BENCH_CASE` (part of its name) runs
+    // only the matching cases, `NPC_BENCH_REPEAT` repeats steady packets longer than a million.
+    let only = std::env::var("NPC_BENCH_CASE").ok();
+    if let Some(n) = std::env::var("NPC_BENCH_REPEAT").ok().and_then(|n| n.parse().ok()) {
+        repeat = n;
+    }
     let mut t = TestDatapath::load("bench");
     let dp = &mut t.dp;
     let compiled = compile_for("n0", &[("bench.yaml", &cluster(10_000))]);
@@ -146,7 +152,7 @@ fn main() {
             SHOT,
         ),
         (
-            "a packet on an interface that is not a pod's (endpoint lookup only)",
+            "a packet on an interface that is not a pod's (parsed, conntrack and endpoint lookups miss)",
             Hook::FromPod,
             packet::tcp(server_ip, client, 40003, 443, TCP_SYN),
             Kind::Unenforced,
@@ -175,6 +181,9 @@ fn main() {
     println!("{:>8}  {:>8}  case", "ns/pkt", "floor+");
     println!("{:>8}  {:>8}  the empty program (the floor)", floor.as_nanos(), 0);
     for (name, hook, pkt, kind, verdict) in &cases {
+        if only.as_ref().is_some_and(|only| !name.contains(only.as_str())) {
+            continue;
+        }
         let check = |dp: &npc_agent::datapath::Datapath, pkt: &[u8]| {
             let got = dp.test_run(*hook, pkt).expect("test run");
             assert_eq!(
@@ -222,7 +231,9 @@ fn main() {
         let count = count.map_or_else(|| "not reported by this kernel".to_string(), |n| n.to_string());
         println!("verifier: {program} accepted after {count} instructions walked (limit 1000000)");
     }
-    lab_matrix();
+    if only.is_none() {
+        lab_matrix();
+    }
 }
 
 /// How long a lab takes to probe a 9-pod matrix on 2 ports x 2 protocols (288 probes, a third

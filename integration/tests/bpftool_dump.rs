@@ -39,7 +39,7 @@ const EXPECTED: &[(&str, Fields, Fields)] = &[
     (
         map_names::CONNTRACK,
         Some(&["ifindex", "protocol", "_pad", "src", "dst", "sport", "dport"]),
-        Some(&["last_seen_ns", "epoch", "state", "direction", "origin", "_pad"]),
+        Some(&["last_seen_ns", "epoch", "state", "direction", "origin", "local"]),
     ),
     (map_names::DROPS, Some(&["direction", "protocol", "dport"]), None),
     (map_names::STATS, None, None),

@@ -691,6 +691,42 @@ fn forged_replies_to_an_isolated_pod_are_judged_as_new() {
     fx.expect(Hook::ToPod, &reply, PASS);
 }
 
+/// A tracked connection passes packets out of the pod without source validation only from the
+/// end that was the pod's own when the entry was made: not the peer's end of the same tuple, and
+/// not an address the pod was sent to that is not its own.
+#[test]
+fn tracked_connections_never_let_a_pod_send_from_another_address() {
+    let mut fx = Fixture::new("spoof-tracked");
+    fx.apply("");
+    // Into the pod from the client, then the same tuple out of the pod: the client's address.
+    fx.expect(Hook::ToPod, &packet::tcp(CLIENT, SERVER, 40000, 8080, TCP_SYN), PASS);
+    fx.expect(Hook::FromPod, &packet::tcp(CLIENT, SERVER, 40000, 8080, TCP_ACK), SHOT);
+    assert_eq!(fx.t.dp.spoofed_packets().unwrap(), 1);
+    // The pod's own replies on the connection pass.
+    fx.expect(
+        Hook::FromPod,
+        &packet::tcp(SERVER, CLIENT, 8080, 40000, TCP_SYN | TCP_ACK),
+        PASS,
+    );
+    fx.expect(Hook::FromPod, &packet::tcp(SERVER, CLIENT, 8080, 40000, TCP_ACK), PASS);
+    // A frame into the pod addressed to somebody else (a bridge delivers by MAC) is tracked
+    // (the pod is not isolated), but "replies" from that address are forged.
+    let other = ip("10.0.0.99");
+    fx.expect(
+        Hook::ToPod,
+        &packet::ip(CLIENT, other, L4::Udp { sport: 5000, dport: 53 }),
+        PASS,
+    );
+    for _ in 0..2 {
+        fx.expect(
+            Hook::FromPod,
+            &packet::ip(other, CLIENT, L4::Udp { sport: 53, dport: 5000 }),
+            SHOT,
+        );
+    }
+    assert_eq!(fx.t.dp.spoofed_packets().unwrap(), 3);
+}
+
 /// Source validation (issue 12): whatever its policy, a pod sends only from its own addresses,
 /// IPv6 link-local ones, and `::` for neighbour discovery; ARP only with its own sender address
 /// (or 0.0.0.0, a probe). Forged packets have their own counter, not the policy drop counters.
@@ -900,8 +936,15 @@ fn the_source_prefixes_annotation_lets_a_routing_pod_send_from_its_prefixes() {
         assert_eq!(fx.run(Hook::FromPod, &from(src)), SHOT, "{src} is not");
     }
     assert_eq!(fx.t.dp.spoofed_packets().unwrap(), 3);
-    // The annotation removed: the prefixes are forged again.
-    fx.apply("");
+    // The prefixes changed (the pod still has some): a flow from a prefix it lost is forged from
+    // its next packet on, tracked or not. Tracked packets out of a pod skip source validation
+    // only under the epoch they were judged in, so the change must move the epoch.
+    fx.apply_cluster(&routing.replace("192.168.50.0/24", "192.168.60.0/24"), "");
+    fx.expect(Hook::FromPod, &from("192.168.60.7"), PASS);
     fx.expect(Hook::FromPod, &from("192.168.50.7"), SHOT);
     assert_eq!(fx.t.dp.spoofed_packets().unwrap(), 4);
+    // The annotation removed: the prefixes are forged again.
+    fx.apply("");
+    fx.expect(Hook::FromPod, &from("192.168.60.7"), SHOT);
+    assert_eq!(fx.t.dp.spoofed_packets().unwrap(), 5);
 }

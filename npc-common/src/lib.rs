@@ -304,6 +304,26 @@ pub mod ct_origin {
     pub const DST: u8 = 1;
 }
 
+/// [`ConntrackValue::local`]: which end of the key is this interface's pod, checked when the
+/// entry was made or last judged. The from-pod program passes a tracked packet without the
+/// endpoint lookup and source validation only when it comes from that end (see the datapath's
+/// `handle`).
+pub mod ct_local {
+    /// Not checked (an entry of an older release, or a connection into the pod to an address
+    /// that is not one of the pod's): every packet out of the pod is validated.
+    pub const UNCHECKED: u8 = 0;
+    /// The key's `src` end.
+    pub const SRC: u8 = 1;
+    /// The key's `dst` end.
+    pub const DST: u8 = 2;
+
+    /// The [`ct_local`] value of the end [`super::ct_origin`] names.
+    #[inline(always)]
+    pub const fn of(origin: u8) -> u8 {
+        if origin == super::ct_origin::DST { DST } else { SRC }
+    }
+}
+
 /// Connection states kept in [`ConntrackValue::state`].
 pub mod ct_state {
     /// UDP, SCTP, ICMP and other protocols without a tracked handshake.
@@ -351,7 +371,8 @@ pub struct ConntrackValue {
     pub direction: u8,
     /// [`ct_origin`]: which end of the key sent the packet that opened the connection.
     pub origin: u8,
-    pub _pad: u8,
+    /// [`ct_local`]: which end is the pod's own address (in the release before it, a zero pad).
+    pub local: u8,
 }
 const _: () = assert!(size_of::<ConntrackValue>() == 16);
 

@@ -5,6 +5,11 @@
 //!
 //! Per packet, in this order (the first step that decides, decides):
 //!
+//! 0. Conntrack, before anything else: an untagged, unfragmented IP packet of a live connection
+//!    tracked at this interface and judged under the current policy epoch → pass and refresh. Out
+//!    of the pod, only when it comes from the entry's checked pod end (`ConntrackValue::local`):
+//!    steps 1 and 2 already held for that end under this epoch. Everything else goes on, with
+//!    the lookup's result kept for step 5.
 //! 1. `NPC_ENDPOINTS[ifindex]` missing → not a pod of ours → pass.
 //! 2. From the pod: **source validation**, whatever the pod's policy. An IPv4/IPv6 packet (or an
 //!    ARP sender address) that is not one of the pod's own addresses is dropped (reason `spoofed`,
@@ -50,8 +55,8 @@ use npc_common::{
     CIDR_CLASS_BASE, Config, ConntrackKey, ConntrackValue, DENIED_IDLE_NS, DIR_EGRESS, DIR_INGRESS, DropKey,
     EndpointInfo, FRAGMENT_TIMEOUT_NS, FragmentKey, PORT_ANY, PORT_RANGE_FIXED_BITS, PROTO_ANY, PROTO_ICMP,
     PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, PortLabelKey, PortRangeKey,
-    SOURCE_FIXED_BITS, SourceKey, VerdictEvent, capacity, ct_origin, ct_state, ct_timeout, drop_reason, endpoint_flags,
-    event_kind, log_level, mode, peer, stats,
+    SOURCE_FIXED_BITS, SourceKey, VerdictEvent, capacity, ct_local, ct_origin, ct_state, ct_timeout, drop_reason,
+    endpoint_flags, event_kind, log_level, mode, peer, stats,
 };
 
 mod maps;
@@ -80,9 +85,9 @@ static NPC_EVENTS: RingBuf = RingBuf::pinned(capacity::EVENTS_BYTES, 0);
 static NPC_CONFIG: Array<Config, 1> = Array::new();
 #[btf_map]
 static NPC_STATS: PerCpuArray<u64, { stats::COUNT as usize }> = PerCpuArray::new();
-/// One `Packet` per CPU (see `handle`). Not pinned: nothing outside a program run reads it.
+/// One `Scratch` per CPU (see `handle`). Not pinned: nothing outside a program run reads it.
 #[map]
-static NPC_SCRATCH: aya_ebpf::maps::PerCpuArray<Packet> = aya_ebpf::maps::PerCpuArray::with_max_entries(1, 0);
+static NPC_SCRATCH: aya_ebpf::maps::PerCpuArray<Scratch> = aya_ebpf::maps::PerCpuArray::with_max_entries(1, 0);
 #[btf_map]
 static NPC_SOURCES: LpmTrie<SourceKey, u32, { capacity::SOURCES as usize }> = LpmTrie::new();
 /// The ports `NPC_DROPS` counts under their own number (written by the agent; see `PortLabelKey`).
@@ -135,6 +140,16 @@ struct Packet {
 }
 
 const FIRST_FRAGMENT: u8 = 1;
+
+/// A program run's working memory that would not fit its stack (every call chain shares 512
+/// bytes, and 6.1 counts a frame at its deepest): the packet's fields, its conntrack key, and the
+/// key of the datagram an ICMP error quotes.
+#[repr(C, align(8))]
+struct Scratch {
+    pkt: Packet,
+    key: ConntrackKey,
+    quoted: ConntrackKey,
+}
 
 /// What one run of a program knows about where it runs.
 /// The endpoint and config are the map values themselves, not copies: 56 bytes of stack the
@@ -194,29 +209,17 @@ pub fn npc_floor(_ctx: TcContext) -> i32 {
 fn handle(ctx: &TcContext, direction: u8) -> i32 {
     // SAFETY: `skb` is the context pointer the kernel handed us.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: plain-old-data values, RCU-protected while the program runs; a concurrent update
-    // by the agent can at worst give us a mix of old and new fields of a value that is
-    // consistent either way.
-    let Some(endpoint) = (unsafe { NPC_ENDPOINTS.get(&ifindex) }) else {
-        return TC_ACT_UNSPEC;
-    };
-    let hook = Hook {
-        ifindex,
-        direction,
-        endpoint,
-        config: unsafe { NPC_CONFIG.get(&0) }.unwrap_or(&DEFAULT_CONFIG),
-    };
     // The packet's fields live in a per-CPU scratch map, not on the stack: what the verifier
     // reads back from a map value it knows nothing about, so the states of the many parse paths
     // (each with its own constants for family, protocol, fragment...) become one after parsing,
     // instead of each walking the rest of the program (6.1 went past its million instructions).
     // A CPU runs one of our programs at a time (tc runs with bottom halves off), so one slot
     // each is enough.
-    let Some(pkt) = NPC_SCRATCH.get_ptr_mut(0) else {
+    let Some(scratch) = NPC_SCRATCH.get_ptr_mut(0) else {
         return TC_ACT_UNSPEC;
     };
     // SAFETY: a per-CPU slot no one else uses while we run (see above).
-    let pkt = unsafe { &mut *pkt };
+    let Scratch { pkt, key, quoted } = unsafe { &mut *scratch };
     // Zeroed word by word: a struct literal became a call to `memset`, which compiler_builtins
     // implements for BPF as a byte loop (48 iterations, ~240 instructions, on every packet).
     // Volatile, or LLVM folds the stores back into that call.
@@ -231,10 +234,44 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
     // receiving pod's kernel would strip a VID 0 tag and take the IP packet inside.
     // SAFETY: `skb` is the context pointer the kernel handed us.
     pkt.tagged = u8::from(unsafe { (*ctx.skb.skb).vlan_present } != 0);
+    // SAFETY: plain-old-data values, RCU-protected while the program runs; a concurrent update
+    // by the agent can at worst give us a mix of old and new fields of a value that is
+    // consistent either way.
+    let config = unsafe { NPC_CONFIG.get(&0) }.unwrap_or(&DEFAULT_CONFIG);
+
+    // Conntrack first, before the endpoint: most packets belong to a connection judged under
+    // the current policy, and pass on this one lookup. The endpoint lookup (a hash lookup, ~12 ns
+    // here) and source validation are for the rest. Skipping source validation is sound because
+    // a packet out of the pod takes this path only when it comes from the entry's `local` end:
+    // the end that passed source validation (or was the pod's own address) when the entry was
+    // made under this epoch, and the epoch moves whenever an endpoint's addresses or extra
+    // sources change.
+    let ct = track(ifindex, pkt, parsed, key);
+    if let Some((entry, is_reply)) = ct.entry {
+        // SAFETY: the pointer came from a successful lookup; entries are plain old data.
+        let e = unsafe { &mut *entry };
+        // First fragments go the long way: an allowed one is recorded for the later fragments.
+        let plain = parsed == Parsed::Ip && pkt.tagged == 0 && pkt.fragment == 0;
+        if plain && e.epoch == config.epoch && (direction == DIR_INGRESS || e.local == ct_local::of(ct.from)) {
+            refresh(e, pkt, is_reply, ct.now);
+            return TC_ACT_UNSPEC;
+        }
+    }
+
+    // SAFETY: as for the config.
+    let Some(endpoint) = (unsafe { NPC_ENDPOINTS.get(&ifindex) }) else {
+        return TC_ACT_UNSPEC;
+    };
+    let hook = Hook {
+        ifindex,
+        direction,
+        endpoint,
+        config,
+    };
     // Every drop goes through the one `deny` call below: each call site of a subprogram is
     // verified again for every state that reaches it, and seven sites put the program past the
     // 6.1 verifier's million-instruction budget.
-    let reason = decide(ctx, &hook, pkt, parsed);
+    let reason = decide(ctx, &hook, pkt, parsed, &ct, quoted);
     if reason == PASS {
         return TC_ACT_UNSPEC;
     }
@@ -248,12 +285,73 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
     deny(ctx, &hook, pkt, reason)
 }
 
+/// A packet's conntrack key and live entry, looked up once per packet (see `handle`).
+struct Tracked<'a> {
+    key: &'a ConntrackKey,
+    /// The end of the key this packet comes from, in `ConntrackValue::origin`'s terms.
+    from: u8,
+    /// A TCP SYN (without ACK): opens a connection.
+    opens: bool,
+    now: u64,
+    /// The live entry, and whether this packet goes the other way from the one that opened it.
+    entry: Option<(*mut ConntrackValue, bool)>,
+}
+
+/// Looks `pkt` up in conntrack (only IP packets and ICMP errors, the two kinds `judge` sees).
+#[inline(always)]
+fn track<'a>(ifindex: u32, pkt: &Packet, parsed: Parsed, key: &'a mut ConntrackKey) -> Tracked<'a> {
+    let now = now();
+    // Both directions of a connection share one entry, keyed lower end first: one lookup per
+    // packet, where a key per opening tuple took two for every reply and every new connection.
+    let reversed = ConntrackKey::reversed(words64(&pkt.src), pkt.sport, words64(&pkt.dst), pkt.dport);
+    let (src, dst) = (words32(&pkt.src), words32(&pkt.dst));
+    *key = if reversed {
+        conntrack_key(ifindex, pkt.protocol, dst, src, pkt.dport, pkt.sport)
+    } else {
+        conntrack_key(ifindex, pkt.protocol, src, dst, pkt.sport, pkt.dport)
+    };
+    let key = &*key;
+    let from = if reversed { ct_origin::DST } else { ct_origin::SRC };
+    let opens = pkt.protocol == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let found = if parsed == Parsed::Ip || parsed == Parsed::IcmpError {
+        NPC_CONNTRACK.get_ptr_mut(key)
+    } else {
+        None
+    };
+    let entry = match found {
+        Some(entry) => {
+            // SAFETY: the pointer came from a successful lookup; entries are plain old data.
+            let e = unsafe { &*entry };
+            // Idle past its timeout, or a fresh SYN on a closed tuple (port reuse, from either
+            // end): a new connection, not part of the old one.
+            let over = now.wrapping_sub(e.last_seen_ns) > ct_timeout::of(e.state)
+                || (opens && e.state >= ct_state::TCP_CLOSING);
+            if over { None } else { Some((entry, e.origin != from)) }
+        }
+        None => None,
+    };
+    Tracked {
+        key,
+        from,
+        opens,
+        now,
+        entry,
+    }
+}
+
 /// "No drop reason": the packet passes.
 const PASS: u8 = 0;
 
 /// The verdict on a parsed packet: [`PASS`] or the drop reason.
 #[inline(always)]
-fn decide(ctx: &TcContext, hook: &Hook, pkt: &mut Packet, parsed: Parsed) -> u8 {
+fn decide(
+    ctx: &TcContext,
+    hook: &Hook,
+    pkt: &mut Packet,
+    parsed: Parsed,
+    ct: &Tracked,
+    quoted: &mut ConntrackKey,
+) -> u8 {
     let (ifindex, direction) = (hook.ifindex, hook.direction);
     if direction == DIR_EGRESS && pkt.family != 0 && source_ok(hook, pkt, parsed as u8) == 0 {
         return drop_reason::SPOOFED;
@@ -275,7 +373,7 @@ fn decide(ctx: &TcContext, hook: &Hook, pkt: &mut Packet, parsed: Parsed) -> u8 
         Parsed::Unparseable if isolated => return drop_reason::UNPARSEABLE,
         Parsed::Unparseable | Parsed::NotIp => return PASS,
         Parsed::IcmpError => {
-            if related(ctx, ifindex, pkt.offset as usize, pkt.family) != 0 {
+            if related(ctx, ifindex, pkt.offset as usize, pkt.family, quoted) != 0 {
                 return PASS;
             }
             // Not about a connection of ours: a new packet, judged as one (below), never tracked.
@@ -294,7 +392,7 @@ fn decide(ctx: &TcContext, hook: &Hook, pkt: &mut Packet, parsed: Parsed) -> u8 
         }
     }
     // One inlined copy of `judge` (for IP packets and unrelated ICMP errors alike).
-    let reason = judge(ctx, hook, pkt);
+    let reason = judge(ctx, hook, pkt, ct);
     if reason == PASS && isolated {
         record_first_fragment(ifindex, pkt);
     }
@@ -448,8 +546,15 @@ fn extra_source(ifindex: u32, pkt: &Packet) -> i64 {
 /// interface, in either direction? Returns 1 if so, else 0. Not inlined, for the stack (see
 /// [`allowed`]).
 #[inline(never)]
-fn related(ctx: &TcContext, ifindex: u32, quoted: usize, family: u8) -> i64 {
-    let mut key = conntrack_key(ifindex, 0, [0; 4], [0; 4], 0, 0);
+fn related(ctx: &TcContext, ifindex: u32, quoted: usize, family: u8, key: &mut ConntrackKey) -> i64 {
+    // Zeroed word by word (see `handle`): a zero key literal became a call to the byte-loop
+    // `memset`, whose frame, nested under this one, took the 6.1 verifier past its 512 bytes.
+    let slots = core::ptr::from_mut(key).cast::<u32>();
+    for i in 0..size_of::<ConntrackKey>() / 4 {
+        // SAFETY: `ConntrackKey` is 4-aligned and a whole number of words, all plain integers.
+        unsafe { core::ptr::write_volatile(slots.add(i), 0) };
+    }
+    key.ifindex = ifindex;
     // bpf_skb_load_bytes rather than direct packet access: this path is rare, and with a second
     // variable header length in the offsets LLVM shifted the packet-end pointer, which the
     // verifier refuses ("pointer arithmetic on pkt_end prohibited").
@@ -503,9 +608,11 @@ fn related(ctx: &TcContext, ifindex: u32, quoted: usize, family: u8) -> i64 {
         _ => return 0,
     }
     // The quoted datagram went either way: the shared entry covers both.
-    let key = if key.is_normal() { key } else { key.swapped() };
+    if !key.is_normal() {
+        *key = key.swapped();
+    }
     // SAFETY: the value is copied out at once.
-    match unsafe { NPC_CONNTRACK.get(&key) }.copied() {
+    match unsafe { NPC_CONNTRACK.get(key) }.copied() {
         Some(entry) if now().wrapping_sub(entry.last_seen_ns) <= ct_timeout::of(entry.state) => 1,
         _ => 0,
     }
@@ -521,49 +628,31 @@ fn is_isolated(endpoint: &EndpointInfo, direction: u8) -> bool {
     endpoint.flags & flag != 0
 }
 
-/// Conntrack, then policy for a new connection: [`PASS`] or the drop reason.
+/// Conntrack (looked up by [`track`]), then policy for a new connection: [`PASS`] or the drop
+/// reason.
 #[inline(always)]
-fn judge(ctx: &TcContext, hook: &Hook, pkt: &Packet) -> u8 {
+fn judge(ctx: &TcContext, hook: &Hook, pkt: &Packet, ct: &Tracked) -> u8 {
     let Hook {
         ifindex,
         direction,
         endpoint,
         config,
     } = *hook;
-    let now = now();
-    // Both directions of a connection share one entry, keyed lower end first: one lookup per
-    // packet, where a key per opening tuple took two for every reply and every new connection.
-    let reversed = ConntrackKey::reversed(words64(&pkt.src), pkt.sport, words64(&pkt.dst), pkt.dport);
+    let (key, from, opens, now, tracked) = (ct.key, ct.from, ct.opens, ct.now, ct.entry);
     let (src, dst) = (words32(&pkt.src), words32(&pkt.dst));
-    let key = if reversed {
-        conntrack_key(ifindex, pkt.protocol, dst, src, pkt.dport, pkt.sport)
-    } else {
-        conntrack_key(ifindex, pkt.protocol, src, dst, pkt.sport, pkt.dport)
-    };
-    // The end of the key this packet comes from, in `ConntrackValue::origin`'s terms.
-    let from = if reversed { ct_origin::DST } else { ct_origin::SRC };
-    let opens = pkt.protocol == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-
-    let tracked = match NPC_CONNTRACK.get_ptr_mut(&key) {
-        Some(entry) => {
-            // SAFETY: the pointer came from a successful lookup; entries are plain old data.
-            let e = unsafe { &*entry };
-            // Idle past its timeout, or a fresh SYN on a closed tuple (port reuse, from either
-            // end): a new connection, not part of the old one.
-            let over = now.wrapping_sub(e.last_seen_ns) > ct_timeout::of(e.state)
-                || (opens && e.state >= ct_state::TCP_CLOSING);
-            if over { None } else { Some((entry, e.origin != from)) }
-        }
-        None => None,
-    };
 
     // One `allowed` call for both questions (see `handle` on call sites): a connection judged
     // under an older policy epoch is judged again as it was opened; otherwise it is new.
     let query = match tracked {
         Some((entry, is_reply)) => {
-            // SAFETY: as above.
+            // SAFETY: the pointer came from a successful lookup (`track`); entries are plain old data.
             let entry = unsafe { &mut *entry };
             if entry.epoch == config.epoch {
+                // The long way only because `local` was not known (an older entry, or one opened
+                // to an address not the pod's): this packet passed source validation.
+                if direction == DIR_EGRESS && entry.local == ct_local::UNCHECKED {
+                    entry.local = ct_local::of(from);
+                }
                 refresh(entry, pkt, is_reply, now);
                 return PASS;
             }
@@ -579,12 +668,13 @@ fn judge(ctx: &TcContext, hook: &Hook, pkt: &Packet) -> u8 {
     let verdict = allowed(&query);
     if let Some((entry, is_reply)) = tracked {
         if verdict == NOT_ALLOWED {
-            let _ = NPC_CONNTRACK.remove(&key);
+            let _ = NPC_CONNTRACK.remove(key);
             return drop_reason::POLICY_CHANGED;
         }
         // SAFETY: as above (LRU entries are not freed under a running program).
         let entry = unsafe { &mut *entry };
         entry.epoch = config.epoch;
+        entry.local = local_end(endpoint, direction, pkt, from);
         refresh(entry, pkt, is_reply, now);
         return PASS;
     }
@@ -621,9 +711,9 @@ fn judge(ctx: &TcContext, hook: &Hook, pkt: &Packet) -> u8 {
             state,
             direction,
             origin: from,
-            _pad: 0,
+            local: local_end(endpoint, direction, pkt, from),
         };
-        let _ = NPC_CONNTRACK.insert(&key, &value, 0);
+        let _ = NPC_CONNTRACK.insert(key, &value, 0);
     }
     if config.log_level >= log_level::DEBUG {
         debug!(
@@ -632,6 +722,24 @@ fn judge(ctx: &TcContext, hook: &Hook, pkt: &Packet) -> u8 {
         );
     }
     PASS
+}
+
+/// Which end of a connection's key is the pod's own ([`ct_local`]), as `pkt` shows it: out of
+/// the pod, the end it comes from (`decide` validated its source first); into the pod, the end
+/// it goes to, when that is one of the pod's addresses.
+#[inline(always)]
+fn local_end(endpoint: &EndpointInfo, direction: u8, pkt: &Packet, from: u8) -> u8 {
+    if direction == DIR_EGRESS {
+        ct_local::of(from)
+    } else if same(&pkt.dst, &endpoint.addrs[0]) || same(&pkt.dst, &endpoint.addrs[1]) {
+        ct_local::of(if from == ct_origin::SRC {
+            ct_origin::DST
+        } else {
+            ct_origin::SRC
+        })
+    } else {
+        ct_local::UNCHECKED
+    }
 }
 
 /// The coarse monotonic clock (jiffies, a few ms): cheaper than `bpf_ktime_get_ns`, and

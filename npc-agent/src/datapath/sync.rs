@@ -145,11 +145,14 @@ impl Datapath {
             identities: tight(&have.identities, &identities_diff, capacity::IDENTITIES),
             endpoints: tight(&have.endpoints, &endpoints_diff, capacity::ENDPOINTS),
         };
+        // Sources too: a tracked packet out of a pod skips source validation only under the
+        // epoch its entry was judged in (see the datapath's `handle`).
         let policy_changed = !policy_diff.is_empty()
             || !ranges_diff.is_empty()
             || !cidrs_diff.is_empty()
             || !identities_diff.is_empty()
-            || !endpoints_diff.is_empty();
+            || !endpoints_diff.is_empty()
+            || !sources_diff.is_empty();
 
         // Deletes, inside out, of the maps `phase` picks: the tight ones before the upserts, the
         // others after.
