@@ -3,7 +3,8 @@
 //!
 //! - **none**: the fabric alone (no programs, no rules);
 //! - **hooks**: npc's programs attached to both pods' interfaces with no endpoint in the maps
-//!   (each run is one endpoint lookup that misses): what the TC hooks themselves cost;
+//!   (each run parses the packet, and its conntrack and endpoint lookups miss): what the TC
+//!   hooks themselves cost, with the programs' first steps;
 //! - **npc** with P policies selecting the server (one of them admits the client);
 //! - **iptables**: the same policies rendered as weave-npc renders them (an ESTABLISHED accept
 //!   first, then one rule per policy rule matching ipsets of pod addresses, in one chain on the
