@@ -41,6 +41,11 @@ const EXPECTED: &[(&str, Fields, Fields)] = &[
         Some(&["ifindex", "protocol", "_pad", "src", "dst", "sport", "dport"]),
         Some(&["last_seen_ns", "epoch", "state", "direction", "origin", "local"]),
     ),
+    (
+        map_names::CONNTRACK4,
+        Some(&["ifindex", "src", "dst", "sport", "dport", "protocol", "_pad"]),
+        Some(&["last_seen_ns", "epoch", "state", "direction", "origin", "local"]),
+    ),
     (map_names::DROPS, Some(&["direction", "protocol", "dport"]), None),
     (map_names::STATS, None, None),
     (map_names::CONFIG, None, Some(&["log_level", "mode", "epoch", "_pad"])),
@@ -100,6 +105,9 @@ fn traffic(dp: &Datapath) {
     assert_eq!(dp.test_run(Hook::ToPod, &denied).unwrap(), SHOT);
     let ranged = packet::tcp(ip("192.168.1.1"), ip("10.0.0.10"), 40002, 8002, TCP_SYN);
     assert_eq!(dp.test_run(Hook::ToPod, &ranged).unwrap(), PASS);
+    // IPv6 connections have their own table.
+    let v6 = packet::tcp(ip("fd00::20"), ip("fd00::10"), 40003, 80, TCP_SYN);
+    assert_eq!(dp.test_run(Hook::ToPod, &v6).unwrap(), PASS);
 }
 
 #[test]
@@ -336,7 +344,8 @@ fn maps_pinned_without_btf_are_adopted_and_keep_enforcing() {
             Some(&npc_common::EndpointInfo::new(300, 1, &[server])),
             "the old endpoint was carried into the new layout"
         );
-        // The load rewrote the old entry into the shared orientation, opener kept.
+        // The load rewrote the old entry into the shared orientation, opener kept, and moved it
+        // into the IPv4 table (`conntrack_entries` reads both).
         let tracked = dp.conntrack_entries().unwrap();
         assert_eq!(tracked.len(), 1, "{tracked:?}");
         let (key, value) = tracked[0];

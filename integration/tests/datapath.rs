@@ -245,14 +245,15 @@ fn the_conntrack_count_is_of_live_connections_only() {
     value.state = npc_common::ct_state::TCP_CLOSED;
     value.last_seen_ns =
         npc_agent::datapath::monotonic_coarse_ns() - npc_common::ct_timeout::TCP_CLOSED - 1_000_000_000;
-    let pin = fx.t.pin_root().join(npc_common::map_names::CONNTRACK);
+    let pin = fx.t.pin_root().join(npc_common::map_names::CONNTRACK4);
     let data = aya::maps::MapData::from_pin(pin).unwrap();
-    let mut ct: aya::maps::HashMap<_, npc_common::ConntrackKey, npc_common::ConntrackValue> =
+    let mut ct: aya::maps::HashMap<_, npc_common::ConntrackKey4, npc_common::ConntrackValue> =
         aya::maps::Map::LruHashMap(data).try_into().unwrap();
+    let key = npc_common::ConntrackKey4::from_mapped(&key).expect("an IPv4 connection");
     ct.insert(key, value, 0).unwrap();
     assert_eq!(fx.t.dp.conntrack_entries().unwrap().len(), 2);
     let sweep = fx.t.dp.conntrack_sweep().unwrap();
-    assert_eq!((sweep.live, sweep.rewritten), (1, 0), "{sweep:?}");
+    assert_eq!((sweep.live(), sweep.rewritten), (1, 0), "{sweep:?}");
 }
 
 #[test]

@@ -19,7 +19,10 @@ pub mod map_names {
     pub const CIDRS: &str = "NPC_CIDRS";
     pub const POLICY: &str = "NPC_POLICY";
     pub const PORT_RANGES: &str = "NPC_PORT_RANGES";
+    /// IPv6 connections (and, until the agent moves them, IPv4 ones of the release before).
     pub const CONNTRACK: &str = "NPC_CONNTRACK";
+    /// IPv4 connections.
+    pub const CONNTRACK4: &str = "NPC_CONNTRACK4";
     pub const DROPS: &str = "NPC_DROPS";
     pub const EVENTS: &str = "NPC_EVENTS";
     pub const CONFIG: &str = "NPC_CONFIG";
@@ -28,13 +31,14 @@ pub mod map_names {
     pub const FRAGMENTS: &str = "NPC_FRAGMENTS";
     pub const PORT_LABELS: &str = "NPC_PORT_LABELS";
     pub const DENIED: &str = "NPC_DENIED";
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         ENDPOINTS,
         IDENTITIES,
         CIDRS,
         POLICY,
         PORT_RANGES,
         CONNTRACK,
+        CONNTRACK4,
         DROPS,
         EVENTS,
         CONFIG,
@@ -78,6 +82,7 @@ pub mod capacity {
     pub const POLICY: u32 = 524_288;
     pub const PORT_RANGES: u32 = 65_536;
     pub const CONNTRACK: u32 = 262_144;
+    pub const CONNTRACK4: u32 = 262_144;
     pub const DROPS: u32 = 16_384;
     pub const EVENTS_BYTES: u32 = 256 * 1024;
     pub const SOURCES: u32 = 4096;
@@ -297,6 +302,57 @@ impl ConntrackKey {
     }
 }
 
+/// `NPC_CONNTRACK4` key: [`ConntrackKey`] for an IPv4 connection, in 20 bytes instead of 44. The
+/// kernel hashes the whole key on every lookup and insert (jhash, a round per 12 bytes): the
+/// smaller key costs a lookup ~12 ns here against ~20. Same scope, same orientation (the ends in
+/// the order [`ConntrackKey::reversed`] gives their IPv4-mapped forms).
+#[repr(C)]
+#[derive(NoUninit, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConntrackKey4 {
+    pub ifindex: u32,
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    /// Host byte order.
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<ConntrackKey4>() == 20);
+
+impl ConntrackKey4 {
+    /// The key of an IPv4 connection (both ends IPv4-mapped), else `None`.
+    pub fn from_mapped(key: &ConntrackKey) -> Option<Self> {
+        let v4 = |a: &[u8; 16]| (a[..12] == V4_MAPPED_PREFIX).then(|| [a[12], a[13], a[14], a[15]]);
+        Some(Self {
+            ifindex: key.ifindex,
+            src: v4(&key.src)?,
+            dst: v4(&key.dst)?,
+            sport: key.sport,
+            dport: key.dport,
+            protocol: key.protocol,
+            _pad: [0; 3],
+        })
+    }
+
+    /// The same key with IPv4-mapped addresses, as [`ConntrackKey`] (what `inspect` and the sweep
+    /// read both tables as).
+    pub fn mapped(&self) -> ConntrackKey {
+        ConntrackKey {
+            ifindex: self.ifindex,
+            protocol: self.protocol,
+            _pad: [0; 3],
+            src: v4_mapped(self.src),
+            dst: v4_mapped(self.dst),
+            sport: self.sport,
+            dport: self.dport,
+        }
+    }
+}
+
+/// The first 12 bytes of an IPv4-mapped IPv6 address (`::ffff:0:0/96`).
+const V4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+
 /// [`ConntrackValue::origin`]: which end of the key opened the connection.
 pub mod ct_origin {
     /// The key's `src` end (every entry of the release before shared entries reads so).
@@ -513,6 +569,7 @@ mod pod_impls {
     unsafe impl aya::Pod for PolicyValue {}
     unsafe impl aya::Pod for PortRangeKey {}
     unsafe impl aya::Pod for ConntrackKey {}
+    unsafe impl aya::Pod for ConntrackKey4 {}
     unsafe impl aya::Pod for ConntrackValue {}
     unsafe impl aya::Pod for DropKey {}
     unsafe impl aya::Pod for VerdictEvent {}
@@ -550,5 +607,24 @@ mod tests {
     #[test]
     fn v4_mapping_is_rfc4291() {
         assert_eq!(v4_mapped([10, 0, 0, 1])[10..], [0xff, 0xff, 10, 0, 0, 1]);
+    }
+
+    #[test]
+    fn an_ipv4_conntrack_key_round_trips_and_an_ipv6_one_has_no_short_form() {
+        let key = ConntrackKey {
+            ifindex: 7,
+            protocol: PROTO_TCP,
+            _pad: [0; 3],
+            src: v4_mapped([10, 0, 0, 1]),
+            dst: v4_mapped([10, 0, 0, 2]),
+            sport: 80,
+            dport: 40000,
+        };
+        let short = ConntrackKey4::from_mapped(&key).expect("both ends are IPv4");
+        assert_eq!((short.src, short.dst, short.ifindex), ([10, 0, 0, 1], [10, 0, 0, 2], 7));
+        assert_eq!(short.mapped(), key);
+        let mut v6 = key;
+        v6.dst[0] = 0xfd;
+        assert_eq!(ConntrackKey4::from_mapped(&v6), None);
     }
 }

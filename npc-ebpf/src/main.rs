@@ -24,8 +24,8 @@
 //!    Later IP fragments (no ports) → pass when the first fragment of the datagram was allowed
 //!    here (`NPC_FRAGMENTS`) and they do not overlap the transport header; else dropped for an
 //!    isolated pod.
-//! 5. Conntrack, scoped by interface: the packet's tuple, then the reversed tuple (a reply).
-//!    A live entry → pass and refresh, unless it was judged under an older policy epoch: then the
+//! 5. Conntrack (the lookup of step 0), scoped by interface, one entry for both directions of a
+//!    connection (IPv4 in `NPC_CONNTRACK4`, IPv6 in `NPC_CONNTRACK`). A live entry → pass and refresh, unless it was judged under an older policy epoch: then the
 //!    connection is judged again in the direction that opened it, and cut if no longer allowed.
 //! 6. New connection. To the pod from the node itself → allowed (kubelet probes). Not isolated in
 //!    this direction → allowed. Otherwise policy, most specific first, for each of the peer's pod
@@ -53,8 +53,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use npc_common::{
-    CIDR_CLASS_BASE, Config, ConntrackKey, ConntrackValue, DENIED_IDLE_NS, DIR_EGRESS, DIR_INGRESS, DropKey,
-    EndpointInfo, FRAGMENT_TIMEOUT_NS, FragmentKey, PORT_ANY, PORT_RANGE_FIXED_BITS, PROTO_ANY, PROTO_ICMP,
+    CIDR_CLASS_BASE, Config, ConntrackKey, ConntrackKey4, ConntrackValue, DENIED_IDLE_NS, DIR_EGRESS, DIR_INGRESS,
+    DropKey, EndpointInfo, FRAGMENT_TIMEOUT_NS, FragmentKey, PORT_ANY, PORT_RANGE_FIXED_BITS, PROTO_ANY, PROTO_ICMP,
     PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, PortLabelKey, PortRangeKey,
     SOURCE_FIXED_BITS, SourceKey, VerdictEvent, capacity, ct_local, ct_origin, ct_state, ct_timeout, drop_reason,
     endpoint_flags, event_kind, log_level, mode, peer, stats,
@@ -77,6 +77,9 @@ static NPC_POLICY: HashMap<PolicyKey, PolicyValue, { capacity::POLICY as usize }
 static NPC_PORT_RANGES: LpmTrie<PortRangeKey, PolicyValue, { capacity::PORT_RANGES as usize }> = LpmTrie::new();
 #[btf_map]
 static NPC_CONNTRACK: LruHashMap<ConntrackKey, ConntrackValue, { capacity::CONNTRACK as usize }> = LruHashMap::new();
+/// IPv4 connections, under a 20-byte key (see `ConntrackKey4`); `NPC_CONNTRACK` has the IPv6 ones.
+#[btf_map]
+static NPC_CONNTRACK4: LruHashMap<ConntrackKey4, ConntrackValue, { capacity::CONNTRACK4 as usize }> = LruHashMap::new();
 #[btf_map]
 static NPC_DROPS: PerCpuHashMap<DropKey, u64, { capacity::DROPS as usize }> = PerCpuHashMap::new();
 /// A ring buffer has no key or value type (BTF or otherwise): it stays a legacy map.
@@ -149,6 +152,7 @@ const FIRST_FRAGMENT: u8 = 1;
 struct Scratch {
     pkt: Packet,
     key: ConntrackKey,
+    key4: ConntrackKey4,
     quoted: ConntrackKey,
 }
 
@@ -220,7 +224,7 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
         return TC_ACT_UNSPEC;
     };
     // SAFETY: a per-CPU slot no one else uses while we run (see above).
-    let Scratch { pkt, key, quoted } = unsafe { &mut *scratch };
+    let Scratch { pkt, key, key4, quoted } = unsafe { &mut *scratch };
     // Zeroed word by word: a struct literal became a call to `memset`, which compiler_builtins
     // implements for BPF as a byte loop (48 iterations, ~240 instructions, on every packet).
     // Volatile, or LLVM folds the stores back into that call.
@@ -247,7 +251,7 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
     // the end that passed source validation (or was the pod's own address) when the entry was
     // made under this epoch, and the epoch moves whenever an endpoint's addresses or extra
     // sources change.
-    let ct = track(ifindex, pkt, parsed, key);
+    let ct = track(ifindex, pkt, parsed, key, key4);
     if let Some((entry, is_reply)) = ct.entry {
         // SAFETY: the pointer came from a successful lookup; entries are plain old data.
         let e = unsafe { &mut *entry };
@@ -288,7 +292,10 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
 
 /// A packet's conntrack key and live entry, looked up once per packet (see `handle`).
 struct Tracked<'a> {
+    /// IPv4: the entry is `key4`'s in `NPC_CONNTRACK4`; else `key`'s in `NPC_CONNTRACK`.
+    v4: bool,
     key: &'a ConntrackKey,
+    key4: &'a ConntrackKey4,
     /// The end of the key this packet comes from, in `ConntrackValue::origin`'s terms.
     from: u8,
     /// A TCP SYN (without ACK): opens a connection.
@@ -300,24 +307,39 @@ struct Tracked<'a> {
 
 /// Looks `pkt` up in conntrack (only IP packets and ICMP errors, the two kinds `judge` sees).
 #[inline(always)]
-fn track<'a>(ifindex: u32, pkt: &Packet, parsed: Parsed, key: &'a mut ConntrackKey) -> Tracked<'a> {
+fn track<'a>(
+    ifindex: u32,
+    pkt: &Packet,
+    parsed: Parsed,
+    key: &'a mut ConntrackKey,
+    key4: &'a mut ConntrackKey4,
+) -> Tracked<'a> {
     let now = now();
     // Both directions of a connection share one entry, keyed lower end first: one lookup per
     // packet, where a key per opening tuple took two for every reply and every new connection.
     let reversed = ConntrackKey::reversed(words64(&pkt.src), pkt.sport, words64(&pkt.dst), pkt.dport);
     let (src, dst) = (words32(&pkt.src), words32(&pkt.dst));
-    *key = if reversed {
-        conntrack_key(ifindex, pkt.protocol, dst, src, pkt.dport, pkt.sport)
+    let (lower, upper, lower_port, upper_port) = if reversed {
+        (dst, src, pkt.dport, pkt.sport)
     } else {
-        conntrack_key(ifindex, pkt.protocol, src, dst, pkt.sport, pkt.dport)
+        (src, dst, pkt.sport, pkt.dport)
     };
-    let key = &*key;
+    // Only the key of the packet's family is written (and read).
+    let v4 = pkt.family == 4;
+    if v4 {
+        *key4 = conntrack_key4(ifindex, pkt.protocol, lower[3], upper[3], lower_port, upper_port);
+    } else {
+        *key = conntrack_key(ifindex, pkt.protocol, lower, upper, lower_port, upper_port);
+    }
+    let (key, key4) = (&*key, &*key4);
     let from = if reversed { ct_origin::DST } else { ct_origin::SRC };
     let opens = pkt.protocol == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    let found = if parsed == Parsed::Ip || parsed == Parsed::IcmpError {
-        NPC_CONNTRACK.get_ptr_mut(key)
-    } else {
+    let found = if parsed != Parsed::Ip && parsed != Parsed::IcmpError {
         None
+    } else if v4 {
+        NPC_CONNTRACK4.get_ptr_mut(key4)
+    } else {
+        NPC_CONNTRACK.get_ptr_mut(key)
     };
     let entry = match found {
         Some(entry) => {
@@ -332,7 +354,9 @@ fn track<'a>(ifindex: u32, pkt: &Packet, parsed: Parsed, key: &'a mut ConntrackK
         None => None,
     };
     Tracked {
+        v4,
         key,
+        key4,
         from,
         opens,
         now,
@@ -510,6 +534,31 @@ fn conntrack_key(ifindex: u32, protocol: u8, src: [u32; 4], dst: [u32; 4], sport
     }
 }
 
+/// An IPv4 conntrack key from the addresses' last memory words (see [`conntrack_key`]).
+#[inline(always)]
+fn conntrack_key4(ifindex: u32, protocol: u8, src: u32, dst: u32, sport: u16, dport: u16) -> ConntrackKey4 {
+    #[repr(C)]
+    struct Words {
+        ifindex: u32,
+        src: u32,
+        dst: u32,
+        sport: u16,
+        dport: u16,
+        protocol: u32,
+    }
+    // SAFETY: as in `fragment_key`; the addresses' words are their bytes in memory order.
+    unsafe {
+        core::mem::transmute::<Words, ConntrackKey4>(Words {
+            ifindex,
+            src,
+            dst,
+            sport,
+            dport,
+            protocol: u32::from(protocol),
+        })
+    }
+}
+
 /// Remembers that the first fragment of `pkt`'s datagram was allowed. Not inlined (nor is
 /// [`first_fragment_allowed`]): their keys would otherwise sit in the main frame, whose stack
 /// every call shares (see [`allowed`]).
@@ -612,8 +661,16 @@ fn related(ctx: &TcContext, ifindex: u32, quoted: usize, family: u8, key: &mut C
     if !key.is_normal() {
         *key = key.swapped();
     }
-    // SAFETY: the value is copied out at once.
-    match unsafe { NPC_CONNTRACK.get(key) }.copied() {
+    let found = if family == 4 {
+        let (src, dst) = (words32(&key.src), words32(&key.dst));
+        let key4 = conntrack_key4(ifindex, key.protocol, src[3], dst[3], key.sport, key.dport);
+        // SAFETY: the value is copied out at once.
+        unsafe { NPC_CONNTRACK4.get(&key4) }.copied()
+    } else {
+        // SAFETY: as above.
+        unsafe { NPC_CONNTRACK.get(key) }.copied()
+    };
+    match found {
         Some(entry) if now().wrapping_sub(entry.last_seen_ns) <= ct_timeout::of(entry.state) => 1,
         _ => 0,
     }
@@ -639,7 +696,7 @@ fn judge(ctx: &TcContext, hook: &Hook, pkt: &Packet, ct: &Tracked) -> u8 {
         endpoint,
         config,
     } = *hook;
-    let (key, from, opens, now, tracked) = (ct.key, ct.from, ct.opens, ct.now, ct.entry);
+    let (from, opens, now, tracked) = (ct.from, ct.opens, ct.now, ct.entry);
     let (src, dst) = (words32(&pkt.src), words32(&pkt.dst));
 
     // One `allowed` call for both questions (see `handle` on call sites): a connection judged
@@ -669,7 +726,11 @@ fn judge(ctx: &TcContext, hook: &Hook, pkt: &Packet, ct: &Tracked) -> u8 {
     let verdict = allowed(&query);
     if let Some((entry, is_reply)) = tracked {
         if verdict == NOT_ALLOWED {
-            let _ = NPC_CONNTRACK.remove(key);
+            let _ = if ct.v4 {
+                NPC_CONNTRACK4.remove(ct.key4)
+            } else {
+                NPC_CONNTRACK.remove(ct.key)
+            };
             return drop_reason::POLICY_CHANGED;
         }
         // SAFETY: as above (LRU entries are not freed under a running program).
@@ -714,7 +775,11 @@ fn judge(ctx: &TcContext, hook: &Hook, pkt: &Packet, ct: &Tracked) -> u8 {
             origin: from,
             local: local_end(endpoint, direction, pkt, from),
         };
-        let _ = NPC_CONNTRACK.insert(key, &value, 0);
+        let _ = if ct.v4 {
+            NPC_CONNTRACK4.insert(ct.key4, &value, 0)
+        } else {
+            NPC_CONNTRACK.insert(ct.key, &value, 0)
+        };
     }
     if config.log_level >= log_level::DEBUG {
         debug!(

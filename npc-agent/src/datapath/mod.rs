@@ -33,8 +33,8 @@ use aya::{
     programs::{ProgramError, SchedClassifier, TcAttachType, links::LinkError},
 };
 use npc_common::{
-    Config, ConntrackKey, ConntrackValue, DropKey, EndpointInfo, PolicyKey, PolicyValue, PortLabelKey, PortRangeKey,
-    SourceKey, ct_origin, ct_timeout, map_names, program_names,
+    Config, ConntrackKey, ConntrackKey4, ConntrackValue, DropKey, EndpointInfo, PolicyKey, PolicyValue, PortLabelKey,
+    PortRangeKey, SourceKey, ct_origin, ct_timeout, map_names, program_names,
 };
 
 use npc_policy::compiler::CidrKey;
@@ -178,6 +178,7 @@ pub struct Datapath {
     policy: HashMap<MapData, PolicyKey, PolicyValue>,
     port_ranges: LpmTrie<MapData, PortRangeKey, PolicyValue>,
     conntrack: HashMap<MapData, ConntrackKey, ConntrackValue>,
+    conntrack4: HashMap<MapData, ConntrackKey4, ConntrackValue>,
     drops: PerCpuHashMap<MapData, DropKey, u64>,
     config: Array<MapData, Config>,
     stats: PerCpuArray<MapData, u64>,
@@ -268,6 +269,7 @@ impl Datapath {
             policy: take_map!(ebpf, map_names::POLICY),
             port_ranges: take_map!(ebpf, map_names::PORT_RANGES),
             conntrack: take_map!(ebpf, map_names::CONNTRACK),
+            conntrack4: take_map!(ebpf, map_names::CONNTRACK4),
             drops: take_map!(ebpf, map_names::DROPS),
             config: take_map!(ebpf, map_names::CONFIG),
             events: Some(take_map!(ebpf, map_names::EVENTS)),
@@ -288,7 +290,7 @@ impl Datapath {
         if swept.rewritten > 0 {
             tracing::info!(
                 entries = swept.rewritten,
-                "conntrack: rewrote the previous release's entries into shared ones"
+                "conntrack: rewrote the previous releases' entries into the current tables"
             );
         }
         dp.load_sweep = Some(swept);
@@ -428,8 +430,14 @@ impl Datapath {
         self.drops.get(&key, 0).map(|v| v.iter().sum()).unwrap_or(0)
     }
 
+    /// Both tables' entries, IPv4 keys in their IPv4-mapped form.
     pub fn conntrack_entries(&self) -> Result<Vec<(ConntrackKey, ConntrackValue)>, DatapathError> {
-        Ok(self.conntrack.iter().collect::<Result<_, _>>()?)
+        let mut entries: Vec<_> = self.conntrack.iter().collect::<Result<_, _>>()?;
+        for entry in self.conntrack4.iter() {
+            let (key, value) = entry?;
+            entries.push((key.mapped(), value));
+        }
+        Ok(entries)
     }
 
     /// Walks the conntrack table: counts the live connections (entries idle past their state's
@@ -448,32 +456,49 @@ impl Datapath {
 
     pub fn conntrack_sweep(&mut self) -> Result<ConntrackSweep, DatapathError> {
         let now = monotonic_coarse_ns();
+        // Modular, as the programs compute an entry's age (`now.wrapping_sub(last_seen)`), so
+        // that both agree on every entry.
+        let live = |value: &ConntrackValue| now.wrapping_sub(value.last_seen_ns) <= ct_timeout::of(value.state);
         let mut sweep = ConntrackSweep::default();
         let mut older = Vec::new();
         for entry in self.conntrack.iter() {
             let (key, value) = entry?;
-            // Modular, as the programs compute an entry's age (`now.wrapping_sub(last_seen)`),
-            // so that both agree on every entry.
-            if now.wrapping_sub(value.last_seen_ns) <= ct_timeout::of(value.state) {
-                sweep.live += 1;
-            }
-            if !key.is_normal() {
+            let ipv4 = ConntrackKey4::from_mapped(&key).is_some();
+            if !key.is_normal() || ipv4 {
                 older.push((key, value));
+            } else if live(&value) {
+                sweep.live_ipv6 += 1;
             }
         }
         sweep.rewritten = self.share(older)?;
+        for entry in self.conntrack4.iter() {
+            if live(&entry?.1) {
+                sweep.live_ipv4 += 1;
+            }
+        }
         Ok(sweep)
     }
 
-    /// Rewrites older-orientation entries into the shared one; returns how many.
+    /// Moves entries the programs of an older release wrote where the current ones do not look:
+    /// keyed by their opening tuple (before shared entries), or IPv4 ones in `NPC_CONNTRACK`
+    /// (before `NPC_CONNTRACK4`). Returns how many moved.
     fn share(&mut self, older: Vec<(ConntrackKey, ConntrackValue)>) -> Result<usize, DatapathError> {
         let mut rewritten = 0;
         for (key, mut value) in older {
-            // The older layout's pad byte reads as "opened by the key's src end"; swapped, that
-            // end is the new key's dst.
-            value.origin = ct_origin::DST;
+            let shared = if key.is_normal() {
+                key
+            } else {
+                // The older layout's pad byte reads as "opened by the key's src end"; swapped,
+                // that end is the new key's dst.
+                value.origin = ct_origin::DST;
+                key.swapped()
+            };
             // An entry the new programs already made for the connection is the fresher one.
-            match self.conntrack.insert(key.swapped(), value, BPF_NOEXIST) {
+            let inserted = match ConntrackKey4::from_mapped(&shared) {
+                Some(key4) => self.conntrack4.insert(key4, value, BPF_NOEXIST),
+                None => self.conntrack.insert(shared, value, BPF_NOEXIST),
+            };
+            match inserted {
                 Ok(()) => rewritten += 1,
                 Err(e) if map_errno(&e) == Some(libc::EEXIST) => {}
                 Err(e) => return Err(e.into()),
@@ -516,10 +541,19 @@ fn load_retrying(prog: &mut SchedClassifier) -> Result<(), ProgramError> {
 /// What a walk of the conntrack table found and did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConntrackSweep {
-    /// Entries not idle past their state's timeout.
-    pub live: usize,
-    /// Older-orientation entries rewritten into the shared one.
+    /// Entries not idle past their state's timeout, in `NPC_CONNTRACK4`.
+    pub live_ipv4: usize,
+    /// The same in `NPC_CONNTRACK`.
+    pub live_ipv6: usize,
+    /// Older releases' entries moved where the programs look (see `Datapath::share`).
     pub rewritten: usize,
+}
+
+impl ConntrackSweep {
+    /// Live entries in both tables.
+    pub fn live(&self) -> usize {
+        self.live_ipv4 + self.live_ipv6
+    }
 }
 
 /// Only create, never replace (`BPF_NOEXIST`).

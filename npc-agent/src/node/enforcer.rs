@@ -24,9 +24,9 @@ use crate::{
     source::kube::Changes,
 };
 
-/// How often the conntrack table is swept (live entries counted for
-/// `npc_map_entries{map="conntrack"}`, older entries rewritten; see
-/// [`Datapath::conntrack_sweep`]): it walks the whole table (up to 262k entries), so not on
+/// How often the conntrack tables are swept (live entries counted for
+/// `npc_map_entries{map="conntrack_ipv4"}` and `{map="conntrack"}`, older entries moved; see
+/// [`Datapath::conntrack_sweep`]): it walks both tables (up to 262k entries each), so not on
 /// every turn. The first turn always sweeps.
 const CONNTRACK_COUNT_EVERY: Duration = Duration::from_secs(30);
 
@@ -77,13 +77,15 @@ impl Enforcer {
             ("policy", npc_common::capacity::POLICY),
             ("port_ranges", npc_common::capacity::PORT_RANGES),
             ("conntrack", npc_common::capacity::CONNTRACK),
+            ("conntrack_ipv4", npc_common::capacity::CONNTRACK4),
         ] {
             metrics.set_map_capacity(map, capacity);
         }
         // Loading swept conntrack already: that is the first count.
         let swept_at_load = datapath.take_load_sweep();
         if let Some(sweep) = &swept_at_load {
-            metrics.set_map_entries("conntrack", sweep.live);
+            metrics.set_map_entries("conntrack", sweep.live_ipv6);
+            metrics.set_map_entries("conntrack_ipv4", sweep.live_ipv4);
         }
         Self {
             node,
@@ -354,11 +356,12 @@ impl Enforcer {
         if due {
             match self.datapath.conntrack_sweep() {
                 Ok(sweep) => {
-                    self.metrics.set_map_entries("conntrack", sweep.live);
+                    self.metrics.set_map_entries("conntrack", sweep.live_ipv6);
+                    self.metrics.set_map_entries("conntrack_ipv4", sweep.live_ipv4);
                     if sweep.rewritten > 0 {
                         tracing::info!(
                             entries = sweep.rewritten,
-                            "conntrack: rewrote the previous release's entries into shared ones"
+                            "conntrack: rewrote the previous releases' entries into the current tables"
                         );
                     }
                     self.conntrack_counted = Some(Instant::now());
