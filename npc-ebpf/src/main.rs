@@ -25,8 +25,9 @@
 //!    here (`NPC_FRAGMENTS`) and they do not overlap the transport header; else dropped for an
 //!    isolated pod.
 //! 5. Conntrack (the lookup of step 0), scoped by interface, one entry for both directions of a
-//!    connection (IPv4 in `NPC_CONNTRACK4`, IPv6 in `NPC_CONNTRACK`). A live entry → pass and refresh, unless it was judged under an older policy epoch: then the
-//!    connection is judged again in the direction that opened it, and cut if no longer allowed.
+//!    connection (IPv4 in `NPC_CONNTRACK4`, IPv6 in `NPC_CONNTRACK`). A live entry → pass and
+//!    refresh, unless it was judged under an older policy epoch: then the connection is judged
+//!    again in the direction that opened it, and cut if no longer allowed.
 //! 6. New connection. To the pod from the node itself → allowed (kubelet probes). Not isolated in
 //!    this direction → allowed. Otherwise policy, most specific first, for each of the peer's pod
 //!    identity, its ipBlock class (looked up only when the identity allowed nothing) and the
@@ -146,8 +147,8 @@ struct Packet {
 const FIRST_FRAGMENT: u8 = 1;
 
 /// A program run's working memory that would not fit its stack (every call chain shares 512
-/// bytes, and 6.1 counts a frame at its deepest): the packet's fields, its conntrack key, and the
-/// key of the datagram an ICMP error quotes.
+/// bytes, and 6.1 counts a frame at its deepest): the packet's fields, its conntrack key (`key4`
+/// for IPv4, else `key`), and the key of the datagram an ICMP error quotes.
 #[repr(C, align(8))]
 struct Scratch {
     pkt: Packet,

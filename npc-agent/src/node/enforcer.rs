@@ -30,6 +30,12 @@ use crate::{
 /// every turn. The first turn always sweeps.
 const CONNTRACK_COUNT_EVERY: Duration = Duration::from_secs(30);
 
+/// The live entries a sweep counted, as the two conntrack tables' map sizes.
+fn count_conntrack(metrics: &Metrics, sweep: &crate::datapath::ConntrackSweep) {
+    metrics.set_map_entries("conntrack", sweep.live_ipv6);
+    metrics.set_map_entries("conntrack_ipv4", sweep.live_ipv4);
+}
+
 /// What the node is, for the compiler and the attacher.
 #[derive(Clone, Debug)]
 pub struct NodeOptions {
@@ -84,8 +90,7 @@ impl Enforcer {
         // Loading swept conntrack already: that is the first count.
         let swept_at_load = datapath.take_load_sweep();
         if let Some(sweep) = &swept_at_load {
-            metrics.set_map_entries("conntrack", sweep.live_ipv6);
-            metrics.set_map_entries("conntrack_ipv4", sweep.live_ipv4);
+            count_conntrack(&metrics, sweep);
         }
         Self {
             node,
@@ -356,8 +361,7 @@ impl Enforcer {
         if due {
             match self.datapath.conntrack_sweep() {
                 Ok(sweep) => {
-                    self.metrics.set_map_entries("conntrack", sweep.live_ipv6);
-                    self.metrics.set_map_entries("conntrack_ipv4", sweep.live_ipv4);
+                    count_conntrack(&self.metrics, &sweep);
                     if sweep.rewritten > 0 {
                         tracing::info!(
                             entries = sweep.rewritten,
