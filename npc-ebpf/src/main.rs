@@ -891,6 +891,16 @@ const NO_PEER: u32 = u32::MAX;
 #[inline(never)]
 fn allowed(q: &Query) -> i64 {
     let direction = q.direction;
+    let (isolated_flag, ranges_flag) = if direction == DIR_INGRESS {
+        (endpoint_flags::INGRESS_ISOLATED, endpoint_flags::INGRESS_RANGES)
+    } else {
+        (endpoint_flags::EGRESS_ISOLATED, endpoint_flags::EGRESS_RANGES)
+    };
+    // Not isolated: allowed, before any lookup (the peer's identity is a 16-byte-key hash
+    // lookup, ~15 ns of a new connection that no policy judges).
+    if q.flags & isolated_flag == 0 {
+        return 0;
+    }
     // Peers are plain u32s with a sentinel, not Options: an array of Option<u32> left the None
     // payloads undefined, LLVM spilled them anyway, and the verifier rejected the read of an
     // uninitialised register ("R3 !read_ok").
@@ -898,15 +908,8 @@ fn allowed(q: &Query) -> i64 {
     let peer_identity = unsafe { NPC_IDENTITIES.get(bytes(&q.peer_addr)) }
         .copied()
         .unwrap_or(NO_PEER);
+    // The node itself (kubelet probes) may always connect to its pods.
     if direction == DIR_INGRESS && peer_identity == peer::HOST {
-        return 0;
-    }
-    let (isolated_flag, ranges_flag) = if direction == DIR_INGRESS {
-        (endpoint_flags::INGRESS_ISOLATED, endpoint_flags::INGRESS_RANGES)
-    } else {
-        (endpoint_flags::EGRESS_ISOLATED, endpoint_flags::EGRESS_RANGES)
-    };
-    if q.flags & isolated_flag == 0 {
         return 0;
     }
     let ranges = q.flags & ranges_flag != 0;
