@@ -56,6 +56,9 @@ pub struct Options {
     pub duration: Duration,
     /// Whether the iptables baseline modes run.
     pub iptables: bool,
+    /// How long each measurement waits for the machine to go quiet (see [`wait_until_quiet`]);
+    /// `None` measures at once.
+    pub quiet_deadline: Option<Duration>,
     pub tag: String,
 }
 
@@ -93,6 +96,7 @@ impl Options {
             repeats: number("NPC_TRAFFIC_REPEATS", 5) as usize,
             duration: Duration::from_secs(number("NPC_TRAFFIC_SECONDS", 3)),
             iptables: env("NPC_TRAFFIC_NO_IPTABLES").is_none(),
+            quiet_deadline: Some(QUIET_DEADLINE),
             tag: tag.into(),
         }
     }
@@ -106,6 +110,8 @@ impl Options {
             repeats: 1,
             duration: Duration::from_millis(200),
             iptables: true,
+            // Nothing it times matters, and under `cargo xtask test` the machine is never quiet.
+            quiet_deadline: None,
             tag: tag.into(),
         }
     }
@@ -129,6 +135,8 @@ pub struct ModeResult {
     /// Pod addresses in npc's `NPC_IDENTITIES` (the two lab pods and every peer; 0 for the other
     /// enforcers): that the peers are really in what npc enforces with.
     pub identity_addresses: usize,
+    /// Measurements that began without the machine going quiet first (see [`wait_until_quiet`]).
+    pub began_busy: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -150,6 +158,8 @@ pub struct Report {
     pub cpus: usize,
     pub duration_seconds: f64,
     pub repeats: usize,
+    /// Measurements, across all modes, that began without the machine going quiet first.
+    pub began_busy: usize,
     pub results: Vec<ModeResult>,
     pub rows: Vec<Row>,
 }
@@ -266,6 +276,7 @@ pub fn run(opts: &Options) -> Report {
             blocked_port_refused: false,
             blocked_port_drops: 0,
             identity_addresses: 0,
+            began_busy: 0,
         })
         .collect();
     for _ in 0..opts.repeats {
@@ -282,6 +293,7 @@ pub fn run(opts: &Options) -> Report {
         cpus: cpus(),
         duration_seconds: opts.duration.as_secs_f64(),
         repeats: opts.repeats,
+        began_busy: results.iter().map(|r| r.began_busy).sum(),
         results,
         rows,
     }
@@ -368,7 +380,15 @@ fn measure(opts: &Options, result: &mut ModeResult) {
         result.identity_addresses = lab.datapath().kernel_numbering().expect("NPC_IDENTITIES").0.len();
     }
 
+    // The last mode's teardown (its namespaces and maps are freed by kernel workers after the lab
+    // is gone) and this one's setup must not run into the measurement.
+    if opts.quiet_deadline.is_some_and(|d| !wait_until_quiet(d)) {
+        result.began_busy += 1;
+    }
     let rate = connection_rate(&client_ns, SocketAddr::new(server_ip, CONNECT_PORT), opts.duration);
+    if opts.quiet_deadline.is_some_and(|d| !wait_until_quiet(d)) {
+        result.began_busy += 1;
+    }
     let bulk = bulk_rate(
         &client_ns,
         SocketAddr::new(server_ip, BULK_PORT),
@@ -379,6 +399,66 @@ fn measure(opts: &Options, result: &mut ModeResult) {
     result.bulk_bits_per_second.push(bulk);
     servers.stop();
     drop(lab);
+}
+
+/// How long a measurement of the full benchmark waits for the machine to go quiet before it
+/// begins anyway (and is counted in [`ModeResult::began_busy`]).
+const QUIET_DEADLINE: Duration = Duration::from_secs(10);
+/// Quiet: all CPUs together busy less than this share of the time over [`QUIET_WINDOW`].
+const QUIET_BUSY: f64 = 0.10;
+const QUIET_WINDOW: Duration = Duration::from_millis(300);
+
+/// Waits until the machine has been quiet for [`QUIET_WINDOW`], or `deadline` passes (false).
+/// Kernel workers free a lab's namespaces and BPF maps for a while after it is gone, and these
+/// two vCPUs feel it: a measurement begun during that time reads low whatever its mode.
+pub fn wait_until_quiet(deadline: Duration) -> bool {
+    let mut samples: std::collections::VecDeque<(Instant, CpuTimes)> = std::collections::VecDeque::new();
+    crate::wait_for(deadline, || {
+        let now = (Instant::now(), CpuTimes::read());
+        samples.push_back(now);
+        // The oldest sample still at least a window back is the window's start.
+        while samples.len() > 1 && now.0.duration_since(samples[1].0) >= QUIET_WINDOW {
+            samples.pop_front();
+        }
+        let (start, before) = samples[0];
+        now.0.duration_since(start) >= QUIET_WINDOW && now.1.busy_share_since(&before) < QUIET_BUSY
+    })
+}
+
+/// The machine's CPU time from `/proc/stat`'s first line, in clock ticks.
+#[derive(Clone, Copy, Default)]
+struct CpuTimes {
+    busy: u64,
+    total: u64,
+}
+
+impl CpuTimes {
+    fn read() -> Self {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal (guest time is counted in user).
+        let total: u64 = fields.iter().take(8).sum();
+        let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+        Self {
+            busy: total - idle,
+            total,
+        }
+    }
+
+    fn busy_share_since(&self, before: &Self) -> f64 {
+        let total = self.total.saturating_sub(before.total);
+        if total == 0 {
+            return 1.0;
+        }
+        self.busy.saturating_sub(before.busy) as f64 / total as f64
+    }
 }
 
 /// Pins the calling thread to one CPU (the benchmark's two ends on different CPUs).
@@ -604,6 +684,12 @@ impl Report {
             "traffic benchmark: kernel {}, {} CPUs, {} repeats of {:.1} s per mode, modes interleaved\n",
             self.kernel, self.cpus, self.repeats, self.duration_seconds
         );
+        if self.began_busy > 0 {
+            out += &format!(
+                "({} measurements began before the machine went quiet: other load was running)\n",
+                self.began_busy
+            );
+        }
         out += &format!(
             "{:<9} {:>8} {:>6} {:>12} {:>19} {:>8} {:>10} {:>15} {:>8}\n",
             "enforcer", "policies", "peers", "conn/s", "(min-max)", "vs none", "bulk Gb/s", "(min-max)", "vs none"
