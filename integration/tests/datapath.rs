@@ -373,6 +373,40 @@ fn connection_opened_before_any_policy_is_cut_by_deny_all() {
     );
 }
 
+/// Why conntrack is kept for pods no policy isolates (docs/datapath.md, "Choices"): a pod that
+/// becomes isolated keeps the connections it had opened (their replies come in on the entry, and
+/// are judged again as the egress connections they are), and the ones opened to it (their
+/// replies go out). Untracked, both would be judged as new connections and cut: a watch on the
+/// API server, say, when a namespace gets its default-deny.
+#[test]
+fn a_pod_that_becomes_isolated_keeps_the_connections_it_had() {
+    let mut fx = Fixture::new("becomes");
+    fx.apply("");
+    // Opened by the server to an outside address, and by the client to the server's 7777.
+    let outside = ip("192.0.2.7");
+    fx.expect(Hook::FromPod, &packet::tcp(SERVER, outside, 42000, 443, TCP_SYN), PASS);
+    fx.expect(Hook::ToPod, &packet::tcp(outside, SERVER, 443, 42000, TCP_SYN | TCP_ACK), PASS);
+    fx.expect(Hook::ToPod, &packet::tcp(CLIENT, SERVER, 41000, 7777, TCP_SYN), PASS);
+    fx.expect(Hook::FromPod, &packet::tcp(SERVER, CLIENT, 7777, 41000, TCP_SYN | TCP_ACK), PASS);
+
+    // Ingress isolated, egress open: the server's own connection keeps its replies.
+    fx.apply(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-in, namespace: shop}\nspec: {podSelector: {}}\n",
+    );
+    fx.expect(Hook::ToPod, &packet::tcp(outside, SERVER, 443, 42000, TCP_ACK), PASS);
+    fx.expect(Hook::FromPod, &packet::tcp(SERVER, outside, 42000, 443, TCP_ACK), PASS);
+    // A packet from the same peer that belongs to no connection is judged, and denied.
+    fx.expect(Hook::ToPod, &packet::tcp(outside, SERVER, 443, 42001, TCP_ACK), SHOT);
+
+    // Egress isolated, ingress open: the connection opened to the server keeps its replies.
+    fx.apply(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-out, namespace: shop}\nspec: {podSelector: {}, policyTypes: [Egress]}\n",
+    );
+    fx.expect(Hook::FromPod, &packet::tcp(SERVER, CLIENT, 7777, 41000, TCP_ACK), PASS);
+    fx.expect(Hook::ToPod, &packet::tcp(CLIENT, SERVER, 41000, 7777, TCP_ACK), PASS);
+    fx.expect(Hook::FromPod, &packet::tcp(SERVER, CLIENT, 7777, 41001, TCP_ACK), SHOT);
+}
+
 #[test]
 fn tagged_frames_and_unknown_ethertypes_never_leave_a_pod_and_enter_only_one_not_isolated() {
     let mut fx = Fixture::new("vlan");
