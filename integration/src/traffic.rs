@@ -434,7 +434,10 @@ struct CpuTimes {
 
 impl CpuTimes {
     fn read() -> Self {
-        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        Self::parse(&std::fs::read_to_string("/proc/stat").unwrap_or_default())
+    }
+
+    fn parse(stat: &str) -> Self {
         let fields: Vec<u64> = stat
             .lines()
             .next()
@@ -447,7 +450,7 @@ impl CpuTimes {
         let total: u64 = fields.iter().take(8).sum();
         let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
         Self {
-            busy: total - idle,
+            busy: total.saturating_sub(idle),
             total,
         }
     }
@@ -651,12 +654,25 @@ fn spread(v: &[f64]) -> (f64, f64) {
     (lo, hi)
 }
 
+/// A mode's ratio to none: the median, over rounds, of its figure over none's in the same round.
+/// Each round measures every mode once, within a minute or so; a machine that slows down over
+/// the run (a neighbour's load on the host) moves none and the mode together, where a ratio of
+/// whole-run medians would set the fast rounds of one against the slow rounds of the other.
+fn paired_ratio(mode: &[f64], none: &[f64]) -> f64 {
+    let ratios: Vec<f64> = mode
+        .iter()
+        .zip(none)
+        .filter(|(_, n)| **n > 0.0)
+        .map(|(m, n)| m / n)
+        .collect();
+    median(&ratios)
+}
+
 fn rows(results: &[ModeResult]) -> Vec<Row> {
     let none = results
         .iter()
         .find(|r| r.enforcer == Enforcer::None)
         .expect("a none mode");
-    let (conn0, bulk0) = (median(&none.connections_per_second), median(&none.bulk_bits_per_second));
     results
         .iter()
         .map(|r| {
@@ -668,10 +684,10 @@ fn rows(results: &[ModeResult]) -> Vec<Row> {
                 peers: r.peers,
                 connections_per_second_median: c,
                 connections_per_second_spread: spread(&r.connections_per_second),
-                connections_vs_none: if conn0 > 0.0 { c / conn0 } else { 0.0 },
+                connections_vs_none: paired_ratio(&r.connections_per_second, &none.connections_per_second),
                 bulk_gbits_median: b / 1e9,
                 bulk_gbits_spread: (blo / 1e9, bhi / 1e9),
-                bulk_vs_none: if bulk0 > 0.0 { b / bulk0 } else { 0.0 },
+                bulk_vs_none: paired_ratio(&r.bulk_bits_per_second, &none.bulk_bits_per_second),
             }
         })
         .collect()
@@ -717,5 +733,36 @@ impl Report {
             );
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CpuTimes;
+
+    #[test]
+    fn busy_share_counts_everything_but_idle_and_iowait() {
+        // user nice system idle iowait irq softirq steal guest guest_nice
+        let before = CpuTimes::parse("cpu  100 0 50 800 10 0 40 0 0 0\ncpu0 50 0 25 400 5 0 20 0 0 0\n");
+        let after = CpuTimes::parse("cpu  110 0 55 880 20 0 45 0 0 0\ncpu0 55 0 27 440 10 0 22 0 0 0\n");
+        assert_eq!((before.busy, before.total), (190, 1000));
+        // 20 busy ticks (user 10, system 5, softirq 5) of 110.
+        let share = after.busy_share_since(&before);
+        assert!((share - 20.0 / 110.0).abs() < 1e-9, "{share}");
+        // No time passed (or an unreadable /proc/stat): never quiet.
+        assert_eq!(after.busy_share_since(&after), 1.0);
+        assert_eq!(CpuTimes::parse("").busy_share_since(&CpuTimes::default()), 1.0);
+    }
+
+    #[test]
+    fn ratios_pair_each_round_with_none_in_the_same_round() {
+        // The machine speeds up over the run; the mode is 10% below none in two rounds of three,
+        // and a fluke 25% above in the other. Paired: 0.9. Whole-run medians would say 25 / 20.
+        let none = [10.0, 20.0, 30.0];
+        let mode = [9.0, 25.0, 27.0];
+        assert!((super::paired_ratio(&mode, &none) - 0.9).abs() < 1e-9);
+        // A round none did not measure (0) does not count.
+        assert!((super::paired_ratio(&[9.5, 1.0], &[10.0, 0.0]) - 0.95).abs() < 1e-9);
+        assert_eq!(super::paired_ratio(&[], &[]), 0.0);
     }
 }
