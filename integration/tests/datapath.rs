@@ -385,9 +385,17 @@ fn a_pod_that_becomes_isolated_keeps_the_connections_it_had() {
     // Opened by the server to an outside address, and by the client to the server's 7777.
     let outside = ip("192.0.2.7");
     fx.expect(Hook::FromPod, &packet::tcp(SERVER, outside, 42000, 443, TCP_SYN), PASS);
-    fx.expect(Hook::ToPod, &packet::tcp(outside, SERVER, 443, 42000, TCP_SYN | TCP_ACK), PASS);
+    fx.expect(
+        Hook::ToPod,
+        &packet::tcp(outside, SERVER, 443, 42000, TCP_SYN | TCP_ACK),
+        PASS,
+    );
     fx.expect(Hook::ToPod, &packet::tcp(CLIENT, SERVER, 41000, 7777, TCP_SYN), PASS);
-    fx.expect(Hook::FromPod, &packet::tcp(SERVER, CLIENT, 7777, 41000, TCP_SYN | TCP_ACK), PASS);
+    fx.expect(
+        Hook::FromPod,
+        &packet::tcp(SERVER, CLIENT, 7777, 41000, TCP_SYN | TCP_ACK),
+        PASS,
+    );
 
     // Ingress isolated, egress open: the server's own connection keeps its replies.
     fx.apply(
