@@ -390,12 +390,7 @@ fn a_pod_that_becomes_isolated_keeps_the_connections_it_had() {
         &packet::tcp(outside, SERVER, 443, 42000, TCP_SYN | TCP_ACK),
         PASS,
     );
-    fx.expect(Hook::ToPod, &packet::tcp(CLIENT, SERVER, 41000, 7777, TCP_SYN), PASS);
-    fx.expect(
-        Hook::FromPod,
-        &packet::tcp(SERVER, CLIENT, 7777, 41000, TCP_SYN | TCP_ACK),
-        PASS,
-    );
+    fx.handshake(CLIENT, SERVER, 41000, 7777);
 
     // Ingress isolated, egress open: the server's own connection keeps its replies.
     fx.apply(
