@@ -2,6 +2,7 @@
 
 pub mod cluster;
 pub mod fake_api;
+pub mod legacy;
 pub mod packet;
 pub mod raw;
 pub mod scale;

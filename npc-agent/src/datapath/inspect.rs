@@ -189,16 +189,22 @@ impl Snapshot {
             }
         }));
         allows.sort_by(|a, b| (a.identity, a.direction, &a.peer).cmp(&(b.identity, b.direction, &b.peer)));
-        let ct = dp.conntrack_entries()?;
+        // One row per judged end: a connection between two pods of the node is one entry,
+        // judged at each pod's interface.
+        let ct: Vec<_> = dp
+            .conntrack_entries()?
+            .into_iter()
+            .flat_map(|(k, v)| v.judged().map(move |end| (k, v, end)))
+            .collect();
         let conntrack_total = ct.len();
         let conntrack = ct
             .into_iter()
             .take(conntrack_limit)
-            .map(|(k, v)| {
+            .map(|(k, v, (_, ifindex, epoch, direction))| {
                 // The entry is shared by both directions; show it as it was opened.
                 let (src, dst, sport, dport) = v.opener(&k);
                 Connection {
-                    ifindex: k.ifindex,
+                    ifindex,
                     protocol: protocol(k.protocol),
                     src: socket(src, sport),
                     dst: socket(dst, dport),
@@ -210,8 +216,8 @@ impl Snapshot {
                         ct_state::TCP_CLOSED => "closed",
                         _ => "?",
                     },
-                    opened: direction_name(v.direction),
-                    epoch: v.epoch,
+                    opened: direction_name(direction),
+                    epoch,
                 }
             })
             .collect();
