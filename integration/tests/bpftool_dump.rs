@@ -26,6 +26,17 @@ const POLICY: &str = include_str!("fixtures/shop-bpftool-policy.yaml");
 /// integer, or a byte array; `Some`: a struct's fields, in order).
 type Fields = Option<&'static [&'static str]>;
 
+/// Both conntrack tables' value fields.
+const CONNTRACK_VALUE: &[&str] = &[
+    "last_seen_ns",
+    "ends",
+    "state",
+    "origin",
+    "direction",
+    "checked",
+    "_pad",
+];
+
 const EXPECTED: &[(&str, Fields, Fields)] = &[
     (map_names::ENDPOINTS, None, Some(&["identity", "flags", "addrs"])),
     (map_names::IDENTITIES, None, None),
@@ -39,28 +50,12 @@ const EXPECTED: &[(&str, Fields, Fields)] = &[
     (
         map_names::CONNTRACK,
         Some(&["protocol", "_pad", "src", "dst", "sport", "dport"]),
-        Some(&[
-            "last_seen_ns",
-            "ends",
-            "state",
-            "origin",
-            "direction",
-            "checked",
-            "_pad",
-        ]),
+        Some(CONNTRACK_VALUE),
     ),
     (
         map_names::CONNTRACK4,
         Some(&["src", "dst", "sport", "dport", "protocol", "_pad"]),
-        Some(&[
-            "last_seen_ns",
-            "ends",
-            "state",
-            "origin",
-            "direction",
-            "checked",
-            "_pad",
-        ]),
+        Some(CONNTRACK_VALUE),
     ),
     (map_names::DROPS, Some(&["direction", "protocol", "dport"]), None),
     (map_names::STATS, None, None),

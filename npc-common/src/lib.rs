@@ -243,28 +243,13 @@ pub struct PortRangeKey {
 const _: () = assert!(size_of::<PortRangeKey>() == 12);
 pub const PORT_RANGE_FIXED_BITS: u32 = 80;
 
-/// `NPC_DENIED` key (and, in releases before one conntrack entry per connection, the conntrack
-/// key): a packet's tuple at one interface.
-#[repr(C)]
-#[derive(NoUninit, Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct FlowKey {
-    pub ifindex: u32,
-    pub protocol: u8,
-    pub _pad: [u8; 3],
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
-    /// Host byte order.
-    pub sport: u16,
-    pub dport: u16,
-}
-const _: () = assert!(size_of::<FlowKey>() == 44);
-
 /// `NPC_CT6` key: a connection's tuple, one entry per connection on the node whichever of its
 /// pods' interfaces it passes (a connection between two pods of the node is judged at both, and
 /// each end keeps its judgement in the entry: see [`ConntrackValue::ends`]). Both directions
 /// share the entry: the key names the lower (address, port) end `src` (see
 /// [`ConntrackKey::reversed`]), and [`ConntrackValue::origin`] says which end opened it. One
 /// lookup per packet, either way.
+///
 /// 4-aligned, as with the interface in front: the datapath reads the addresses of the key it
 /// builds for an ICMP error's quoted datagram as words.
 #[repr(C, align(4))]
@@ -279,6 +264,16 @@ pub struct ConntrackKey {
     pub dport: u16,
 }
 const _: () = assert!(size_of::<ConntrackKey>() == 40);
+
+/// `NPC_DENIED` key (and, in releases before one conntrack entry per connection, the conntrack
+/// key): a packet's tuple at one interface.
+#[repr(C)]
+#[derive(NoUninit, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub ifindex: u32,
+    pub tuple: ConntrackKey,
+}
+const _: () = assert!(size_of::<FlowKey>() == 44);
 
 impl ConntrackKey {
     /// Whether a packet from `src`:`sport` to `dst`:`dport` names its connection's ends the other
@@ -324,25 +319,15 @@ impl ConntrackKey {
             ..*self
         }
     }
-
-    /// The connection of a flow seen at one interface (its tuple as is: orientation unchanged).
-    pub fn of_flow(flow: &FlowKey) -> Self {
-        Self {
-            protocol: flow.protocol,
-            _pad: [0; 3],
-            src: flow.src,
-            dst: flow.dst,
-            sport: flow.sport,
-            dport: flow.dport,
-        }
-    }
 }
 
 /// `NPC_CT4` key: [`ConntrackKey`] for an IPv4 connection, in 16 bytes instead of 40. The kernel
 /// hashes the whole key on every lookup and insert (jhash, a round per 12 bytes): the smaller key
 /// costs a lookup ~12 ns here against ~20. Same orientation (the ends in the order
 /// [`ConntrackKey::reversed`] gives their IPv4-mapped forms).
-#[repr(C)]
+/// 4-aligned, so the datapath writes it with word stores (its fields alone would make it
+/// 2-aligned, and the key halfword by halfword).
+#[repr(C, align(4))]
 #[derive(NoUninit, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ConntrackKey4 {
     pub src: [u8; 4],
@@ -638,7 +623,7 @@ mod tests {
         assert_eq!(align_of::<ConntrackValue>(), 8);
         assert_eq!(align_of::<DropKey>(), 2);
         assert_eq!(offset_of!(ConntrackKey, src), 4);
-        assert_eq!(offset_of!(FlowKey, src), 8);
+        assert_eq!(offset_of!(FlowKey, tuple), 4);
         assert_eq!(offset_of!(PortRangeKey, port_be), 10);
         assert_eq!(PORT_RANGE_FIXED_BITS as usize, offset_of!(PortRangeKey, port_be) * 8);
     }

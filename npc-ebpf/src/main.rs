@@ -253,9 +253,9 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
     // Conntrack first, before the endpoint: most packets belong to a connection judged under
     // the current policy, and pass on this one lookup. The endpoint lookup (a hash lookup, ~12 ns
     // here) and source validation are for the rest. Skipping source validation is sound because
-    // a packet out of the pod takes this path only when it comes from the entry's `local` end:
-    // the end that passed source validation (or was the pod's own address) when the entry was
-    // made under this epoch, and the epoch moves whenever an endpoint's addresses or extra
+    // a packet out of the pod takes this path only when it comes from an end judged at this
+    // interface and checked: one that passed source validation here (or was the pod's own
+    // address) under this epoch, and the epoch moves whenever an endpoint's addresses or extra
     // sources change.
     let ct = track(direction, pkt, parsed, key, key4);
     if let Some((entry, is_reply)) = ct.entry {
@@ -263,10 +263,8 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
         let e = unsafe { &mut *entry };
         // First fragments go the long way: an allowed one is recorded for the later fragments.
         let plain = parsed == Parsed::Ip && pkt.tagged == 0 && pkt.fragment == 0;
-        let here = end_of(e, ct.end);
         if plain
-            && here.ifindex == ifindex
-            && here.epoch == config.epoch
+            && judgement_of(e, ct.end) == judgement(ifindex, config.epoch)
             && (direction == DIR_INGRESS || e.checked[usize::from(ct.end & 1)] != 0)
         {
             refresh(e, pkt, is_reply, ct.now);
@@ -346,11 +344,7 @@ fn track<'a>(
         *key = conntrack_key(pkt.protocol, lower, upper, lower_port, upper_port);
     }
     let (key, key4) = (&*key, &*key4);
-    let (from, to) = if reversed {
-        (ct_origin::DST, ct_origin::SRC)
-    } else {
-        (ct_origin::SRC, ct_origin::DST)
-    };
+    let from = if reversed { ct_origin::DST } else { ct_origin::SRC };
     let opens = pkt.protocol == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let found = if parsed != Parsed::Ip && parsed != Parsed::IcmpError {
         None
@@ -376,7 +370,8 @@ fn track<'a>(
         key,
         key4,
         from,
-        end: if direction == DIR_EGRESS { from } else { to },
+        // The other end is `from ^ 1` (`ct_origin` numbers the ends 0 and 1).
+        end: if direction == DIR_EGRESS { from } else { from ^ 1 },
         opens,
         now,
         entry,
@@ -552,23 +547,6 @@ fn conntrack_key(protocol: u8, src: [u32; 4], dst: [u32; 4], sport: u16, dport: 
     }
 }
 
-/// A [`FlowKey`]: [`conntrack_key`]'s tuple at one interface.
-#[inline(always)]
-fn flow_key(ifindex: u32, protocol: u8, src: [u32; 4], dst: [u32; 4], sport: u16, dport: u16) -> FlowKey {
-    #[repr(C)]
-    struct Words {
-        ifindex: u32,
-        tuple: ConntrackKey,
-    }
-    // SAFETY: as in `fragment_key`: a `FlowKey` is the interface, then a `ConntrackKey`'s fields.
-    unsafe {
-        core::mem::transmute::<Words, FlowKey>(Words {
-            ifindex,
-            tuple: conntrack_key(protocol, src, dst, sport, dport),
-        })
-    }
-}
-
 /// An IPv4 conntrack key from the addresses' last memory words (see [`conntrack_key`]).
 #[inline(always)]
 fn conntrack_key4(protocol: u8, src: u32, dst: u32, sport: u16, dport: u16) -> ConntrackKey4 {
@@ -626,8 +604,8 @@ fn extra_source(ifindex: u32, pkt: &Packet) -> i64 {
 }
 
 /// Does the datagram an ICMP error quotes (at `quoted`) belong to a connection tracked at this
-/// interface (one of its ends judged here), in either direction? Returns 1 if so, else 0. Not inlined, for the stack (see
-/// [`allowed`]).
+/// interface (one of its ends judged here), in either direction? Returns 1 if so, else 0. Not
+/// inlined, for the stack (see [`allowed`]).
 #[inline(never)]
 fn related(ctx: &TcContext, ifindex: u32, quoted: usize, family: u8, key: &mut ConntrackKey) -> i64 {
     // Zeroed word by word (see `handle`): a zero key literal became a call to the byte-loop
@@ -840,8 +818,8 @@ fn judge(ctx: &TcContext, hook: &Hook, pkt: &Packet, ct: &Tracked) -> u8 {
                 } else {
                     ct_state::TCP_ESTABLISHED
                 };
-                // Both ends spelled out: a write through a variable index into a stack value is
-                // a variable-offset stack access, which older verifiers refuse.
+                // Both ends spelled out, so the value on the stack is written at constant
+                // offsets only (a write through the index would be a variable-offset stack access).
                 let none = ConntrackEnd { ifindex: 0, epoch: 0 };
                 let src_end = side == 0;
                 let value = ConntrackValue {
@@ -870,10 +848,20 @@ fn judge(ctx: &TcContext, hook: &Hook, pkt: &Packet, ct: &Tracked) -> u8 {
     PASS
 }
 
-/// This end's judgement in a tracked connection (`end` as in [`Tracked::end`]).
+/// An end's judgement ([`ConntrackEnd`]) as one word, for the fast path to compare at once: its
+/// memory image on little-endian BPF, the interface in the low half and the epoch in the high.
 #[inline(always)]
-fn end_of(entry: &ConntrackValue, end: u8) -> &ConntrackEnd {
-    &entry.ends[usize::from(end & 1)]
+fn judgement(ifindex: u32, epoch: u32) -> u64 {
+    u64::from(ifindex) | (u64::from(epoch) << 32)
+}
+
+/// This end's judgement in a tracked connection (`end` as in [`Tracked::end`]), as [`judgement`]
+/// words it.
+#[inline(always)]
+fn judgement_of(entry: &ConntrackValue, end: u8) -> u64 {
+    let at = core::ptr::from_ref(&entry.ends[usize::from(end & 1)]).cast::<u64>();
+    // SAFETY: a `ConntrackEnd` is two u32s, 8 bytes, at offset 8 or 16 of an 8-aligned value.
+    unsafe { *at }
 }
 
 /// Whether this end of a connection is its pod's own address, as `pkt` shows it (see
@@ -1105,14 +1093,10 @@ fn count_denied(ifindex: u32, direction: u8, pkt: &Packet, reason: u8) {
         // The packet's own tuple, not conntrack's normalised one: the counters are per
         // direction, and the two directions of a cut connection are each a blocked connection
         // at their own enforcement point.
-        let flow = flow_key(
+        let flow = FlowKey {
             ifindex,
-            protocol,
-            words32(&pkt.src),
-            words32(&pkt.dst),
-            pkt.sport,
-            pkt.dport,
-        );
+            tuple: conntrack_key(protocol, words32(&pkt.src), words32(&pkt.dst), pkt.sport, pkt.dport),
+        };
         let now = now();
         let repeat = match NPC_DENIED.get_ptr_mut(&flow) {
             // SAFETY: the pointer came from a successful lookup; a racing writer writes a time too.

@@ -105,12 +105,14 @@ impl Datapath {
             let addr = |i: usize| npc_common::v4_mapped([k[i], k[i + 1], k[i + 2], k[i + 3]]);
             FlowKey {
                 ifindex: u32::from_ne_bytes([k[0], k[1], k[2], k[3]]),
-                protocol: k[16],
-                _pad: [0; 3],
-                src: addr(4),
-                dst: addr(8),
-                sport: port(12),
-                dport: port(14),
+                tuple: ConntrackKey {
+                    protocol: k[16],
+                    _pad: [0; 3],
+                    src: addr(4),
+                    dst: addr(8),
+                    sport: port(12),
+                    dport: port(14),
+                },
             }
         })?;
         Ok(v6 + v4)
@@ -161,7 +163,7 @@ impl Datapath {
     /// keep. Returns whether anything was written.
     fn join_legacy(&mut self, flow: &FlowKey, old: &LegacyValue) -> Result<bool, DatapathError> {
         let (key, origin) = {
-            let key = ConntrackKey::of_flow(flow);
+            let key = flow.tuple;
             if key.is_normal() {
                 (key, old.origin)
             } else {
