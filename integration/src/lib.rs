@@ -2,7 +2,6 @@
 
 pub mod cluster;
 pub mod fake_api;
-pub mod legacy;
 pub mod packet;
 pub mod raw;
 pub mod scale;

@@ -26,17 +26,6 @@ const POLICY: &str = include_str!("fixtures/shop-bpftool-policy.yaml");
 /// integer, or a byte array; `Some`: a struct's fields, in order).
 type Fields = Option<&'static [&'static str]>;
 
-/// Both conntrack tables' value fields.
-const CONNTRACK_VALUE: &[&str] = &[
-    "last_seen_ns",
-    "ends",
-    "state",
-    "origin",
-    "direction",
-    "checked",
-    "_pad",
-];
-
 const EXPECTED: &[(&str, Fields, Fields)] = &[
     (map_names::ENDPOINTS, None, Some(&["identity", "flags", "addrs"])),
     (map_names::IDENTITIES, None, None),
@@ -49,13 +38,13 @@ const EXPECTED: &[(&str, Fields, Fields)] = &[
     (map_names::PORT_RANGES, Some(&["prefix_len", "data"]), Some(&["rule"])),
     (
         map_names::CONNTRACK,
-        Some(&["protocol", "_pad", "src", "dst", "sport", "dport"]),
-        Some(CONNTRACK_VALUE),
+        Some(&["ifindex", "protocol", "_pad", "src", "dst", "sport", "dport"]),
+        Some(&["last_seen_ns", "epoch", "state", "direction", "origin", "local"]),
     ),
     (
         map_names::CONNTRACK4,
-        Some(&["src", "dst", "sport", "dport", "protocol", "_pad"]),
-        Some(CONNTRACK_VALUE),
+        Some(&["ifindex", "src", "dst", "sport", "dport", "protocol", "_pad"]),
+        Some(&["last_seen_ns", "epoch", "state", "direction", "origin", "local"]),
     ),
     (map_names::DROPS, Some(&["direction", "protocol", "dport"]), None),
     (map_names::STATS, None, None),
@@ -234,7 +223,7 @@ const LEGACY: &[(&str, &str, u32, u32, u32, u32)] = &[
     (map_names::CIDRS, "lpm_trie", 20, 4, 65_536, 1),
     (map_names::POLICY, "hash", 12, 4, 524_288, 0),
     (map_names::PORT_RANGES, "lpm_trie", 16, 4, 65_536, 1),
-    (map_names::LEGACY_CONNTRACK, "lru_hash", 44, 16, 262_144, 0),
+    (map_names::CONNTRACK, "lru_hash", 44, 16, 262_144, 0),
     (map_names::DROPS, "percpu_hash", 4, 8, 16_384, 0),
     (map_names::EVENTS, "ringbuf", 0, 0, 256 * 1024, 0),
     (map_names::CONFIG, "array", 4, 16, 1, 0),
@@ -328,7 +317,7 @@ fn maps_pinned_without_btf_are_adopted_and_keep_enforcing() {
             &[npc_common::ct_state::TCP_ESTABLISHED, npc_common::DIR_EGRESS, 0, 0],
         ]
         .concat();
-        let conntrack_pin = pin_root.join(map_names::LEGACY_CONNTRACK);
+        let conntrack_pin = pin_root.join(map_names::CONNTRACK);
         let (old_key_args, old_value_args): (Vec<String>, Vec<String>) = (
             old_key.iter().map(u8::to_string).collect(),
             old_value.iter().map(u8::to_string).collect(),
@@ -341,11 +330,6 @@ fn maps_pinned_without_btf_are_adopted_and_keep_enforcing() {
 
         let mut dp = Datapath::load(&pin_root).expect("load the new object over maps pinned without BTF");
         for ((name, ..), id) in LEGACY.iter().zip(&ids) {
-            if *name == map_names::LEGACY_CONNTRACK {
-                // Its entry was moved (below); the table itself goes once the new programs
-                // replace the old ones (the next test).
-                continue;
-            }
             let same = &map_show(&pin_root.join(name))["id"] == id;
             if *name == map_names::ENDPOINTS {
                 assert!(!same, "{name} has a new layout: it must be a new map");
@@ -360,20 +344,13 @@ fn maps_pinned_without_btf_are_adopted_and_keep_enforcing() {
             Some(&npc_common::EndpointInfo::new(300, 1, &[server])),
             "the old endpoint was carried into the new layout"
         );
-        // The load moved the old entry into the IPv4 table, in the shared orientation, opener
-        // kept, as the judgement of the end the interface's pod opened it from
-        // (`conntrack_entries` reads both tables).
+        // The load rewrote the old entry into the shared orientation, opener kept, and moved it
+        // into the IPv4 table (`conntrack_entries` reads both).
         let tracked = dp.conntrack_entries().unwrap();
         assert_eq!(tracked.len(), 1, "{tracked:?}");
         let (key, value) = tracked[0];
         assert!(key.is_normal(), "{key:?}");
         assert_eq!(value.opener(&key), (server_addr, peer_addr, 45000, 443));
-        let judged: Vec<_> = value.judged().collect();
-        assert_eq!(
-            judged,
-            vec![(npc_common::ct_origin::DST, 1, 1, npc_common::DIR_EGRESS)],
-            "{value:?}"
-        );
         sync(&mut dp);
         // Its reply into the ingress-isolated server (from an address no policy allows) is
         // still a reply: the one lookup finds the rewritten entry.
@@ -392,72 +369,6 @@ fn maps_pinned_without_btf_are_adopted_and_keep_enforcing() {
         // These maps stay without BTF until they are removed: bpftool shows their bytes.
         let entries = dump_json(&pin_root, map_names::IDENTITIES);
         assert!(entries[0].get("formatted").is_none(), "{entries:?}");
-    });
-    let _ = std::fs::remove_dir_all(&pin_root);
-    if let Err(e) = result {
-        std::panic::resume_unwind(e);
-    }
-}
-
-/// An upgrade from the release that kept a conntrack entry per interface, while its programs
-/// still run: the load moves its entries (the two interfaces' entries of one connection between
-/// two pods of the node become one entry with both ends judged), each sweep moves what the old
-/// programs tracked meanwhile, and the first sweep after they are all replaced moves the rest
-/// and removes the old table.
-#[test]
-fn per_interface_conntrack_moves_until_the_old_programs_are_replaced() {
-    npc_integration::require_root();
-    let pin_root = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", npc_integration::tag("ctmove")));
-    let _ = std::fs::remove_dir_all(&pin_root);
-    npc_agent::datapath::ensure_bpffs(&pin_root).unwrap();
-    let legacy = pin_root.join(map_names::LEGACY_CONNTRACK4);
-    let result = std::panic::catch_unwind(|| {
-        let mut old = npc_integration::legacy::conntrack4(&pin_root);
-        let (client, server, other) = ([10, 0, 0, 20], [10, 0, 0, 10], [10, 0, 0, 30]);
-        // One connection between two pods of the node: the client (behind interface 7) opened
-        // it to the server (behind 8); each interface tracked it.
-        for (ifindex, direction) in [(7, npc_common::DIR_EGRESS), (8, npc_common::DIR_INGRESS)] {
-            let (k, v) = npc_integration::legacy::entry4(ifindex, (client, 40000), (server, 80), direction);
-            old.insert(k, v, 0).unwrap();
-        }
-
-        let mut dp = Datapath::load(&pin_root).expect("load over the previous release's conntrack");
-        let tracked = dp.conntrack_entries().unwrap();
-        assert_eq!(tracked.len(), 1, "{tracked:?}");
-        let (key, value) = tracked[0];
-        let mapped = npc_common::v4_mapped;
-        assert_eq!(value.opener(&key), (mapped(client), mapped(server), 40000, 80));
-        let mut ends: Vec<_> = value
-            .judged()
-            .map(|(end, ifindex, epoch, dir)| (ifindex, epoch, dir, value.checked[usize::from(end)]))
-            .collect();
-        ends.sort();
-        assert_eq!(
-            ends,
-            vec![(7, 3, npc_common::DIR_EGRESS, 1), (8, 3, npc_common::DIR_INGRESS, 1)],
-            "{value:?}"
-        );
-        // The old programs may still run: the table stays, without what was moved.
-        assert!(legacy.exists());
-        assert_eq!(old.keys().count(), 0);
-
-        // The old programs track another connection before they are replaced.
-        let (k, v) = npc_integration::legacy::entry4(8, (other, 41000), (server, 80), npc_common::DIR_INGRESS);
-        old.insert(k, v, 0).unwrap();
-        let sweep = dp.conntrack_sweep().unwrap();
-        assert_eq!((sweep.rewritten, sweep.live()), (1, 2), "{sweep:?}");
-        assert!(legacy.exists());
-
-        // And one more, then they are replaced: the next sweep moves it and removes the table.
-        let (k, v) = npc_integration::legacy::entry4(8, (other, 41001), (server, 80), npc_common::DIR_INGRESS);
-        old.insert(k, v, 0).unwrap();
-        drop(old);
-        assert!(dp.legacy_conntrack_pinned());
-        dp.previous_programs_replaced();
-        let sweep = dp.conntrack_sweep().unwrap();
-        assert_eq!((sweep.rewritten, sweep.live()), (1, 3), "{sweep:?}");
-        assert!(!legacy.exists(), "the old table is still pinned");
-        assert!(!dp.legacy_conntrack_pinned());
     });
     let _ = std::fs::remove_dir_all(&pin_root);
     if let Err(e) = result {

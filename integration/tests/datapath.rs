@@ -218,164 +218,19 @@ fn both_directions_of_a_connection_share_one_conntrack_entry() {
     };
     let openers: Vec<_> = tracked
         .iter()
-        .map(|(k, v)| {
-            let judged: Vec<_> = v.judged().map(|(_, ifindex, _, dir)| (ifindex, dir)).collect();
-            (k.is_normal(), v.opener(k), judged)
-        })
+        .map(|(k, v)| (k.is_normal(), v.opener(k), v.direction))
         .collect();
     assert_eq!(
         openers,
         vec![
-            (true, (ip16(CLIENT), ip16(SERVER), 40000, 80), vec![(1, DIR_INGRESS)]),
-            (true, (ip16(SERVER), ip16(CLIENT), 45000, 8080), vec![(1, DIR_EGRESS)]),
+            (true, (ip16(CLIENT), ip16(SERVER), 40000, 80), DIR_INGRESS),
+            (true, (ip16(SERVER), ip16(CLIENT), 45000, 8080), DIR_EGRESS),
         ],
         "one entry per connection, in the shared orientation, opener kept: {tracked:?}"
     );
     assert_eq!(
         fx.drops(DIR_INGRESS, PROTO_TCP, 80) + fx.drops(DIR_EGRESS, PROTO_TCP, 8080),
         0
-    );
-}
-
-/// Two local pods, each behind an interface of its own in a network namespace the test makes:
-/// the client (not isolated) and the server (POLICIES).
-struct TwoPods {
-    ns: npc_agent::lab::netns::Netns,
-    t: TestDatapath,
-    client: u32,
-    server: u32,
-}
-
-impl TwoPods {
-    fn new(name: &str) -> Self {
-        use npc_agent::lab::netns;
-        npc_integration::require_root();
-        let ns = netns::Netns::create(&npc_integration::tag(name)).expect("a network namespace");
-        let ifindexes: Vec<u32> = ns
-            .run(|| {
-                ["c", "s"]
-                    .iter()
-                    .map(|pod| {
-                        let (host, inside) = (format!("npch{pod}"), format!("npcp{pod}"));
-                        netns::add_veth(&host, &inside, None).expect("a veth pair");
-                        netns::set_link_up(&host).expect("host end up");
-                        npc_agent::datapath::ifindex_of(&host).expect("the host end's ifindex")
-                    })
-                    .collect()
-            })
-            .expect("in the test namespace");
-        let mut two = Self {
-            ns,
-            t: TestDatapath::load(name),
-            client: ifindexes[0],
-            server: ifindexes[1],
-        };
-        two.apply(POLICIES);
-        two
-    }
-
-    /// Syncs CLUSTER, with the client moved onto this node, plus `policies`.
-    fn apply(&mut self, policies: &str) {
-        let cluster = CLUSTER.replace("nodeName: node-b", "nodeName: node-a");
-        let compiled = compile_for("node-a", &[("cluster.yaml", &cluster), ("policies.yaml", policies)]);
-        let (client, server) = (self.client, self.server);
-        let ifindex = |pod: &ObjectRef| match pod.name.as_str() {
-            "client" => Some(client),
-            "server" => Some(server),
-            _ => None,
-        };
-        self.t.dp.sync(&compiled.maps, ifindex).expect("sync");
-    }
-
-    /// `hook`'s verdict on `pkt` arriving on `ifindex`.
-    #[track_caller]
-    fn expect(&self, hook: Hook, ifindex: u32, pkt: &[u8], verdict: i32) {
-        let got = self
-            .ns
-            .run(|| self.t.dp.test_run_on(hook, pkt, ifindex))
-            .expect("in the test namespace")
-            .expect("BPF_PROG_TEST_RUN");
-        assert_eq!(got, verdict, "{hook:?} on interface {ifindex}");
-    }
-
-    /// The judged ends of the one tracked connection with these ports: (interface, direction).
-    fn judged(&self, ports: (u16, u16)) -> Vec<(u32, u8)> {
-        let entries = self.t.dp.conntrack_entries().unwrap();
-        let (key, value) = entries
-            .iter()
-            .find(|(k, v)| (v.opener(k).2, v.opener(k).3) == ports)
-            .unwrap_or_else(|| panic!("no entry for {ports:?}: {entries:?}"));
-        let mut ends: Vec<_> = value.judged().map(|(_, ifindex, _, dir)| (ifindex, dir)).collect();
-        ends.sort();
-        assert!(key.is_normal(), "{key:?}");
-        ends
-    }
-}
-
-/// A connection between two pods of the node is one conntrack entry: judged by the client's
-/// egress at its interface and by the server's ingress at the other, each end passing packets
-/// only on its own judgement.
-#[test]
-fn a_connection_between_two_pods_of_the_node_is_one_entry_judged_at_each_end() {
-    let mut two = TwoPods::new("twopods");
-    let (c, s) = (two.client, two.server);
-    let mut ends = vec![(c, DIR_EGRESS), (s, DIR_INGRESS)];
-    ends.sort();
-    two.expect(Hook::FromPod, c, &packet::tcp(CLIENT, SERVER, 40000, 80, TCP_SYN), PASS);
-    two.expect(Hook::ToPod, s, &packet::tcp(CLIENT, SERVER, 40000, 80, TCP_SYN), PASS);
-    let synack = packet::tcp(SERVER, CLIENT, 80, 40000, TCP_SYN | TCP_ACK);
-    two.expect(Hook::FromPod, s, &synack, PASS);
-    two.expect(Hook::ToPod, c, &synack, PASS);
-    for _ in 0..2 {
-        let ack = packet::tcp(CLIENT, SERVER, 40000, 80, TCP_ACK);
-        two.expect(Hook::FromPod, c, &ack, PASS);
-        two.expect(Hook::ToPod, s, &ack, PASS);
-    }
-    assert_eq!(two.t.dp.conntrack_entries().unwrap().len(), 1);
-    assert_eq!(two.judged((40000, 80)), ends, "one entry, both ends judged");
-    assert_eq!(two.t.dp.allowed_connections().unwrap(), (1, 1));
-
-    // A port the server's ingress does not allow: the client's end allows it, the server's
-    // drops it (counted), and the entry the client's end made is no pass for the server's.
-    two.expect(Hook::FromPod, c, &packet::tcp(CLIENT, SERVER, 40001, 81, TCP_SYN), PASS);
-    two.expect(Hook::ToPod, s, &packet::tcp(CLIENT, SERVER, 40001, 81, TCP_SYN), SHOT);
-    assert_eq!(
-        two.t.dp.drop_count(DropKey {
-            direction: DIR_INGRESS,
-            protocol: PROTO_TCP,
-            dport: 0
-        }),
-        1
-    );
-    assert_eq!(two.judged((40001, 81)), vec![(c, DIR_EGRESS)]);
-    // The server answering anyway is a new connection out of it, which its egress denies.
-    two.expect(
-        Hook::FromPod,
-        s,
-        &packet::tcp(SERVER, CLIENT, 81, 40001, TCP_SYN | TCP_ACK),
-        SHOT,
-    );
-    assert_eq!(
-        two.t.dp.drop_count(DropKey {
-            direction: DIR_EGRESS,
-            protocol: PROTO_TCP,
-            dport: 0
-        }),
-        1
-    );
-
-    // A policy change that takes the server's ingress away cuts the connection at the server's
-    // end only: the client's egress still allows it, and its judgement stays.
-    two.apply(&POLICIES.replace("ports:\n        - {port: 80}", "ports:\n        - {port: 8000}"));
-    let denied = two.t.dp.denied_packets().unwrap();
-    let ack = packet::tcp(CLIENT, SERVER, 40000, 80, TCP_ACK);
-    two.expect(Hook::FromPod, c, &ack, PASS);
-    two.expect(Hook::ToPod, s, &ack, SHOT);
-    assert_eq!(two.t.dp.denied_packets().unwrap(), denied + 1);
-    assert_eq!(
-        two.judged((40000, 80)),
-        vec![(c, DIR_EGRESS)],
-        "cut at the server's end only"
     );
 }
 

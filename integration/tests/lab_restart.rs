@@ -2,9 +2,7 @@
 //! unenforced"): the restarted agent keeps the interface it finds its programs and the pod's
 //! endpoint on, instead of detaching it and deleting the endpoint, and attaches it properly once
 //! the lookup works again. Real pods on a lab bridge, real traffic, blocks proven by the drop
-//! counter (`Lab::probe`). The restart is also an upgrade from the release that kept conntrack
-//! per interface: its table is moved at once, and removed only when every pod runs the new
-//! programs (the old ones, still attached to the unresolved pod, may write it until then).
+//! counter (`Lab::probe`).
 use std::{process::Command, time::Duration};
 
 use npc_agent::lab::{Lab, LabOptions};
@@ -74,28 +72,8 @@ fn a_pod_whose_interface_cannot_be_looked_up_after_a_restart_stays_enforced() {
     bridge_port(&node, &veth, &["fdb_flush"]);
     run(&["ip", "-n", &node, "neigh", "flush", "dev", "br0"]);
 
-    // The previous release's conntrack table, with the server's end of a connection in it.
-    let mut old = npc_integration::legacy::conntrack4(lab.pin_root());
-    let (k, v) = npc_integration::legacy::entry4(
-        ifindex,
-        ([10, 99, 0, 1], 41000),
-        ([10, 99, 0, 2], 8080),
-        npc_common::DIR_INGRESS,
-    );
-    old.insert(k, v, 0).expect("an old entry");
-    drop(old);
-    let moved = |lab: &Lab| {
-        let entries = lab.datapath().conntrack_entries().expect("conntrack");
-        entries.iter().any(|(k, v)| v.opener(k).2 == 41000)
-    };
-
     lab.restart_agent(Duration::from_millis(300))
         .expect("restart the agent");
-    assert!(moved(&lab), "the old connection was not moved");
-    assert!(
-        lab.datapath().legacy_conntrack_pinned(),
-        "the old conntrack table went while a pod may still run the old programs"
-    );
     let endpoints = lab.datapath().endpoints().expect("endpoints");
     assert!(
         endpoints.contains_key(&ifindex),
@@ -119,10 +97,5 @@ fn a_pod_whose_interface_cannot_be_looked_up_after_a_restart_stays_enforced() {
         Some(ifindex),
         "attached once its interface could be looked up"
     );
-    assert!(
-        !lab.datapath().legacy_conntrack_pinned(),
-        "every pod runs the new programs, and the old conntrack table is still pinned"
-    );
-    assert!(moved(&lab));
     blocked(&lab, "after the interface was looked up");
 }

@@ -19,10 +19,10 @@ pub mod map_names {
     pub const CIDRS: &str = "NPC_CIDRS";
     pub const POLICY: &str = "NPC_POLICY";
     pub const PORT_RANGES: &str = "NPC_PORT_RANGES";
-    /// IPv6 connections, one entry per connection on the node.
-    pub const CONNTRACK: &str = "NPC_CT6";
-    /// IPv4 connections, one entry per connection on the node.
-    pub const CONNTRACK4: &str = "NPC_CT4";
+    /// IPv6 connections (and, until the agent moves them, IPv4 ones of the release before).
+    pub const CONNTRACK: &str = "NPC_CONNTRACK";
+    /// IPv4 connections.
+    pub const CONNTRACK4: &str = "NPC_CONNTRACK4";
     pub const DROPS: &str = "NPC_DROPS";
     pub const EVENTS: &str = "NPC_EVENTS";
     pub const CONFIG: &str = "NPC_CONFIG";
@@ -48,12 +48,6 @@ pub mod map_names {
         PORT_LABELS,
         DENIED,
     ];
-    /// The conntrack tables of releases that kept one entry per interface (keyed by a
-    /// [`super::FlowKey`]; the IPv6 one also held IPv4 entries of the release before the IPv4
-    /// table). The agent moves their entries into the tables above, and removes them once its
-    /// programs run on every interface (see its `Datapath::conntrack_sweep`).
-    pub const LEGACY_CONNTRACK: &str = "NPC_CONNTRACK";
-    pub const LEGACY_CONNTRACK4: &str = "NPC_CONNTRACK4";
 }
 
 /// Slots of `NPC_STATS`, a per-CPU array of counters.
@@ -243,18 +237,15 @@ pub struct PortRangeKey {
 const _: () = assert!(size_of::<PortRangeKey>() == 12);
 pub const PORT_RANGE_FIXED_BITS: u32 = 80;
 
-/// `NPC_CT6` key: a connection's tuple, one entry per connection on the node whichever of its
-/// pods' interfaces it passes (a connection between two pods of the node is judged at both, and
-/// each end keeps its judgement in the entry: see [`ConntrackValue::ends`]). Both directions
-/// share the entry: the key names the lower (address, port) end `src` (see
-/// [`ConntrackKey::reversed`]), and [`ConntrackValue::origin`] says which end opened it. One
-/// lookup per packet, either way.
-///
-/// 4-aligned, as with the interface in front: the datapath reads the addresses of the key it
-/// builds for an ICMP error's quoted datagram as words.
-#[repr(C, align(4))]
+/// `NPC_CONNTRACK` key: a connection's tuple in one scope (the host-side interface: each
+/// enforcement point tracks its own connections, so the egress check at one pod never stands in
+/// for the ingress check at another). Both directions of a connection share the entry: the key
+/// names the lower (address, port) end `src` (see [`ConntrackKey::reversed`]), and
+/// [`ConntrackValue::origin`] says which end opened it. One lookup per packet, either way.
+#[repr(C)]
 #[derive(NoUninit, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ConntrackKey {
+    pub ifindex: u32,
     pub protocol: u8,
     pub _pad: [u8; 3],
     pub src: [u8; 16],
@@ -263,23 +254,13 @@ pub struct ConntrackKey {
     pub sport: u16,
     pub dport: u16,
 }
-const _: () = assert!(size_of::<ConntrackKey>() == 40);
-
-/// `NPC_DENIED` key (and, in releases before one conntrack entry per connection, the conntrack
-/// key): a packet's tuple at one interface.
-#[repr(C)]
-#[derive(NoUninit, Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct FlowKey {
-    pub ifindex: u32,
-    pub tuple: ConntrackKey,
-}
-const _: () = assert!(size_of::<FlowKey>() == 44);
+const _: () = assert!(size_of::<ConntrackKey>() == 44);
 
 impl ConntrackKey {
     /// Whether a packet from `src`:`sport` to `dst`:`dport` names its connection's ends the other
     /// way round from the key, i.e. (src, sport) sorts after (dst, dport). Addresses are given as
     /// their two native-endian words (the datapath loads them so); any fixed total order works,
-    /// as long as the datapath and the agent (which moves older entries) share this one.
+    /// as long as the datapath and the agent (which rewrites older entries) share this one.
     #[inline(always)]
     pub fn reversed(src: [u64; 2], sport: u16, dst: [u64; 2], dport: u16) -> bool {
         if src[0] != dst[0] {
@@ -321,15 +302,14 @@ impl ConntrackKey {
     }
 }
 
-/// `NPC_CT4` key: [`ConntrackKey`] for an IPv4 connection, in 16 bytes instead of 40. The kernel
-/// hashes the whole key on every lookup and insert (jhash, a round per 12 bytes): the smaller key
-/// costs a lookup ~12 ns here against ~20. Same orientation (the ends in the order
-/// [`ConntrackKey::reversed`] gives their IPv4-mapped forms).
-/// 4-aligned, so the datapath writes it with word stores (its fields alone would make it
-/// 2-aligned, and the key halfword by halfword).
-#[repr(C, align(4))]
+/// `NPC_CONNTRACK4` key: [`ConntrackKey`] for an IPv4 connection, in 20 bytes instead of 44. The
+/// kernel hashes the whole key on every lookup and insert (jhash, a round per 12 bytes): the
+/// smaller key costs a lookup ~12 ns here against ~20. Same scope, same orientation (the ends in
+/// the order [`ConntrackKey::reversed`] gives their IPv4-mapped forms).
+#[repr(C)]
 #[derive(NoUninit, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ConntrackKey4 {
+    pub ifindex: u32,
     pub src: [u8; 4],
     pub dst: [u8; 4],
     /// Host byte order.
@@ -338,13 +318,14 @@ pub struct ConntrackKey4 {
     pub protocol: u8,
     pub _pad: [u8; 3],
 }
-const _: () = assert!(size_of::<ConntrackKey4>() == 16);
+const _: () = assert!(size_of::<ConntrackKey4>() == 20);
 
 impl ConntrackKey4 {
     /// The key of an IPv4 connection (both ends IPv4-mapped), else `None`.
     pub fn from_mapped(key: &ConntrackKey) -> Option<Self> {
         let v4 = |a: &[u8; 16]| (a[..12] == V4_MAPPED_PREFIX).then(|| [a[12], a[13], a[14], a[15]]);
         Some(Self {
+            ifindex: key.ifindex,
             src: v4(&key.src)?,
             dst: v4(&key.dst)?,
             sport: key.sport,
@@ -358,6 +339,7 @@ impl ConntrackKey4 {
     /// read both tables as).
     pub fn mapped(&self) -> ConntrackKey {
         ConntrackKey {
+            ifindex: self.ifindex,
             protocol: self.protocol,
             _pad: [0; 3],
             src: v4_mapped(self.src),
@@ -371,13 +353,31 @@ impl ConntrackKey4 {
 /// The first 12 bytes of an IPv4-mapped IPv6 address (`::ffff:0:0/96`).
 const V4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
 
-/// The ends of a conntrack key, as [`ConntrackValue::origin`] names the opener and as
-/// [`ConntrackValue::ends`] is indexed.
+/// [`ConntrackValue::origin`]: which end of the key opened the connection.
 pub mod ct_origin {
-    /// The key's `src` end.
+    /// The key's `src` end (every entry of the release before shared entries reads so).
     pub const SRC: u8 = 0;
-    /// The key's `dst` end.
     pub const DST: u8 = 1;
+}
+
+/// [`ConntrackValue::local`]: which end of the key is this interface's pod, checked when the
+/// entry was made or last judged. The from-pod program passes a tracked packet without the
+/// endpoint lookup and source validation only when it comes from that end (see the datapath's
+/// `handle`).
+pub mod ct_local {
+    /// Not checked (an entry of an older release, or a connection into the pod to an address
+    /// that is not one of the pod's): every packet out of the pod is validated.
+    pub const UNCHECKED: u8 = 0;
+    /// The key's `src` end.
+    pub const SRC: u8 = 1;
+    /// The key's `dst` end.
+    pub const DST: u8 = 2;
+
+    /// The [`ct_local`] value of the end [`super::ct_origin`] names.
+    #[inline(always)]
+    pub const fn of(origin: u8) -> u8 {
+        if origin == super::ct_origin::DST { DST } else { SRC }
+    }
 }
 
 /// Connection states kept in [`ConntrackValue::state`].
@@ -415,43 +415,22 @@ pub mod ct_timeout {
     }
 }
 
-/// One end of a tracked connection, as the pod at that end sees it: the host-side interface
-/// that judged the connection by that pod's policy (0: none has), and the policy epoch
-/// ([`Config::epoch`]) it was last judged under.
-#[repr(C)]
-// `Pod` (which implies `NoUninit`): bytemuck's `NoUninit` for an array field needs it.
-#[derive(bytemuck::Pod, bytemuck::Zeroable, Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct ConntrackEnd {
-    pub ifindex: u32,
-    pub epoch: u32,
-}
-const _: () = assert!(size_of::<ConntrackEnd>() == 8);
-
-/// A tracked connection. The TCP state and the clock are the connection's; the judgements are
-/// per end, each array indexed by the key's end ([`ct_origin`]): a connection between two pods
-/// of the node is allowed by the sender's egress policy at one interface and by the receiver's
-/// ingress policy at the other, and each program passes its packets only on its own end's
-/// judgement. The end a program stands for is the packet's source out of a pod and its
-/// destination into one.
+/// Which way the connection was opened, from the local pod's view: [`DIR_INGRESS`] (the peer
+/// opened it) or [`DIR_EGRESS`] (the pod did). Re-checks after a policy change use it.
 #[repr(C)]
 #[derive(NoUninit, Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConntrackValue {
     pub last_seen_ns: u64,
-    pub ends: [ConntrackEnd; 2],
+    /// The policy epoch ([`Config::epoch`]) the connection was last judged under.
+    pub epoch: u32,
     pub state: u8,
+    pub direction: u8,
     /// [`ct_origin`]: which end of the key sent the packet that opened the connection.
     pub origin: u8,
-    /// Per end: which way its pod's policy judged the connection, [`DIR_EGRESS`] if the pod
-    /// opened it (re-checks after a policy change ask that question again).
-    pub direction: [u8; 2],
-    /// Per end: 1 when the end's address is known to be its pod's own (out of the pod, the
-    /// packet passed source validation; into it, the destination was one of the pod's
-    /// addresses). Out of a pod, only packets from a checked end pass on the entry without the
-    /// endpoint lookup and source validation (see the datapath's `handle`).
-    pub checked: [u8; 2],
-    pub _pad: [u8; 2],
+    /// [`ct_local`]: which end is the pod's own address (in the release before it, a zero pad).
+    pub local: u8,
 }
-const _: () = assert!(size_of::<ConntrackValue>() == 32);
+const _: () = assert!(size_of::<ConntrackValue>() == 16);
 
 impl ConntrackValue {
     /// The opening packet's (src, dst, sport, dport) for an entry under `key`.
@@ -461,14 +440,6 @@ impl ConntrackValue {
         } else {
             (key.src, key.dst, key.sport, key.dport)
         }
-    }
-
-    /// The ends some interface has judged: (end, interface, its judgement's epoch, direction).
-    pub fn judged(self) -> impl Iterator<Item = (u8, u32, u32, u8)> {
-        (0..2u8).filter_map(move |end| {
-            let e = self.ends[end as usize];
-            (e.ifindex != 0).then_some((end, e.ifindex, e.epoch, self.direction[end as usize]))
-        })
     }
 }
 
@@ -507,7 +478,7 @@ impl PortLabelKey {
     }
 }
 
-/// A denied flow (its `NPC_DENIED` entry, a [`FlowKey`]) seen again within this long of
+/// A denied flow (its `NPC_DENIED` entry, keyed like conntrack) seen again within this long of
 /// its last denied packet is the same connection: a SYN's retransmissions (1, 2, 4, ... 32 s
 /// apart) count once in `NPC_DROPS`, every packet in `NPC_STATS`.
 pub const DENIED_IDLE_NS: u64 = 60_000_000_000;
@@ -597,7 +568,6 @@ mod pod_impls {
     unsafe impl aya::Pod for PolicyKey {}
     unsafe impl aya::Pod for PolicyValue {}
     unsafe impl aya::Pod for PortRangeKey {}
-    unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for ConntrackKey {}
     unsafe impl aya::Pod for ConntrackKey4 {}
     unsafe impl aya::Pod for ConntrackValue {}
@@ -622,8 +592,7 @@ mod tests {
         assert_eq!(align_of::<ConntrackKey>(), 4);
         assert_eq!(align_of::<ConntrackValue>(), 8);
         assert_eq!(align_of::<DropKey>(), 2);
-        assert_eq!(offset_of!(ConntrackKey, src), 4);
-        assert_eq!(offset_of!(FlowKey, tuple), 4);
+        assert_eq!(offset_of!(ConntrackKey, src), 8);
         assert_eq!(offset_of!(PortRangeKey, port_be), 10);
         assert_eq!(PORT_RANGE_FIXED_BITS as usize, offset_of!(PortRangeKey, port_be) * 8);
     }
@@ -643,6 +612,7 @@ mod tests {
     #[test]
     fn an_ipv4_conntrack_key_round_trips_and_an_ipv6_one_has_no_short_form() {
         let key = ConntrackKey {
+            ifindex: 7,
             protocol: PROTO_TCP,
             _pad: [0; 3],
             src: v4_mapped([10, 0, 0, 1]),
@@ -651,7 +621,7 @@ mod tests {
             dport: 40000,
         };
         let short = ConntrackKey4::from_mapped(&key).expect("both ends are IPv4");
-        assert_eq!((short.src, short.dst), ([10, 0, 0, 1], [10, 0, 0, 2]));
+        assert_eq!((short.src, short.dst, short.ifindex), ([10, 0, 0, 1], [10, 0, 0, 2], 7));
         assert_eq!(short.mapped(), key);
         let mut v6 = key;
         v6.dst[0] = 0xfd;

@@ -6,10 +6,10 @@
 //! Per packet, in this order (the first step that decides, decides):
 //!
 //! 0. Conntrack, before anything else: an untagged, unfragmented IP packet of a live connection
-//!    whose end on this side (the packet's source out of the pod, its destination into it) was
-//!    judged at this interface under the current policy epoch → pass and refresh. Out of the
-//!    pod, only when that end is checked (`ConntrackValue::checked`): steps 1 and 2 already held
-//!    for it under this epoch. Everything else goes on, with the lookup's result kept for step 5.
+//!    tracked at this interface and judged under the current policy epoch → pass and refresh. Out
+//!    of the pod, only when it comes from the entry's checked pod end (`ConntrackValue::local`):
+//!    steps 1 and 2 already held for that end under this epoch. Everything else goes on, with
+//!    the lookup's result kept for step 5.
 //! 1. `NPC_ENDPOINTS[ifindex]` missing → not a pod of ours → pass.
 //! 2. From the pod: **source validation**, whatever the pod's policy. An IPv4/IPv6 packet (or an
 //!    ARP sender address) that is not one of the pod's own addresses is dropped (reason `spoofed`,
@@ -20,25 +20,21 @@
 //!    discovery → pass. A packet that cannot be parsed (or a first fragment too short to hold its
 //!    transport header) → drop if the pod is isolated in this direction, else pass.
 //! 4. ICMP errors → pass when the datagram they quote belongs to a connection tracked at this
-//!    interface (conntrack's RELATED: an end judged here); otherwise judged by policy like a new
-//!    packet, not tracked.
+//!    interface (conntrack's RELATED); otherwise judged by policy like a new packet, not tracked.
 //!    Later IP fragments (no ports) → pass when the first fragment of the datagram was allowed
 //!    here (`NPC_FRAGMENTS`) and they do not overlap the transport header; else dropped for an
 //!    isolated pod.
-//! 5. Conntrack (the lookup of step 0): one entry per connection on the node, for both directions
-//!    and both ends (IPv4 in `NPC_CT4`, IPv6 in `NPC_CT6`), each end judged by its own pod's
-//!    interface. A live entry whose end here was judged at this interface → pass and refresh,
-//!    unless under an older policy epoch: then the connection is judged again in the direction
-//!    that end judged it in, and cut there if no longer allowed. An entry without this end's
-//!    judgement (the connection was opened by, or into, another pod of the node) → step 6.
+//! 5. Conntrack (the lookup of step 0), scoped by interface, one entry for both directions of a
+//!    connection (IPv4 in `NPC_CONNTRACK4`, IPv6 in `NPC_CONNTRACK`). A live entry → pass and
+//!    refresh, unless it was judged under an older policy epoch: then the connection is judged
+//!    again in the direction that opened it, and cut if no longer allowed.
 //! 6. New connection. To the pod from the node itself → allowed (kubelet probes). Not isolated in
 //!    this direction → allowed. Otherwise policy, most specific first, for each of the peer's pod
 //!    identity, its ipBlock class (looked up only when the identity allowed nothing) and the
 //!    wildcard peer:
 //!    exact (proto, port) → (proto, any port) → (any proto) → port ranges (only when the
 //!    endpoint has range entries). Every entry is an allow: order only affects cost.
-//! 7. Allowed → this end's judgement in the connection's entry (a new entry if it has none; and,
-//!    for a first fragment, its verdict in `NPC_FRAGMENTS`), pass.
+//! 7. Allowed → conntrack entry (and, for a first fragment, its verdict in `NPC_FRAGMENTS`), pass.
 //!    Denied → per-CPU drop counter, event, `TC_ACT_SHOT` (audit mode: counter and event, then
 //!    pass).
 //!
@@ -58,10 +54,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use npc_common::{
-    CIDR_CLASS_BASE, Config, ConntrackEnd, ConntrackKey, ConntrackKey4, ConntrackValue, DENIED_IDLE_NS, DIR_EGRESS,
-    DIR_INGRESS, DropKey, EndpointInfo, FRAGMENT_TIMEOUT_NS, FlowKey, FragmentKey, PORT_ANY, PORT_RANGE_FIXED_BITS,
-    PROTO_ANY, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, PortLabelKey,
-    PortRangeKey, SOURCE_FIXED_BITS, SourceKey, VerdictEvent, capacity, ct_origin, ct_state, ct_timeout, drop_reason,
+    CIDR_CLASS_BASE, Config, ConntrackKey, ConntrackKey4, ConntrackValue, DENIED_IDLE_NS, DIR_EGRESS, DIR_INGRESS,
+    DropKey, EndpointInfo, FRAGMENT_TIMEOUT_NS, FragmentKey, PORT_ANY, PORT_RANGE_FIXED_BITS, PROTO_ANY, PROTO_ICMP,
+    PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, PortLabelKey, PortRangeKey,
+    SOURCE_FIXED_BITS, SourceKey, VerdictEvent, capacity, ct_local, ct_origin, ct_state, ct_timeout, drop_reason,
     endpoint_flags, event_kind, log_level, mode, peer, stats,
 };
 
@@ -80,12 +76,11 @@ static NPC_CIDRS: LpmTrie<[u8; 16], u32, { capacity::CIDRS as usize }> = LpmTrie
 static NPC_POLICY: HashMap<PolicyKey, PolicyValue, { capacity::POLICY as usize }> = HashMap::new();
 #[btf_map]
 static NPC_PORT_RANGES: LpmTrie<PortRangeKey, PolicyValue, { capacity::PORT_RANGES as usize }> = LpmTrie::new();
-/// IPv6 connections, one entry per connection on the node (see `ConntrackValue`).
 #[btf_map]
-static NPC_CT6: LruHashMap<ConntrackKey, ConntrackValue, { capacity::CONNTRACK as usize }> = LruHashMap::new();
-/// IPv4 connections, under a 16-byte key (see `ConntrackKey4`).
+static NPC_CONNTRACK: LruHashMap<ConntrackKey, ConntrackValue, { capacity::CONNTRACK as usize }> = LruHashMap::new();
+/// IPv4 connections, under a 20-byte key (see `ConntrackKey4`); `NPC_CONNTRACK` has the IPv6 ones.
 #[btf_map]
-static NPC_CT4: LruHashMap<ConntrackKey4, ConntrackValue, { capacity::CONNTRACK4 as usize }> = LruHashMap::new();
+static NPC_CONNTRACK4: LruHashMap<ConntrackKey4, ConntrackValue, { capacity::CONNTRACK4 as usize }> = LruHashMap::new();
 #[btf_map]
 static NPC_DROPS: PerCpuHashMap<DropKey, u64, { capacity::DROPS as usize }> = PerCpuHashMap::new();
 /// A ring buffer has no key or value type (BTF or otherwise): it stays a legacy map.
@@ -103,10 +98,10 @@ static NPC_SOURCES: LpmTrie<SourceKey, u32, { capacity::SOURCES as usize }> = Lp
 /// The ports `NPC_DROPS` counts under their own number (written by the agent; see `PortLabelKey`).
 #[btf_map]
 static NPC_PORT_LABELS: HashMap<PortLabelKey, u8, { capacity::PORT_LABELS as usize }> = HashMap::new();
-/// Denied flows at each interface: when each last had a packet denied, so that a connection's
-/// retransmissions count once in `NPC_DROPS` (see `count_denied`).
+/// Denied flows (keyed like conntrack): when each last had a packet denied, so that a
+/// connection's retransmissions count once in `NPC_DROPS` (see `count_denied`).
 #[btf_map]
-static NPC_DENIED: LruHashMap<FlowKey, u64, { capacity::DENIED as usize }> = LruHashMap::new();
+static NPC_DENIED: LruHashMap<ConntrackKey, u64, { capacity::DENIED as usize }> = LruHashMap::new();
 /// First-fragment verdicts: the time an allowed first fragment passed.
 #[btf_map]
 static NPC_FRAGMENTS: LruHashMap<FragmentKey, u64, { capacity::FRAGMENTS as usize }> = LruHashMap::new();
@@ -253,20 +248,17 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
     // Conntrack first, before the endpoint: most packets belong to a connection judged under
     // the current policy, and pass on this one lookup. The endpoint lookup (a hash lookup, ~12 ns
     // here) and source validation are for the rest. Skipping source validation is sound because
-    // a packet out of the pod takes this path only when it comes from an end judged at this
-    // interface and checked: one that passed source validation here (or was the pod's own
-    // address) under this epoch, and the epoch moves whenever an endpoint's addresses or extra
+    // a packet out of the pod takes this path only when it comes from the entry's `local` end:
+    // the end that passed source validation (or was the pod's own address) when the entry was
+    // made under this epoch, and the epoch moves whenever an endpoint's addresses or extra
     // sources change.
-    let ct = track(direction, pkt, parsed, key, key4);
+    let ct = track(ifindex, pkt, parsed, key, key4);
     if let Some((entry, is_reply)) = ct.entry {
         // SAFETY: the pointer came from a successful lookup; entries are plain old data.
         let e = unsafe { &mut *entry };
         // First fragments go the long way: an allowed one is recorded for the later fragments.
         let plain = parsed == Parsed::Ip && pkt.tagged == 0 && pkt.fragment == 0;
-        if plain
-            && judgement_of(e, ct.end) == judgement(ifindex, config.epoch)
-            && (direction == DIR_INGRESS || e.checked[usize::from(ct.end & 1)] != 0)
-        {
+        if plain && e.epoch == config.epoch && (direction == DIR_INGRESS || e.local == ct_local::of(ct.from)) {
             refresh(e, pkt, is_reply, ct.now);
             return TC_ACT_UNSPEC;
         }
@@ -301,15 +293,12 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
 
 /// A packet's conntrack key and live entry, looked up once per packet (see `handle`).
 struct Tracked<'a> {
-    /// IPv4: the entry is `key4`'s in `NPC_CT4`; else `key`'s in `NPC_CT6`.
+    /// IPv4: the entry is `key4`'s in `NPC_CONNTRACK4`; else `key`'s in `NPC_CONNTRACK`.
     v4: bool,
     key: &'a ConntrackKey,
     key4: &'a ConntrackKey4,
     /// The end of the key this packet comes from, in `ConntrackValue::origin`'s terms.
     from: u8,
-    /// The end this program stands for (its pod's, in `ConntrackValue::ends`): the packet's
-    /// source out of the pod, its destination into it.
-    end: u8,
     /// A TCP SYN (without ACK): opens a connection.
     opens: bool,
     now: u64,
@@ -320,7 +309,7 @@ struct Tracked<'a> {
 /// Looks `pkt` up in conntrack (only IP packets and ICMP errors, the two kinds `judge` sees).
 #[inline(always)]
 fn track<'a>(
-    direction: u8,
+    ifindex: u32,
     pkt: &Packet,
     parsed: Parsed,
     key: &'a mut ConntrackKey,
@@ -339,9 +328,9 @@ fn track<'a>(
     // Only the key of the packet's family is written (and read).
     let v4 = pkt.family == 4;
     if v4 {
-        *key4 = conntrack_key4(pkt.protocol, lower[3], upper[3], lower_port, upper_port);
+        *key4 = conntrack_key4(ifindex, pkt.protocol, lower[3], upper[3], lower_port, upper_port);
     } else {
-        *key = conntrack_key(pkt.protocol, lower, upper, lower_port, upper_port);
+        *key = conntrack_key(ifindex, pkt.protocol, lower, upper, lower_port, upper_port);
     }
     let (key, key4) = (&*key, &*key4);
     let from = if reversed { ct_origin::DST } else { ct_origin::SRC };
@@ -349,9 +338,9 @@ fn track<'a>(
     let found = if parsed != Parsed::Ip && parsed != Parsed::IcmpError {
         None
     } else if v4 {
-        NPC_CT4.get_ptr_mut(key4)
+        NPC_CONNTRACK4.get_ptr_mut(key4)
     } else {
-        NPC_CT6.get_ptr_mut(key)
+        NPC_CONNTRACK.get_ptr_mut(key)
     };
     let entry = match found {
         Some(entry) => {
@@ -370,8 +359,6 @@ fn track<'a>(
         key,
         key4,
         from,
-        // The other end is `from ^ 1` (`ct_origin` numbers the ends 0 and 1).
-        end: if direction == DIR_EGRESS { from } else { from ^ 1 },
         opens,
         now,
         entry,
@@ -521,13 +508,13 @@ fn fragment_key(ifindex: u32, pkt: &Packet) -> FragmentKey {
     }
 }
 
-/// A conntrack key (addresses as their memory words) with its pad bytes zeroed by one word
-/// store. A `_pad: [0; 3]` in a struct literal becomes a call to compiler_builtins' byte-loop
-/// `memset` on BPF (see `handle`).
+/// A conntrack key (addresses as their memory words) with its pad bytes zeroed by one word store. A `_pad: [0; 3]` in a struct
+/// literal becomes a call to compiler_builtins' byte-loop `memset` on BPF (see `handle`).
 #[inline(always)]
-fn conntrack_key(protocol: u8, src: [u32; 4], dst: [u32; 4], sport: u16, dport: u16) -> ConntrackKey {
+fn conntrack_key(ifindex: u32, protocol: u8, src: [u32; 4], dst: [u32; 4], sport: u16, dport: u16) -> ConntrackKey {
     #[repr(C)]
     struct Words {
+        ifindex: u32,
         protocol: u32,
         src: [u32; 4],
         dst: [u32; 4],
@@ -538,6 +525,7 @@ fn conntrack_key(protocol: u8, src: [u32; 4], dst: [u32; 4], sport: u16, dport: 
     // scratch slot became a call to the byte-loop `memmove`).
     unsafe {
         core::mem::transmute::<Words, ConntrackKey>(Words {
+            ifindex,
             protocol: u32::from(protocol),
             src,
             dst,
@@ -549,9 +537,10 @@ fn conntrack_key(protocol: u8, src: [u32; 4], dst: [u32; 4], sport: u16, dport: 
 
 /// An IPv4 conntrack key from the addresses' last memory words (see [`conntrack_key`]).
 #[inline(always)]
-fn conntrack_key4(protocol: u8, src: u32, dst: u32, sport: u16, dport: u16) -> ConntrackKey4 {
+fn conntrack_key4(ifindex: u32, protocol: u8, src: u32, dst: u32, sport: u16, dport: u16) -> ConntrackKey4 {
     #[repr(C)]
     struct Words {
+        ifindex: u32,
         src: u32,
         dst: u32,
         sport: u16,
@@ -561,6 +550,7 @@ fn conntrack_key4(protocol: u8, src: u32, dst: u32, sport: u16, dport: u16) -> C
     // SAFETY: as in `fragment_key`; the addresses' words are their bytes in memory order.
     unsafe {
         core::mem::transmute::<Words, ConntrackKey4>(Words {
+            ifindex,
             src,
             dst,
             sport,
@@ -604,8 +594,8 @@ fn extra_source(ifindex: u32, pkt: &Packet) -> i64 {
 }
 
 /// Does the datagram an ICMP error quotes (at `quoted`) belong to a connection tracked at this
-/// interface (one of its ends judged here), in either direction? Returns 1 if so, else 0. Not
-/// inlined, for the stack (see [`allowed`]).
+/// interface, in either direction? Returns 1 if so, else 0. Not inlined, for the stack (see
+/// [`allowed`]).
 #[inline(never)]
 fn related(ctx: &TcContext, ifindex: u32, quoted: usize, family: u8, key: &mut ConntrackKey) -> i64 {
     // Zeroed word by word (see `handle`): a zero key literal became a call to the byte-loop
@@ -615,6 +605,7 @@ fn related(ctx: &TcContext, ifindex: u32, quoted: usize, family: u8, key: &mut C
         // SAFETY: `ConntrackKey` is 4-aligned and a whole number of words, all plain integers.
         unsafe { core::ptr::write_volatile(slots.add(i), 0) };
     }
+    key.ifindex = ifindex;
     // bpf_skb_load_bytes rather than direct packet access: this path is rare, and with a second
     // variable header length in the offsets LLVM shifted the packet-end pointer, which the
     // verifier refuses ("pointer arithmetic on pkt_end prohibited").
@@ -671,22 +662,17 @@ fn related(ctx: &TcContext, ifindex: u32, quoted: usize, family: u8, key: &mut C
     if !key.is_normal() {
         *key = key.swapped();
     }
-    // SAFETY (both gets): plain-old-data values, only read here; a racing writer changes
-    // single fields.
     let found = if family == 4 {
         let (src, dst) = (words32(&key.src), words32(&key.dst));
-        let key4 = conntrack_key4(key.protocol, src[3], dst[3], key.sport, key.dport);
-        unsafe { NPC_CT4.get(&key4) }
+        let key4 = conntrack_key4(ifindex, key.protocol, src[3], dst[3], key.sport, key.dport);
+        // SAFETY: the value is copied out at once.
+        unsafe { NPC_CONNTRACK4.get(&key4) }.copied()
     } else {
-        unsafe { NPC_CT6.get(key) }
+        // SAFETY: as above.
+        unsafe { NPC_CONNTRACK.get(key) }.copied()
     };
     match found {
-        Some(entry)
-            if now().wrapping_sub(entry.last_seen_ns) <= ct_timeout::of(entry.state)
-                && (entry.ends[0].ifindex == ifindex || entry.ends[1].ifindex == ifindex) =>
-        {
-            1
-        }
+        Some(entry) if now().wrapping_sub(entry.last_seen_ns) <= ct_timeout::of(entry.state) => 1,
         _ => 0,
     }
 }
@@ -711,70 +697,52 @@ fn judge(ctx: &TcContext, hook: &Hook, pkt: &Packet, ct: &Tracked) -> u8 {
         endpoint,
         config,
     } = *hook;
-    let (from, opens, now) = (ct.from, ct.opens, ct.now);
-    let side = usize::from(ct.end & 1);
-    // The connection's entry, when this end's judgement in it is this interface's. An entry
-    // without it (the connection is tracked for the pod at its other end, or another interface
-    // judged this end) is a new connection here.
-    let mine = match ct.entry {
-        // SAFETY: the pointer came from a successful lookup (`track`); entries are plain old data.
-        Some((entry, is_reply)) if unsafe { (*entry).ends[side].ifindex } == ifindex => Some((entry, is_reply)),
-        _ => None,
-    };
+    let (from, opens, now, tracked) = (ct.from, ct.opens, ct.now, ct.entry);
     let (src, dst) = (words32(&pkt.src), words32(&pkt.dst));
 
     // One `allowed` call for both questions (see `handle` on call sites): a connection judged
-    // under an older policy epoch is judged again as it was first judged here; otherwise it is
-    // new here.
-    let query = match mine {
+    // under an older policy epoch is judged again as it was opened; otherwise it is new.
+    let query = match tracked {
         Some((entry, is_reply)) => {
-            // SAFETY: as above.
+            // SAFETY: the pointer came from a successful lookup (`track`); entries are plain old data.
             let entry = unsafe { &mut *entry };
-            if entry.ends[side].epoch == config.epoch {
-                // The long way only because the end was not checked (its judgement came into
-                // the pod to an address not the pod's): this packet passed source validation.
-                if direction == DIR_EGRESS {
-                    entry.checked[side] = 1;
+            if entry.epoch == config.epoch {
+                // The long way only because `local` was not known (an older entry, or one opened
+                // to an address not the pod's): this packet passed source validation.
+                if direction == DIR_EGRESS && entry.local == ct_local::UNCHECKED {
+                    entry.local = ct_local::of(from);
                 }
                 refresh(entry, pkt, is_reply, now);
                 return PASS;
             }
-            // The peer is the other end; the port is the opener's destination: the peer's when
-            // this pod opened the connection, else the pod's own.
-            let judged = entry.direction[side];
-            let (own_port, peer_port) = if direction == DIR_INGRESS {
-                (pkt.dport, pkt.sport)
+            // The opening packet's tuple: this one's, or this one's reversed.
+            if is_reply {
+                Query::new(endpoint, entry.direction, dst, src, pkt.sport, pkt.protocol)
             } else {
-                (pkt.sport, pkt.dport)
-            };
-            Query {
-                peer_addr: if direction == DIR_INGRESS { src } else { dst },
-                identity: endpoint.identity,
-                flags: endpoint.flags,
-                port: if judged == DIR_EGRESS { peer_port } else { own_port },
-                protocol: pkt.protocol,
-                direction: judged,
+                Query::new(endpoint, entry.direction, src, dst, pkt.dport, pkt.protocol)
             }
         }
         None => Query::new(endpoint, direction, src, dst, pkt.dport, pkt.protocol),
     };
     let verdict = allowed(&query);
-    if let Some((entry, is_reply)) = mine {
-        // SAFETY: as above (LRU entries are not freed under a running program).
-        let entry = unsafe { &mut *entry };
+    if let Some((entry, is_reply)) = tracked {
         if verdict == NOT_ALLOWED {
-            // Cut at this end only: the other end's judgement is its own pod's to keep. This
-            // end's next packets are judged as new.
-            entry.ends[side].ifindex = 0;
+            let _ = if ct.v4 {
+                NPC_CONNTRACK4.remove(ct.key4)
+            } else {
+                NPC_CONNTRACK.remove(ct.key)
+            };
             return drop_reason::POLICY_CHANGED;
         }
-        entry.ends[side].epoch = config.epoch;
-        entry.checked[side] = checked(endpoint, direction, pkt);
+        // SAFETY: as above (LRU entries are not freed under a running program).
+        let entry = unsafe { &mut *entry };
+        entry.epoch = config.epoch;
+        entry.local = local_end(endpoint, direction, pkt, from);
         refresh(entry, pkt, is_reply, now);
         return PASS;
     }
 
-    // A new connection here.
+    // A new connection.
     if verdict == NOT_ALLOWED {
         return drop_reason::POLICY;
     }
@@ -793,51 +761,26 @@ fn judge(ctx: &TcContext, hook: &Hook, pkt: &Packet, ct: &Tracked) -> u8 {
     // A lone RST or a mid-stream packet of a connection we never saw (an agent upgrade, or
     // isolation switched on) still passes when policy allows it; track only what can continue.
     if !(pkt.protocol == PROTO_TCP && pkt.tcp_flags & TCP_RST != 0) {
-        let judgement = ConntrackEnd {
-            ifindex,
-            epoch: config.epoch,
+        let state = if pkt.protocol != PROTO_TCP {
+            ct_state::OPEN
+        } else if opens {
+            ct_state::TCP_SYN_SENT
+        } else {
+            ct_state::TCP_ESTABLISHED
         };
-        let checked = checked(endpoint, direction, pkt);
-        match ct.entry {
-            // Tracked for the pod at the other end (a connection between two pods of the node,
-            // judged first at the other pod's interface): this end's judgement joins it, a store
-            // to a line the lookup just read, where an entry of its own would cost an insert.
-            Some((entry, is_reply)) => {
-                // SAFETY: as above.
-                let entry = unsafe { &mut *entry };
-                entry.ends[side] = judgement;
-                entry.direction[side] = direction;
-                entry.checked[side] = checked;
-                refresh(entry, pkt, is_reply, now);
-            }
-            None => {
-                let state = if pkt.protocol != PROTO_TCP {
-                    ct_state::OPEN
-                } else if opens {
-                    ct_state::TCP_SYN_SENT
-                } else {
-                    ct_state::TCP_ESTABLISHED
-                };
-                // Both ends spelled out, so the value on the stack is written at constant
-                // offsets only (a write through the index would be a variable-offset stack access).
-                let none = ConntrackEnd { ifindex: 0, epoch: 0 };
-                let src_end = side == 0;
-                let value = ConntrackValue {
-                    last_seen_ns: now,
-                    ends: if src_end { [judgement, none] } else { [none, judgement] },
-                    state,
-                    origin: from,
-                    direction: if src_end { [direction, 0] } else { [0, direction] },
-                    checked: if src_end { [checked, 0] } else { [0, checked] },
-                    _pad: [0; 2],
-                };
-                let _ = if ct.v4 {
-                    NPC_CT4.insert(ct.key4, &value, 0)
-                } else {
-                    NPC_CT6.insert(ct.key, &value, 0)
-                };
-            }
-        }
+        let value = ConntrackValue {
+            last_seen_ns: now,
+            epoch: config.epoch,
+            state,
+            direction,
+            origin: from,
+            local: local_end(endpoint, direction, pkt, from),
+        };
+        let _ = if ct.v4 {
+            NPC_CONNTRACK4.insert(ct.key4, &value, 0)
+        } else {
+            NPC_CONNTRACK.insert(ct.key, &value, 0)
+        };
     }
     if config.log_level >= log_level::DEBUG {
         debug!(
@@ -848,28 +791,22 @@ fn judge(ctx: &TcContext, hook: &Hook, pkt: &Packet, ct: &Tracked) -> u8 {
     PASS
 }
 
-/// An end's judgement ([`ConntrackEnd`]) as one word, for the fast path to compare at once: its
-/// memory image on little-endian BPF, the interface in the low half and the epoch in the high.
+/// Which end of a connection's key is the pod's own ([`ct_local`]), as `pkt` shows it: out of
+/// the pod, the end it comes from (`decide` validated its source first); into the pod, the end
+/// it goes to, when that is one of the pod's addresses.
 #[inline(always)]
-fn judgement(ifindex: u32, epoch: u32) -> u64 {
-    u64::from(ifindex) | (u64::from(epoch) << 32)
-}
-
-/// This end's judgement in a tracked connection (`end` as in [`Tracked::end`]), as [`judgement`]
-/// words it.
-#[inline(always)]
-fn judgement_of(entry: &ConntrackValue, end: u8) -> u64 {
-    let at = core::ptr::from_ref(&entry.ends[usize::from(end & 1)]).cast::<u64>();
-    // SAFETY: a `ConntrackEnd` is two u32s, 8 bytes, at offset 8 or 16 of an 8-aligned value.
-    unsafe { *at }
-}
-
-/// Whether this end of a connection is its pod's own address, as `pkt` shows it (see
-/// `ConntrackValue::checked`): out of the pod always (`decide` validated the source first);
-/// into it, when the destination is one of the pod's addresses.
-#[inline(always)]
-fn checked(endpoint: &EndpointInfo, direction: u8, pkt: &Packet) -> u8 {
-    u8::from(direction == DIR_EGRESS || same(&pkt.dst, &endpoint.addrs[0]) || same(&pkt.dst, &endpoint.addrs[1]))
+fn local_end(endpoint: &EndpointInfo, direction: u8, pkt: &Packet, from: u8) -> u8 {
+    if direction == DIR_EGRESS {
+        ct_local::of(from)
+    } else if same(&pkt.dst, &endpoint.addrs[0]) || same(&pkt.dst, &endpoint.addrs[1]) {
+        ct_local::of(if from == ct_origin::SRC {
+            ct_origin::DST
+        } else {
+            ct_origin::SRC
+        })
+    } else {
+        ct_local::UNCHECKED
+    }
 }
 
 /// The coarse monotonic clock (jiffies, a few ms): cheaper than `bpf_ktime_get_ns`, and
@@ -1093,10 +1030,14 @@ fn count_denied(ifindex: u32, direction: u8, pkt: &Packet, reason: u8) {
         // The packet's own tuple, not conntrack's normalised one: the counters are per
         // direction, and the two directions of a cut connection are each a blocked connection
         // at their own enforcement point.
-        let flow = FlowKey {
+        let flow = conntrack_key(
             ifindex,
-            tuple: conntrack_key(protocol, words32(&pkt.src), words32(&pkt.dst), pkt.sport, pkt.dport),
-        };
+            protocol,
+            words32(&pkt.src),
+            words32(&pkt.dst),
+            pkt.sport,
+            pkt.dport,
+        );
         let now = now();
         let repeat = match NPC_DENIED.get_ptr_mut(&flow) {
             // SAFETY: the pointer came from a successful lookup; a racing writer writes a time too.

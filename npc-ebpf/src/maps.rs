@@ -12,7 +12,7 @@ use core::{ffi::c_void, ptr::NonNull};
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, bpf_map_type},
-    helpers::{bpf_map_lookup_elem, bpf_map_update_elem},
+    helpers::{bpf_map_delete_elem, bpf_map_lookup_elem, bpf_map_update_elem},
 };
 
 /// libbpf's `LIBBPF_PIN_BY_NAME`.
@@ -86,6 +86,13 @@ impl<const TYPE: usize, K, V, const MAX_ENTRIES: usize, const FLAGS: usize> Pinn
                 flags,
             )
         };
+        if ret == 0 { Ok(()) } else { Err(ret) }
+    }
+
+    #[inline(always)]
+    pub fn remove(&self, key: &K) -> Result<(), i64> {
+        // SAFETY: as in `lookup`.
+        let ret = unsafe { bpf_map_delete_elem(self.as_ptr(), core::ptr::from_ref(key).cast()) };
         if ret == 0 { Ok(()) } else { Err(ret) }
     }
 }

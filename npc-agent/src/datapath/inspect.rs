@@ -189,22 +189,16 @@ impl Snapshot {
             }
         }));
         allows.sort_by(|a, b| (a.identity, a.direction, &a.peer).cmp(&(b.identity, b.direction, &b.peer)));
-        // One row per judged end: a connection between two pods of the node is one entry,
-        // judged at each pod's interface.
-        let ct: Vec<_> = dp
-            .conntrack_entries()?
-            .into_iter()
-            .flat_map(|(k, v)| v.judged().map(move |end| (k, v, end)))
-            .collect();
+        let ct = dp.conntrack_entries()?;
         let conntrack_total = ct.len();
         let conntrack = ct
             .into_iter()
             .take(conntrack_limit)
-            .map(|(k, v, (_, ifindex, epoch, direction))| {
+            .map(|(k, v)| {
                 // The entry is shared by both directions; show it as it was opened.
                 let (src, dst, sport, dport) = v.opener(&k);
                 Connection {
-                    ifindex,
+                    ifindex: k.ifindex,
                     protocol: protocol(k.protocol),
                     src: socket(src, sport),
                     dst: socket(dst, dport),
@@ -216,8 +210,8 @@ impl Snapshot {
                         ct_state::TCP_CLOSED => "closed",
                         _ => "?",
                     },
-                    opened: direction_name(direction),
-                    epoch,
+                    opened: direction_name(v.direction),
+                    epoch: v.epoch,
                 }
             })
             .collect();

@@ -1,8 +1,6 @@
 //! The kernel side as the agent sees it: the loaded object and its pinned maps.
 //!
 //! - this file: loading (programs, maps pinned by name) and reading the maps back;
-//! - [`conntrack`]: the conntrack tables' entries, their live count, and the move of older
-//!   releases' entries;
 //! - [`sync`]: MapSync, writing [`npc_policy::compiler::DesiredMaps`] into the maps in an order that never opens a hole;
 //! - [`links`]: attaching the programs to an interface and detaching them (TCX links or clsact
 //!   filters, [`nl`] for the netlink requests aya lacks);
@@ -10,7 +8,6 @@
 //! - [`test_run`]: running a program on a crafted packet (BPF_PROG_TEST_RUN);
 //! - [`bpffs`], [`log`]: the bpf filesystem, and the datapath's own log lines.
 mod bpffs;
-mod conntrack;
 pub mod inspect;
 mod links;
 mod log;
@@ -21,7 +18,6 @@ mod test_run;
 use self::log::LogPump;
 pub use self::{
     bpffs::ensure_bpffs,
-    conntrack::ConntrackSweep,
     links::{AttachPath, NL_PRIORITY, ifindex_of, kernel_release, uninstall},
     sync::Touched,
 };
@@ -38,7 +34,7 @@ use aya::{
 };
 use npc_common::{
     Config, ConntrackKey, ConntrackKey4, ConntrackValue, DropKey, EndpointInfo, PolicyKey, PolicyValue, PortLabelKey,
-    PortRangeKey, SourceKey, map_names, program_names,
+    PortRangeKey, SourceKey, ct_origin, ct_timeout, map_names, program_names,
 };
 
 use npc_policy::compiler::CidrKey;
@@ -200,9 +196,6 @@ pub struct Datapath {
     /// The conntrack sweep `load` ran, for the first metrics count (the table can hold 262k
     /// entries: walking it twice at start is a second of CPU for nothing).
     load_sweep: Option<ConntrackSweep>,
-    /// Whether every interface runs this object's programs (see
-    /// [`Self::previous_programs_replaced`]).
-    previous_programs_replaced: bool,
 }
 
 macro_rules! take_map {
@@ -290,7 +283,6 @@ impl Datapath {
             reconciled_at: None,
             pressured: Default::default(),
             load_sweep: None,
-            previous_programs_replaced: false,
         };
         std::fs::create_dir_all(dp.links_dir()).map_err(io_err("creating the links directory"))?;
         let mut dp = dp;
@@ -298,7 +290,7 @@ impl Datapath {
         if swept.rewritten > 0 {
             tracing::info!(
                 entries = swept.rewritten,
-                "conntrack: moved the previous release's entries into the current tables"
+                "conntrack: rewrote the previous releases' entries into the current tables"
             );
         }
         dp.load_sweep = Some(swept);
@@ -438,6 +430,87 @@ impl Datapath {
         self.drops.get(&key, 0).map(|v| v.iter().sum()).unwrap_or(0)
     }
 
+    /// Both tables' entries, IPv4 keys in their IPv4-mapped form.
+    pub fn conntrack_entries(&self) -> Result<Vec<(ConntrackKey, ConntrackValue)>, DatapathError> {
+        let mut entries: Vec<_> = self.conntrack.iter().collect::<Result<_, _>>()?;
+        for entry in self.conntrack4.iter() {
+            let (key, value) = entry?;
+            entries.push((key.mapped(), value));
+        }
+        Ok(entries)
+    }
+
+    /// Walks the conntrack table: counts the live connections (entries idle past their state's
+    /// timeout are dead to the programs; only the LRU reclaims them), and rewrites entries keyed
+    /// the way the release before shared entries keyed them.
+    ///
+    /// That release keyed an entry by its opening tuple; the programs now look one key up for
+    /// both directions (lower end first, see [`ConntrackKey::reversed`]) and would miss entries
+    /// whose opener was the higher end, judging their packets as new. The load sweeps once
+    /// (while the previous programs still enforce, writing entries the old way), and the
+    /// enforcer's first sweep after attaching catches what they wrote meanwhile.
+    /// The sweep that loading ran (once: the caller counts it as its first).
+    pub fn take_load_sweep(&mut self) -> Option<ConntrackSweep> {
+        self.load_sweep.take()
+    }
+
+    pub fn conntrack_sweep(&mut self) -> Result<ConntrackSweep, DatapathError> {
+        let now = monotonic_coarse_ns();
+        // Modular, as the programs compute an entry's age (`now.wrapping_sub(last_seen)`), so
+        // that both agree on every entry.
+        let live = |value: &ConntrackValue| now.wrapping_sub(value.last_seen_ns) <= ct_timeout::of(value.state);
+        let mut sweep = ConntrackSweep::default();
+        let mut older = Vec::new();
+        for entry in self.conntrack.iter() {
+            let (key, value) = entry?;
+            let ipv4 = ConntrackKey4::from_mapped(&key).is_some();
+            if !key.is_normal() || ipv4 {
+                older.push((key, value));
+            } else if live(&value) {
+                sweep.live_ipv6 += 1;
+            }
+        }
+        sweep.rewritten = self.share(older)?;
+        for entry in self.conntrack4.iter() {
+            if live(&entry?.1) {
+                sweep.live_ipv4 += 1;
+            }
+        }
+        Ok(sweep)
+    }
+
+    /// Moves entries the programs of an older release wrote where the current ones do not look:
+    /// keyed by their opening tuple (before shared entries), or IPv4 ones in `NPC_CONNTRACK`
+    /// (before `NPC_CONNTRACK4`). Returns how many moved.
+    fn share(&mut self, older: Vec<(ConntrackKey, ConntrackValue)>) -> Result<usize, DatapathError> {
+        let mut rewritten = 0;
+        for (key, mut value) in older {
+            let shared = if key.is_normal() {
+                key
+            } else {
+                // The older layout's pad byte reads as "opened by the key's src end"; swapped,
+                // that end is the new key's dst.
+                value.origin = ct_origin::DST;
+                key.swapped()
+            };
+            // An entry the new programs already made for the connection is the fresher one.
+            let inserted = match ConntrackKey4::from_mapped(&shared) {
+                Some(key4) => self.conntrack4.insert(key4, value, BPF_NOEXIST),
+                None => self.conntrack.insert(shared, value, BPF_NOEXIST),
+            };
+            match inserted {
+                Ok(()) => rewritten += 1,
+                Err(e) if map_errno(&e) == Some(libc::EEXIST) => {}
+                Err(e) => return Err(e.into()),
+            }
+            match self.conntrack.remove(&key) {
+                Err(e) if map_errno(&e) != Some(libc::ENOENT) => return Err(e.into()),
+                _ => {}
+            }
+        }
+        Ok(rewritten)
+    }
+
     pub fn endpoints(&self) -> Result<BTreeMap<u32, EndpointInfo>, DatapathError> {
         Ok(self.endpoints.iter().collect::<Result<_, _>>()?)
     }
@@ -464,6 +537,27 @@ fn load_retrying(prog: &mut SchedClassifier) -> Result<(), ProgramError> {
         }
     }
 }
+
+/// What a walk of the conntrack table found and did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConntrackSweep {
+    /// Entries not idle past their state's timeout, in `NPC_CONNTRACK4`.
+    pub live_ipv4: usize,
+    /// The same in `NPC_CONNTRACK`.
+    pub live_ipv6: usize,
+    /// Older releases' entries moved where the programs look (see `Datapath::share`).
+    pub rewritten: usize,
+}
+
+impl ConntrackSweep {
+    /// Live entries in both tables.
+    pub fn live(&self) -> usize {
+        self.live_ipv4 + self.live_ipv6
+    }
+}
+
+/// Only create, never replace (`BPF_NOEXIST`).
+const BPF_NOEXIST: u64 = 1;
 
 fn map_errno(e: &MapError) -> Option<i32> {
     match e {

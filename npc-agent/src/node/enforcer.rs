@@ -25,9 +25,9 @@ use crate::{
 };
 
 /// How often the conntrack tables are swept (live entries counted for
-/// `npc_map_entries{map="conntrack_ipv4"}` and `{map="conntrack"}`, older releases' entries
-/// moved; see [`Datapath::conntrack_sweep`]): it walks both tables (up to 262k entries each), so
-/// not on every turn. The first turn always sweeps.
+/// `npc_map_entries{map="conntrack_ipv4"}` and `{map="conntrack"}`, older entries moved; see
+/// [`Datapath::conntrack_sweep`]): it walks both tables (up to 262k entries each), so not on
+/// every turn. The first turn always sweeps.
 const CONNTRACK_COUNT_EVERY: Duration = Duration::from_secs(30);
 
 /// The live entries a sweep counted, as the two conntrack tables' map sizes.
@@ -318,13 +318,6 @@ impl Enforcer {
         ] {
             self.metrics.set_map_entries(map, n);
         }
-        // Every local pod runs this agent's programs now: an older release's programs, the only
-        // writers of its conntrack tables, are replaced. The sweep below moves what is left in
-        // those tables and removes them.
-        if self.unattached == 0 && self.datapath.legacy_conntrack_pinned() {
-            self.datapath.previous_programs_replaced();
-            self.conntrack_counted = None;
-        }
         self.refresh_counters();
         synced
     }
@@ -372,7 +365,7 @@ impl Enforcer {
                     if sweep.rewritten > 0 {
                         tracing::info!(
                             entries = sweep.rewritten,
-                            "conntrack: moved the previous release's entries into the current tables"
+                            "conntrack: rewrote the previous releases' entries into the current tables"
                         );
                     }
                     self.conntrack_counted = Some(Instant::now());
