@@ -16,6 +16,13 @@
 //! last CPU. The bulk stream writes 128 KiB buffers for the duration; the server counts bytes.
 //! Every mode also proves its enforcement is what it says: a port no policy allows is refused
 //! under npc and iptables (and its drop counted), and open under none and hooks.
+//!
+//! Where npc's programs are attached (hooks and npc), a last phase of each measurement runs the
+//! connection load again with the kernel's run-time statistics on, and reports the programs' own
+//! time: nanoseconds per run, runs per connection, and their share of a CPU. It is a phase of its
+//! own because the statistics cost every run two clock reads, which the timed phases must not
+//! pay. Where the rates are within their noise of each other, this is the instrument that still
+//! resolves a datapath change.
 use std::{
     io::{Read, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
@@ -137,6 +144,22 @@ pub struct ModeResult {
     pub identity_addresses: usize,
     /// Measurements that began without the machine going quiet first (see [`wait_until_quiet`]).
     pub began_busy: usize,
+    /// npc's programs under the connection load (hooks and npc; empty for the others).
+    pub programs: Vec<ProgramTime>,
+    /// The programs' time together over the load's wall time, per repeat: the share of one CPU
+    /// they took (of the two both pods' packets run on).
+    pub program_cpu_share: Vec<f64>,
+}
+
+/// One program's own time under the connection load, from the kernel's run-time statistics
+/// (`run_time_ns` and `run_cnt`, summed over both pods' interfaces).
+#[derive(Clone, Debug, Serialize)]
+pub struct ProgramTime {
+    pub program: String,
+    /// Mean nanoseconds per run, one figure per repeat (the statistics' clock reads included).
+    pub ns_per_run: Vec<f64>,
+    /// Runs per connection made (its packets both ways, at both pods' interfaces), per repeat.
+    pub runs_per_connection: Vec<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -150,6 +173,19 @@ pub struct Row {
     pub bulk_gbits_median: f64,
     pub bulk_gbits_spread: (f64, f64),
     pub bulk_vs_none: f64,
+    /// Each program's medians over repeats (hooks and npc rows; else empty).
+    pub programs: Vec<ProgramRow>,
+    /// Median over repeats of all the programs' time per connection, in ns.
+    pub program_ns_per_connection: Option<f64>,
+    /// Median over repeats of [`ModeResult::program_cpu_share`].
+    pub program_cpu_share: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ProgramRow {
+    pub program: String,
+    pub ns_per_run: f64,
+    pub runs_per_connection: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -277,6 +313,8 @@ pub fn run(opts: &Options) -> Report {
             blocked_port_drops: 0,
             identity_addresses: 0,
             began_busy: 0,
+            programs: Vec::new(),
+            program_cpu_share: Vec::new(),
         })
         .collect();
     for _ in 0..opts.repeats {
@@ -397,6 +435,18 @@ fn measure(opts: &Options, result: &mut ModeResult) {
     );
     result.connections_per_second.push(rate);
     result.bulk_bits_per_second.push(bulk);
+    if matches!(result.enforcer, Enforcer::Npc | Enforcer::Hooks) {
+        if opts.quiet_deadline.is_some_and(|d| !wait_until_quiet(d)) {
+            result.began_busy += 1;
+        }
+        program_time(
+            &lab,
+            &client_ns,
+            SocketAddr::new(server_ip, CONNECT_PORT),
+            opts.duration,
+            result,
+        );
+    }
     servers.stop();
     drop(lab);
 }
@@ -557,8 +607,54 @@ pub fn connects(netns: &str, to: SocketAddr, timeout: Duration) -> bool {
     netns::run_in(netns, || TcpStream::connect_timeout(&to, timeout).is_ok()).expect("enter the namespace")
 }
 
+/// The connection load again, with the kernel's run-time statistics on for its length (they go
+/// off when the descriptor `enable_stats` returns is closed): npc's programs' own time.
+fn program_time(lab: &Lab, netns: &str, to: SocketAddr, duration: Duration, result: &mut ModeResult) {
+    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .expect("turn on the kernel's BPF run-time statistics (BPF_ENABLE_STATS: root, Linux 5.8+)");
+    let before = lab.datapath().program_runs().expect("the programs' statistics");
+    let (connections, elapsed) = connection_load(netns, to, duration);
+    let after = lab.datapath().program_runs().expect("the programs' statistics");
+    drop(stats);
+    assert!(connections > 0, "no connection completed under the statistics");
+    let mut total = Duration::ZERO;
+    for (b, a) in before.iter().zip(&after) {
+        let runs = a.runs - b.runs;
+        let time = a.run_time - b.run_time;
+        total += time;
+        let at = match result.programs.iter().position(|p| p.program == a.program) {
+            Some(at) => at,
+            None => {
+                result.programs.push(ProgramTime {
+                    program: a.program.to_string(),
+                    ns_per_run: Vec::new(),
+                    runs_per_connection: Vec::new(),
+                });
+                result.programs.len() - 1
+            }
+        };
+        let program = &mut result.programs[at];
+        program.ns_per_run.push(if runs == 0 {
+            0.0
+        } else {
+            time.as_nanos() as f64 / runs as f64
+        });
+        program.runs_per_connection.push(runs as f64 / connections as f64);
+    }
+    result
+        .program_cpu_share
+        .push(total.as_secs_f64() / elapsed.as_secs_f64());
+}
+
 /// New connections per second from `netns` to `to` for `duration`, from one thread on CPU 0.
 fn connection_rate(netns: &str, to: SocketAddr, duration: Duration) -> f64 {
+    let (connections, elapsed) = connection_load(netns, to, duration);
+    connections as f64 / elapsed.as_secs_f64()
+}
+
+/// Connections made from `netns` to `to` in about `duration` (one thread on CPU 0, each opened,
+/// read one byte from and closed), and the time they took.
+fn connection_load(netns: &str, to: SocketAddr, duration: Duration) -> (u64, Duration) {
     netns::run_in(netns, || {
         pin_to(0);
         let (start, mut done) = (Instant::now(), 0u64);
@@ -571,7 +667,7 @@ fn connection_rate(netns: &str, to: SocketAddr, duration: Duration) -> f64 {
                 done += 1;
             }
         }
-        done as f64 / start.elapsed().as_secs_f64()
+        (done, start.elapsed())
     })
     .expect("enter the client's namespace")
 }
@@ -688,9 +784,39 @@ fn rows(results: &[ModeResult]) -> Vec<Row> {
                 bulk_gbits_median: b / 1e9,
                 bulk_gbits_spread: (blo / 1e9, bhi / 1e9),
                 bulk_vs_none: paired_ratio(&r.bulk_bits_per_second, &none.bulk_bits_per_second),
+                programs: r
+                    .programs
+                    .iter()
+                    .map(|p| ProgramRow {
+                        program: p.program.clone(),
+                        ns_per_run: median(&p.ns_per_run),
+                        runs_per_connection: median(&p.runs_per_connection),
+                    })
+                    .collect(),
+                program_ns_per_connection: (!r.programs.is_empty()).then(|| {
+                    let per_repeat: Vec<f64> = (0..r.program_cpu_share.len())
+                        .map(|i| {
+                            r.programs
+                                .iter()
+                                .map(|p| p.ns_per_run[i] * p.runs_per_connection[i])
+                                .sum()
+                        })
+                        .collect();
+                    median(&per_repeat)
+                }),
+                program_cpu_share: (!r.program_cpu_share.is_empty()).then(|| median(&r.program_cpu_share)),
             }
         })
         .collect()
+}
+
+fn enforcer_name(enforcer: Enforcer) -> &'static str {
+    match enforcer {
+        Enforcer::None => "none",
+        Enforcer::Hooks => "hooks",
+        Enforcer::Npc => "npc",
+        Enforcer::Iptables => "iptables",
+    }
 }
 
 impl Report {
@@ -711,12 +837,7 @@ impl Report {
             "enforcer", "policies", "peers", "conn/s", "(min-max)", "vs none", "bulk Gb/s", "(min-max)", "vs none"
         );
         for r in &self.rows {
-            let enforcer = match r.enforcer {
-                Enforcer::None => "none",
-                Enforcer::Hooks => "hooks",
-                Enforcer::Npc => "npc",
-                Enforcer::Iptables => "iptables",
-            };
+            let enforcer = enforcer_name(r.enforcer);
             out += &format!(
                 "{:<9} {:>8} {:>6} {:>12.0} {:>9.0}-{:<9.0} {:>8.2} {:>10.2} {:>7.2}-{:<7.2} {:>8.2}\n",
                 enforcer,
@@ -730,6 +851,37 @@ impl Report {
                 r.bulk_gbits_spread.0,
                 r.bulk_gbits_spread.1,
                 r.bulk_vs_none
+            );
+        }
+        out + &self.program_table()
+    }
+
+    /// The programs' own time under the connection load, for the rows that have programs.
+    fn program_table(&self) -> String {
+        let with: Vec<&Row> = self.rows.iter().filter(|r| !r.programs.is_empty()).collect();
+        let Some(first) = with.first() else {
+            return String::new();
+        };
+        let mut out = String::from(
+            "npc's programs under the connection load (kernel run-time statistics, a phase of its own):\n",
+        );
+        out += &format!("{:<9} {:>8} {:>6}", "enforcer", "policies", "peers");
+        for p in &first.programs {
+            out += &format!(
+                " {:>25}",
+                format!("{} ns/run x runs/conn", p.program.trim_start_matches("npc_"))
+            );
+        }
+        out += &format!(" {:>8} {:>9}\n", "ns/conn", "CPU share");
+        for r in with {
+            out += &format!("{:<9} {:>8} {:>6}", enforcer_name(r.enforcer), r.policies, r.peers);
+            for p in &r.programs {
+                out += &format!(" {:>25}", format!("{:.0} x {:.1}", p.ns_per_run, p.runs_per_connection));
+            }
+            out += &format!(
+                " {:>8.0} {:>9.3}\n",
+                r.program_ns_per_connection.unwrap_or(0.0),
+                r.program_cpu_share.unwrap_or(0.0)
             );
         }
         out

@@ -1,6 +1,8 @@
 //! The traffic benchmark in its quick mode, as `cargo xtask test` runs it: every field of the
 //! report is produced, and each mode enforces what it says (the port no policy allows is refused
-//! and its drop counted under npc and iptables, and open under none and hooks). No timing is asserted.
+//! and its drop counted under npc and iptables, and open under none and hooks), and the kernel
+//! counted npc's programs running on both pods' packets where they are attached. No timing is
+//! asserted.
 use npc_integration::traffic::{Enforcer, Options, run};
 
 #[test]
@@ -31,6 +33,27 @@ fn the_quick_traffic_benchmark_reports_every_mode_and_each_enforces_what_it_says
         assert_eq!(r.bulk_bits_per_second.len(), 1, "{what}");
         assert!(r.connections_per_second[0] > 0.0, "{what}: no connection completed");
         assert!(r.bulk_bits_per_second[0] > 0.0, "{what}: no bulk byte arrived");
+        if matches!(r.enforcer, Enforcer::Npc | Enforcer::Hooks) {
+            let names: Vec<&str> = r.programs.iter().map(|p| p.program.as_str()).collect();
+            assert_eq!(names, ["npc_from_pod", "npc_to_pod"], "{what}");
+            for p in &r.programs {
+                assert!(
+                    p.ns_per_run[0] > 0.0,
+                    "{what}: {} ran no measurable time: {p:?}",
+                    p.program
+                );
+                // Each pod sends and receives at least one packet of every connection (the SYN
+                // one way, the SYN-ACK the other), and both pods' interfaces have the program.
+                assert!(
+                    p.runs_per_connection[0] >= 2.0,
+                    "{what}: {} ran on fewer than two packets a connection: {p:?}",
+                    p.program
+                );
+            }
+            assert!(r.program_cpu_share[0] > 0.0, "{what}: {:?}", r.program_cpu_share);
+        } else {
+            assert!(r.programs.is_empty() && r.program_cpu_share.is_empty(), "{what}: {r:?}");
+        }
         match r.enforcer {
             Enforcer::None | Enforcer::Hooks => {
                 assert!(
@@ -63,7 +86,18 @@ fn the_quick_traffic_benchmark_reports_every_mode_and_each_enforces_what_it_says
     let none = &report.rows[0];
     assert_eq!((none.connections_vs_none, none.bulk_vs_none), (1.0, 1.0));
     let table = report.table();
-    assert_eq!(table.lines().count(), 2 + report.rows.len(), "{table}");
+    let with_programs = report.rows.iter().filter(|r| !r.programs.is_empty()).count();
+    assert_eq!(with_programs, 4, "hooks and the three npc rows: {:?}", report.rows);
+    for r in report.rows.iter().filter(|r| !r.programs.is_empty()) {
+        assert!(r.program_ns_per_connection.is_some_and(|ns| ns > 0.0), "{r:?}");
+        assert!(r.program_cpu_share.is_some_and(|share| share > 0.0), "{r:?}");
+    }
+    // The rates' title, header and rows, then the programs' title, header and rows.
+    assert_eq!(
+        table.lines().count(),
+        2 + report.rows.len() + 2 + with_programs,
+        "{table}"
+    );
     let json = serde_json::to_value(&report).expect("JSON");
     for field in ["kernel", "cpus", "duration_seconds", "repeats", "results", "rows"] {
         assert!(json.get(field).is_some(), "the JSON report lacks {field}");

@@ -159,6 +159,14 @@ pub type KernelNumbering = (BTreeMap<[u8; 16], u32>, BTreeMap<CidrKey, u32>);
 pub type PolicyEntries = (Vec<(PolicyKey, PolicyValue)>, Vec<(u32, PortRangeKey, PolicyValue)>);
 
 /// Counts of what a sync wrote.
+/// One program's run-time statistics (see [`Datapath::program_runs`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProgramRuns {
+    pub program: &'static str,
+    pub runs: u64,
+    pub run_time: std::time::Duration,
+}
+
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SyncStats {
     pub upserts: usize,
@@ -356,6 +364,28 @@ impl Datapath {
                     .and_then(|p| p.info().ok())
                     .and_then(|info| info.verified_instruction_count());
                 (hook.program(), count)
+            })
+            .collect()
+    }
+
+    /// Each program's runs so far and their total time, summed over every interface it is on, as
+    /// the kernel counts them while its run-time statistics are on (`aya::sys::enable_stats`, or
+    /// `sysctl kernel.bpf_stats_enabled=1`; `bpftool prog show` prints the same `run_cnt` and
+    /// `run_time_ns`). With the statistics off, the counters stand still.
+    pub fn program_runs(&self) -> Result<Vec<ProgramRuns>, DatapathError> {
+        [Hook::FromPod, Hook::ToPod]
+            .into_iter()
+            .map(|hook| {
+                let program = self
+                    .ebpf
+                    .program(hook.program())
+                    .ok_or(DatapathError::MissingProgram(hook.program()))?;
+                let info = program.info()?;
+                Ok(ProgramRuns {
+                    program: hook.program(),
+                    runs: info.run_count(),
+                    run_time: info.run_time(),
+                })
             })
             .collect()
     }
