@@ -12,9 +12,13 @@ fn main() -> anyhow::Result<()> {
             "bpf-linker is not on PATH: run `cargo xtask setup` (it builds bpf-linker against the nightly's LLVM)"
         ));
     }
+    // `--features npc-agent/profile-paths` builds the programs with their path probes (see
+    // npc_common::path_profile): for `cargo xtask bench traffic --profile-paths` only.
+    let profile = std::env::var_os("CARGO_FEATURE_PROFILE_PATHS").is_some();
     let ebpf = Package {
         name: "npc-ebpf",
         root_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../npc-ebpf"),
+        features: if profile { &["profile"] } else { &[] },
         ..Default::default()
     };
     aya_build::build_ebpf([ebpf], Toolchain::default())

@@ -149,6 +149,19 @@ pub struct ModeResult {
     /// The programs' time together over the load's wall time, per repeat: the share of one CPU
     /// they took (of the two both pods' packets run on).
     pub program_cpu_share: Vec<f64>,
+    /// The path probes under the same load, when the programs were built with them (`cargo
+    /// xtask bench traffic --profile-paths`); else empty.
+    pub paths: Vec<PathTime>,
+}
+
+/// One path probe (`npc_common::path_profile`) under the connection load, per repeat.
+#[derive(Clone, Debug, Serialize)]
+pub struct PathTime {
+    pub probe: String,
+    /// Mean nanoseconds per firing (the probe's own clock reads included).
+    pub ns_per_firing: Vec<f64>,
+    /// Firings per connection made.
+    pub fired_per_connection: Vec<f64>,
 }
 
 /// One program's own time under the connection load, from the kernel's run-time statistics
@@ -179,6 +192,15 @@ pub struct Row {
     pub program_ns_per_connection: Option<f64>,
     /// Median over repeats of [`ModeResult::program_cpu_share`].
     pub program_cpu_share: Option<f64>,
+    /// The path probes' medians over repeats (builds with the probes only).
+    pub paths: Vec<PathRow>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PathRow {
+    pub probe: String,
+    pub ns_per_firing: f64,
+    pub fired_per_connection: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -315,6 +337,7 @@ pub fn run(opts: &Options) -> Report {
             began_busy: 0,
             programs: Vec::new(),
             program_cpu_share: Vec::new(),
+            paths: Vec::new(),
         })
         .collect();
     for _ in 0..opts.repeats {
@@ -613,10 +636,28 @@ fn program_time(lab: &Lab, netns: &str, to: SocketAddr, duration: Duration, resu
     let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .expect("turn on the kernel's BPF run-time statistics (BPF_ENABLE_STATS: root, Linux 5.8+)");
     let before = lab.datapath().program_runs().expect("the programs' statistics");
+    let paths_before = lab.datapath().path_profile().expect("the path probes");
     let (connections, elapsed) = connection_load(netns, to, duration);
     let after = lab.datapath().program_runs().expect("the programs' statistics");
+    let paths_after = lab.datapath().path_profile().expect("the path probes");
     drop(stats);
     assert!(connections > 0, "no connection completed under the statistics");
+    if let (Some(b), Some(a)) = (paths_before, paths_after) {
+        for (slot, ((runs_b, ns_b), (runs_a, ns_a))) in b.iter().zip(&a).enumerate() {
+            if result.paths.len() <= slot {
+                result.paths.push(PathTime {
+                    probe: npc_common::path_profile::NAMES[slot].to_string(),
+                    ns_per_firing: Vec::new(),
+                    fired_per_connection: Vec::new(),
+                });
+            }
+            let (fired, ns) = (runs_a - runs_b, ns_a - ns_b);
+            let path = &mut result.paths[slot];
+            path.ns_per_firing
+                .push(if fired == 0 { 0.0 } else { ns as f64 / fired as f64 });
+            path.fired_per_connection.push(fired as f64 / connections as f64);
+        }
+    }
     let mut total = Duration::ZERO;
     for (b, a) in before.iter().zip(&after) {
         let runs = a.runs - b.runs;
@@ -805,6 +846,15 @@ fn rows(results: &[ModeResult]) -> Vec<Row> {
                     median(&per_repeat)
                 }),
                 program_cpu_share: (!r.program_cpu_share.is_empty()).then(|| median(&r.program_cpu_share)),
+                paths: r
+                    .paths
+                    .iter()
+                    .map(|p| PathRow {
+                        probe: p.probe.clone(),
+                        ns_per_firing: median(&p.ns_per_firing),
+                        fired_per_connection: median(&p.fired_per_connection),
+                    })
+                    .collect(),
             }
         })
         .collect()
@@ -853,7 +903,30 @@ impl Report {
                 r.bulk_vs_none
             );
         }
-        out + &self.program_table()
+        out + &self.program_table() + &self.path_table()
+    }
+
+    /// Where the programs' time goes, for builds with the path probes (else nothing).
+    fn path_table(&self) -> String {
+        let mut out = String::new();
+        for r in self.rows.iter().filter(|r| !r.paths.is_empty()) {
+            out += &format!(
+                "path probes, {} with {} policies and {} peers (ns per firing incl. the probe's own ~30-40 ns; firings per connection; ns per connection):\n",
+                enforcer_name(r.enforcer),
+                r.policies,
+                r.peers
+            );
+            for p in r.paths.iter().filter(|p| p.fired_per_connection > 0.0) {
+                out += &format!(
+                    "  {:<45} {:>7.0} x {:>5.2} = {:>6.0}\n",
+                    p.probe,
+                    p.ns_per_firing,
+                    p.fired_per_connection,
+                    p.ns_per_firing * p.fired_per_connection
+                );
+            }
+        }
+        out
     }
 
     /// The programs' own time under the connection load, for the rows that have programs.

@@ -3,6 +3,7 @@
 //! and its drop counted under npc and iptables, and open under none and hooks), and the kernel
 //! counted npc's programs running on both pods' packets where they are attached. No timing is
 //! asserted.
+use npc_common::path_profile;
 use npc_integration::traffic::{Enforcer, Options, run};
 
 #[test]
@@ -54,6 +55,42 @@ fn the_quick_traffic_benchmark_reports_every_mode_and_each_enforces_what_it_says
         } else {
             assert!(r.programs.is_empty() && r.program_cpu_share.is_empty(), "{what}: {r:?}");
         }
+        // Built with the programs' path probes (`--features profile-paths`: `cargo xtask test`
+        // runs this test a second time so), the modes with programs report where their time
+        // went; without the probes, no mode reports any.
+        let probed = cfg!(feature = "profile-paths") && matches!(r.enforcer, Enforcer::Npc | Enforcer::Hooks);
+        if probed {
+            let fired = |slot: u32| r.paths[slot as usize].fired_per_connection[0];
+            assert_eq!(r.paths.len(), path_profile::COUNT as usize, "{what}: {:?}", r.paths);
+            // Every run passes the parse probe: as many per connection as the programs ran.
+            let runs: f64 = r.programs.iter().map(|p| p.runs_per_connection[0]).sum();
+            assert!(
+                (fired(path_profile::PARSE) - runs).abs() < 0.5,
+                "{what}: parse fired {} times a connection, the programs ran {runs}",
+                fired(path_profile::PARSE)
+            );
+            if r.enforcer == Enforcer::Npc {
+                // Each connection: the client's interface inserts it, the server's judges it
+                // by policy and inserts it too, and the rest of its packets take the fast path.
+                for slot in [
+                    path_profile::INSERT_OUT,
+                    path_profile::INSERT_IN,
+                    path_profile::POLICY_IN,
+                    path_profile::RUN_FAST,
+                ] {
+                    assert!(
+                        fired(slot) >= 0.9,
+                        "{what}: {} fired {}",
+                        path_profile::NAMES[slot as usize],
+                        fired(slot)
+                    );
+                }
+            } else {
+                assert!(fired(path_profile::RUN_NO_ENDPOINT) >= 2.0, "{what}: {:?}", r.paths);
+            }
+        } else {
+            assert!(r.paths.is_empty(), "{what}: {:?}", r.paths);
+        }
         match r.enforcer {
             Enforcer::None | Enforcer::Hooks => {
                 assert!(
@@ -93,9 +130,16 @@ fn the_quick_traffic_benchmark_reports_every_mode_and_each_enforces_what_it_says
         assert!(r.program_cpu_share.is_some_and(|share| share > 0.0), "{r:?}");
     }
     // The rates' title, header and rows, then the programs' title, header and rows.
+    // (With the path probes, their own lines follow.)
+    let path_lines: usize = report
+        .rows
+        .iter()
+        .filter(|r| !r.paths.is_empty())
+        .map(|r| 1 + r.paths.iter().filter(|p| p.fired_per_connection > 0.0).count())
+        .sum();
     assert_eq!(
         table.lines().count(),
-        2 + report.rows.len() + 2 + with_programs,
+        2 + report.rows.len() + 2 + with_programs + path_lines,
         "{table}"
     );
     let json = serde_json::to_value(&report).expect("JSON");

@@ -63,6 +63,52 @@ pub mod stats {
     pub const COUNT: u32 = 4;
 }
 
+/// Where the programs spend their time in real traffic: the probes of a build with npc-ebpf's
+/// `profile` feature (`cargo xtask bench traffic --profile-paths`; never in a release build).
+/// `NPC_PROFILE` is a per-CPU array of u64 (not pinned): slot `2 * s` counts the times probe
+/// `s` fired, slot `2 * s + 1` the nanoseconds it measured (each probe reads the clock, so the
+/// figures include the probes' own cost, ~30-40 ns each here).
+pub mod path_profile {
+    pub const MAP: &str = "NPC_PROFILE";
+    /// From the program's start to the conntrack lookup: the scratch slot, parsing, the config.
+    pub const PARSE: u32 = 0;
+    /// The conntrack lookup (key, clock, hash lookup) when it finds a live entry.
+    pub const LOOKUP_HIT: u32 = 1;
+    /// The conntrack lookup when it finds none (a new connection, or a non-pod interface).
+    pub const LOOKUP_MISS: u32 = 2;
+    /// The endpoint lookup (every packet off the fast path).
+    pub const ENDPOINT: u32 = 3;
+    /// Policy (`allowed`) for a connection out of / into a pod.
+    pub const POLICY_OUT: u32 = 4;
+    pub const POLICY_IN: u32 = 5;
+    /// The conntrack insert of a new connection out of / into a pod.
+    pub const INSERT_OUT: u32 = 6;
+    pub const INSERT_IN: u32 = 7;
+    /// Whole runs: the conntrack fast path; no endpoint; the long way and passed, out of / into a
+    /// pod; dropped.
+    pub const RUN_FAST: u32 = 8;
+    pub const RUN_NO_ENDPOINT: u32 = 9;
+    pub const RUN_PASSED_OUT: u32 = 10;
+    pub const RUN_PASSED_IN: u32 = 11;
+    pub const RUN_DROPPED: u32 = 12;
+    pub const COUNT: u32 = 13;
+    pub const NAMES: [&str; COUNT as usize] = [
+        "parse (start to conntrack)",
+        "conntrack lookup, hit",
+        "conntrack lookup, miss",
+        "endpoint lookup",
+        "policy, out of a pod",
+        "policy, into a pod",
+        "conntrack insert, out of a pod",
+        "conntrack insert, into a pod",
+        "whole run: conntrack fast path",
+        "whole run: no endpoint",
+        "whole run: long way, passed, out of a pod",
+        "whole run: long way, passed, into a pod",
+        "whole run: dropped",
+    ];
+}
+
 /// Program names, as the agent looks them up in the object.
 pub mod program_names {
     /// On the tc ingress hook of the host-side veth: packets leaving the pod (its egress policy).

@@ -58,7 +58,7 @@ use npc_common::{
     DropKey, EndpointInfo, FRAGMENT_TIMEOUT_NS, FragmentKey, PORT_ANY, PORT_RANGE_FIXED_BITS, PROTO_ANY, PROTO_ICMP,
     PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, PortLabelKey, PortRangeKey,
     SOURCE_FIXED_BITS, SourceKey, VerdictEvent, capacity, ct_local, ct_origin, ct_state, ct_timeout, drop_reason,
-    endpoint_flags, event_kind, log_level, mode, peer, stats,
+    endpoint_flags, event_kind, log_level, mode, path_profile, peer, stats,
 };
 
 mod maps;
@@ -105,6 +105,48 @@ static NPC_DENIED: LruHashMap<ConntrackKey, u64, { capacity::DENIED as usize }> 
 /// First-fragment verdicts: the time an allowed first fragment passed.
 #[btf_map]
 static NPC_FRAGMENTS: LruHashMap<FragmentKey, u64, { capacity::FRAGMENTS as usize }> = LruHashMap::new();
+
+/// Path probes (the `profile` feature only; see `npc_common::path_profile`): per CPU, how many
+/// times each probe fired and the nanoseconds it measured.
+#[cfg(feature = "profile")]
+#[map]
+static NPC_PROFILE: aya_ebpf::maps::PerCpuArray<u64> =
+    aya_ebpf::maps::PerCpuArray::with_max_entries(path_profile::COUNT * 2, 0);
+
+/// A path probe's start time; without the `profile` feature, nothing (and no code).
+#[inline(always)]
+fn probe_start() -> u64 {
+    #[cfg(feature = "profile")]
+    {
+        // SAFETY: no preconditions.
+        unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }
+    }
+    #[cfg(not(feature = "profile"))]
+    {
+        0
+    }
+}
+
+/// Counts one firing of probe `slot` and the time since `since` (a [`probe_start`]). Not inlined:
+/// its map lookups would otherwise be verified again at every call site.
+#[cfg(feature = "profile")]
+#[inline(never)]
+fn probe(slot: u32, since: u64) {
+    // SAFETY: no preconditions.
+    let elapsed = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }.wrapping_sub(since);
+    if let Some(runs) = NPC_PROFILE.get_ptr_mut(slot * 2) {
+        // SAFETY: a per-CPU slot, and this program is not re-entered on a CPU.
+        unsafe { *runs += 1 };
+    }
+    if let Some(ns) = NPC_PROFILE.get_ptr_mut(slot * 2 + 1) {
+        // SAFETY: as above.
+        unsafe { *ns += elapsed };
+    }
+}
+
+#[cfg(not(feature = "profile"))]
+#[inline(always)]
+fn probe(_slot: u32, _since: u64) {}
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -213,6 +255,7 @@ pub fn npc_floor(_ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn handle(ctx: &TcContext, direction: u8) -> i32 {
+    let start = probe_start();
     // SAFETY: `skb` is the context pointer the kernel handed us.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // The packet's fields live in a per-CPU scratch map, not on the stack: what the verifier
@@ -252,7 +295,17 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
     // the end that passed source validation (or was the pod's own address) when the entry was
     // made under this epoch, and the epoch moves whenever an endpoint's addresses or extra
     // sources change.
+    probe(path_profile::PARSE, start);
+    let lookup = probe_start();
     let ct = track(ifindex, pkt, parsed, key, key4);
+    probe(
+        if ct.entry.is_some() {
+            path_profile::LOOKUP_HIT
+        } else {
+            path_profile::LOOKUP_MISS
+        },
+        lookup,
+    );
     if let Some((entry, is_reply)) = ct.entry {
         // SAFETY: the pointer came from a successful lookup; entries are plain old data.
         let e = unsafe { &mut *entry };
@@ -260,14 +313,18 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
         let plain = parsed == Parsed::Ip && pkt.tagged == 0 && pkt.fragment == 0;
         if plain && e.epoch == config.epoch && (direction == DIR_INGRESS || e.local == ct_local::of(ct.from)) {
             refresh(e, pkt, is_reply, ct.now);
+            probe(path_profile::RUN_FAST, start);
             return TC_ACT_UNSPEC;
         }
     }
 
+    let lookup = probe_start();
     // SAFETY: as for the config.
     let Some(endpoint) = (unsafe { NPC_ENDPOINTS.get(&ifindex) }) else {
+        probe(path_profile::RUN_NO_ENDPOINT, start);
         return TC_ACT_UNSPEC;
     };
+    probe(path_profile::ENDPOINT, lookup);
     let hook = Hook {
         ifindex,
         direction,
@@ -279,6 +336,14 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
     // 6.1 verifier's million-instruction budget.
     let reason = decide(ctx, &hook, pkt, parsed, &ct, quoted);
     if reason == PASS {
+        probe(
+            if direction == DIR_EGRESS {
+                path_profile::RUN_PASSED_OUT
+            } else {
+                path_profile::RUN_PASSED_IN
+            },
+            start,
+        );
         return TC_ACT_UNSPEC;
     }
     // Counted here, not inside `deny`: nested, their frames would pass the 512-byte stack.
@@ -288,7 +353,9 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
     } else {
         count_denied(hook.ifindex, hook.direction, pkt, reason);
     }
-    deny(ctx, &hook, pkt, reason)
+    let verdict = deny(ctx, &hook, pkt, reason);
+    probe(path_profile::RUN_DROPPED, start);
+    verdict
 }
 
 /// A packet's conntrack key and live entry, looked up once per packet (see `handle`).
@@ -724,7 +791,16 @@ fn judge(ctx: &TcContext, hook: &Hook, pkt: &Packet, ct: &Tracked) -> u8 {
         }
         None => Query::new(endpoint, direction, src, dst, pkt.dport, pkt.protocol),
     };
+    let policy = probe_start();
     let verdict = allowed(&query);
+    probe(
+        if direction == DIR_EGRESS {
+            path_profile::POLICY_OUT
+        } else {
+            path_profile::POLICY_IN
+        },
+        policy,
+    );
     if let Some((entry, is_reply)) = tracked {
         if verdict == NOT_ALLOWED {
             let _ = if ct.v4 {
@@ -776,11 +852,20 @@ fn judge(ctx: &TcContext, hook: &Hook, pkt: &Packet, ct: &Tracked) -> u8 {
             origin: from,
             local: local_end(endpoint, direction, pkt, from),
         };
+        let insert = probe_start();
         let _ = if ct.v4 {
             NPC_CONNTRACK4.insert(ct.key4, &value, 0)
         } else {
             NPC_CONNTRACK.insert(ct.key, &value, 0)
         };
+        probe(
+            if direction == DIR_EGRESS {
+                path_profile::INSERT_OUT
+            } else {
+                path_profile::INSERT_IN
+            },
+            insert,
+        );
     }
     if config.log_level >= log_level::DEBUG {
         debug!(

@@ -54,9 +54,12 @@ enum Cmd {
     /// nanoseconds per packet in the kernel (BPF_PROG_TEST_RUN). `bench traffic`: real traffic
     /// between two lab pods with no enforcement, npc and weave-npc's iptables layout. `bench
     /// scale`: the agent against generated clusters (start → enforcing, RSS, edit → maps).
+    /// `bench traffic --profile-paths`: the programs built with their path probes, and where
+    /// their time goes in real traffic (docs/benchmarks.md).
     Bench {
-        /// `traffic`, `scale`, or cluster sizes for the compiler benchmark (default 1000 10000
-        /// 50000).
+        /// `traffic` (then optionally `--profile-paths`), `scale`, or cluster sizes for the
+        /// compiler benchmark (default 1000 10000 50000).
+        #[arg(allow_hyphen_values = true)]
         args: Vec<String>,
     },
 }
@@ -133,13 +136,20 @@ fn main() -> anyhow::Result<()> {
                         "npc-agent",
                     ]))?;
                 }
-                return run(Command::new("cargo").current_dir(workspace_root()).args([
-                    "bench",
-                    "-p",
-                    "npc-integration",
-                    "--bench",
-                    which,
-                ]));
+                let mut cargo = Command::new("cargo");
+                cargo
+                    .current_dir(workspace_root())
+                    .args(["bench", "-p", "npc-integration", "--bench", which]);
+                match &args[1..] {
+                    [] => {}
+                    [flag] if which == "traffic" && flag == "--profile-paths" => {
+                        cargo.args(["--features", "npc-agent/profile-paths"]);
+                    }
+                    other => anyhow::bail!(
+                        "`bench {which}` takes {other:?}: only `bench traffic --profile-paths` takes more"
+                    ),
+                }
+                return run(&mut cargo);
             }
             let sizes = args
                 .iter()
@@ -611,7 +621,34 @@ fn test(extra: &[String], image_archive: &Path) -> anyhow::Result<Counts> {
         bail!("cargo test failed with {status}");
     }
     policy_core_alone(&mut counts)?;
+    if extra.is_empty() {
+        path_probes(&mut counts)?;
+    }
     Ok(counts)
+}
+
+/// The quick traffic benchmark again, with the programs built with their path probes (the
+/// `profile-paths` feature, for `cargo xtask bench traffic --profile-paths`): that build must
+/// still load, and report, for the instrument not to rot between the sessions that use it.
+fn path_probes(counts: &mut Counts) -> anyhow::Result<()> {
+    step("the quick traffic benchmark with the programs' path probes (--features profile-paths)");
+    let mut child = Command::new("cargo");
+    child.current_dir(workspace_root()).args([
+        "test",
+        "-p",
+        "npc-integration",
+        "--features",
+        "profile-paths",
+        "--test",
+        "bench_traffic",
+        "--",
+        "--test-threads=1",
+    ]);
+    let status = run_counted(&mut child, counts).context("running the path-probe build's test")?;
+    if !status.success() {
+        bail!("the quick traffic benchmark with path probes failed with {status}");
+    }
+    Ok(())
 }
 
 /// Runs a `cargo test`, echoing its output and adding up every binary's "test result" line.

@@ -390,6 +390,21 @@ impl Datapath {
             .collect()
     }
 
+    /// The path probes' figures, summed over CPUs: (times fired, nanoseconds) per
+    /// `npc_common::path_profile` slot. `None` unless the programs were built with their probes
+    /// (the `profile-paths` feature).
+    pub fn path_profile(&self) -> Result<Option<Vec<(u64, u64)>>, DatapathError> {
+        let Some(map) = self.ebpf.map(npc_common::path_profile::MAP) else {
+            return Ok(None);
+        };
+        let map = PerCpuArray::<_, u64>::try_from(map)?;
+        let sum = |index: u32| -> Result<u64, DatapathError> { Ok(map.get(&index, 0)?.iter().sum()) };
+        (0..npc_common::path_profile::COUNT)
+            .map(|slot| Ok((sum(slot * 2)?, sum(slot * 2 + 1)?)))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+
     /// Packets pods sent from addresses not their own, summed over CPUs.
     pub fn spoofed_packets(&self) -> Result<u64, DatapathError> {
         self.stat(npc_common::stats::SPOOFED)
