@@ -121,9 +121,7 @@ impl NlRecord {
                 handle: 0,
             });
         }
-        let hook = [Hook::FromPod, Hook::ToPod]
-            .into_iter()
-            .find(|h| h.pin_suffix() == what)?;
+        let hook = Hook::BOTH.into_iter().find(|h| h.pin_suffix() == what)?;
         let prio = parts.next()?.strip_prefix('p')?.parse().ok()?;
         let handle = parts.next()?.strip_prefix('h')?.parse().ok()?;
         Some(Self {
@@ -174,7 +172,7 @@ impl Datapath {
     }
 
     fn attach_tcx(&mut self, ifname: &str, ifindex: u32) -> Result<(), DatapathError> {
-        for hook in [Hook::FromPod, Hook::ToPod] {
+        for hook in Hook::BOTH {
             let pin = self.link_pin(ifindex, hook);
             let prog = self.program(hook)?;
             let replaced = match PinnedLink::from_pin(&pin) {
@@ -244,7 +242,7 @@ impl Datapath {
             Err(e) => return Err(ProgramError::from(e).into()),
         }
         let handle = self.nl_handle();
-        for hook in [Hook::FromPod, Hook::ToPod] {
+        for hook in Hook::BOTH {
             let prog = self.program(hook)?;
             // Our filter from an earlier start: swap its program in place.
             let existing =
@@ -279,7 +277,7 @@ impl Datapath {
     /// Removes our attachments from an interface (TCX: unpinning the last reference detaches;
     /// clsact: our filters, and the qdisc if npc added it and nothing else uses it).
     pub fn detach(&mut self, ifindex: u32) -> Result<(), DatapathError> {
-        for hook in [Hook::FromPod, Hook::ToPod] {
+        for hook in Hook::BOTH {
             let pin = self.link_pin(ifindex, hook);
             match PinnedLink::from_pin(&pin) {
                 Ok(link) => {

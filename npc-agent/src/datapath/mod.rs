@@ -124,6 +124,8 @@ pub enum Hook {
 }
 
 impl Hook {
+    const BOTH: [Hook; 2] = [Hook::FromPod, Hook::ToPod];
+
     fn program(self) -> &'static str {
         match self {
             Self::FromPod => program_names::FROM_POD,
@@ -263,7 +265,7 @@ impl Datapath {
             .default_map_pin_directory(pin_root)
             .load(EBPF_OBJECT)?;
         let log = LogPump::start(&mut ebpf);
-        for hook in [Hook::FromPod, Hook::ToPod] {
+        for hook in Hook::BOTH {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(hook.program())
                 .ok_or(DatapathError::MissingProgram(hook.program()))?
@@ -355,17 +357,15 @@ impl Datapath {
     /// How many instructions the verifier walked to accept each program (Linux 5.16+ reports it):
     /// the cost of a datapath change to load time, and the margin to the verifier's 1M limit.
     pub fn verified_instructions(&self) -> Vec<(&'static str, Option<u32>)> {
-        [Hook::FromPod, Hook::ToPod]
-            .into_iter()
+        Hook::BOTH
             .map(|hook| {
                 let count = self
-                    .ebpf
-                    .program(hook.program())
-                    .and_then(|p| p.info().ok())
+                    .program_info(hook)
+                    .ok()
                     .and_then(|info| info.verified_instruction_count());
                 (hook.program(), count)
             })
-            .collect()
+            .into()
     }
 
     /// Each program's runs so far and their total time, summed over every interface it is on, as
@@ -373,14 +373,10 @@ impl Datapath {
     /// `sysctl kernel.bpf_stats_enabled=1`; `bpftool prog show` prints the same `run_cnt` and
     /// `run_time_ns`). With the statistics off, the counters stand still.
     pub fn program_runs(&self) -> Result<Vec<ProgramRuns>, DatapathError> {
-        [Hook::FromPod, Hook::ToPod]
+        Hook::BOTH
             .into_iter()
             .map(|hook| {
-                let program = self
-                    .ebpf
-                    .program(hook.program())
-                    .ok_or(DatapathError::MissingProgram(hook.program()))?;
-                let info = program.info()?;
+                let info = self.program_info(hook)?;
                 Ok(ProgramRuns {
                     program: hook.program(),
                     runs: info.run_count(),
@@ -388,6 +384,15 @@ impl Datapath {
                 })
             })
             .collect()
+    }
+
+    /// What the kernel reports about a hook's loaded program.
+    fn program_info(&self, hook: Hook) -> Result<aya::programs::ProgramInfo, DatapathError> {
+        let program = self
+            .ebpf
+            .program(hook.program())
+            .ok_or(DatapathError::MissingProgram(hook.program()))?;
+        Ok(program.info()?)
     }
 
     /// The path probes' figures, summed over CPUs: (times fired, nanoseconds) per
