@@ -160,7 +160,6 @@ pub type KernelNumbering = (BTreeMap<[u8; 16], u32>, BTreeMap<CidrKey, u32>);
 /// (exact allow entries, port-range entries as (prefix length, key, value)).
 pub type PolicyEntries = (Vec<(PolicyKey, PolicyValue)>, Vec<(u32, PortRangeKey, PolicyValue)>);
 
-/// Counts of what a sync wrote.
 /// One program's run-time statistics (see [`Datapath::program_runs`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProgramRuns {
@@ -169,6 +168,7 @@ pub struct ProgramRuns {
     pub run_time: std::time::Duration,
 }
 
+/// Counts of what a sync wrote.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SyncStats {
     pub upserts: usize,
